@@ -1,0 +1,417 @@
+//! The kernel/userspace ABI of xlb: every map's name, key and value layout,
+//! and the pure functions (masking, hashing) both sides must compute alike.
+//!
+//! Rules for this file: `#[repr(C)]` with explicit padding, no `bool` or
+//! enums in map values (integers with named constants instead), the byte
+//! order of every field noted, and a size assert per type. Changing a layout
+//! means bumping the `_V<n>` suffix of the map that holds it, so a pinned map
+//! of the old layout is never reused by mistake.
+#![no_std]
+
+/// Version of the layouts below; bumped together with the map-name suffixes.
+pub const ABI_VERSION: u32 = 1;
+
+/// Services keyed by (VIP, port, protocol): `HASH<ServiceKey, Service>`.
+pub const MAP_SERVICES: &str = "XLB_SERVICES_V1";
+/// Session affinity: `LRU_HASH<AffinityKey, Affinity>`.
+pub const MAP_AFFINITY: &str = "XLB_AFFINITY_V1";
+/// Backends indexed by backend id: `ARRAY<Backend>`.
+pub const MAP_BACKENDS: &str = "XLB_BACKENDS_V1";
+/// All Maglev lookup tables, two slots per service: `ARRAY<u32 backend id>`.
+pub const MAP_MAGLEV: &str = "XLB_MAGLEV_V1";
+/// Global verdict/reason counters: `PERCPU_ARRAY<u64>` indexed by `STAT_*`.
+pub const MAP_STATS: &str = "XLB_STATS_V1";
+/// Per-service traffic: `PERCPU_ARRAY<TrafficStats>` indexed by service id.
+pub const MAP_SERVICE_STATS: &str = "XLB_SVCSTAT_V1";
+/// Per-backend traffic: `PERCPU_ARRAY<TrafficStats>` indexed by backend id.
+pub const MAP_BACKEND_STATS: &str = "XLB_BESTAT_V1";
+
+/// Every pinned map, in the order userspace checks and reports them.
+pub const PINNED_MAPS: [&str; 7] = [
+    MAP_SERVICES,
+    MAP_AFFINITY,
+    MAP_BACKENDS,
+    MAP_MAGLEV,
+    MAP_STATS,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
+];
+
+/// Load-time global (`u8`): non-zero turns on per-packet debug logging.
+pub const GLOBAL_DEBUG: &str = "XLB_DEBUG";
+/// Load-time global (`[u8; 6]`): the MAC of the interface the program runs on.
+pub const GLOBAL_IFACE_MAC: &str = "XLB_IFACE_MAC";
+
+/// Capacity of the service map and the per-service stats (service ids are `< MAX_SERVICES`).
+pub const MAX_SERVICES: u32 = 256;
+/// Capacity of the backend array (backend ids are `< MAX_BACKENDS`).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Compiled-in affinity capacity; userspace resizes it at load time from the config.
+pub const DEFAULT_AFFINITY_ENTRIES: u32 = 262_144;
+/// Compiled-in Maglev capacity; userspace resizes it to `service slots * 2 * table size`.
+pub const DEFAULT_MAGLEV_ENTRIES: u32 = 2 * 65_537;
+/// Default Maglev table size (a prime, as Maglev requires).
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65_537;
+/// How many further Maglev slots the kernel probes when the chosen backend is
+/// unusable (down, draining or empty) before userspace has rebuilt the table.
+pub const MAGLEV_PROBES: u32 = 8;
+
+/// Maglev table entry meaning "no backend" (a service with none usable).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// `ServiceKey::family` / `Backend::family` for IPv4.
+pub const FAMILY_V4: u8 = 4;
+/// `ServiceKey::family` / `Backend::family` for IPv6.
+pub const FAMILY_V6: u8 = 6;
+/// IANA protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of `XLB_SERVICES_V1`.
+///
+/// Port 0 is never a real service: the entry at (VIP, 0, proto) is the
+/// fragment entry, a copy of the service that IP fragments to that VIP and
+/// protocol follow (non-first fragments carry no ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// VIP as raw network-order bytes read as native words; IPv4 in word 0, words 1..3 zero.
+    pub addr: [u32; 4],
+    /// Destination port, network byte order (as on the wire); 0 = fragment entry.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+
+/// `Service::forward_mode`: layer-2 direct server return (MAC rewrite, `XDP_TX`).
+pub const FORWARD_DSR_L2: u8 = 0;
+
+/// Value of `XLB_SERVICES_V1`. Everything the per-packet path needs is
+/// precomputed here by userspace (mask, slot bases, refresh interval).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Service id: index into per-service stats and part of every affinity key.
+    pub id: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u32,
+    /// Affinity timeout in ns (CLOCK_MONOTONIC): an entry idle longer is re-selected.
+    pub timeout_ns: u64,
+    /// `last_seen_ns` is rewritten only when older than this, so hits rarely write.
+    pub refresh_ns: u64,
+    /// Client address mask for this VIP's family, same word layout as `ServiceKey::addr`.
+    pub mask: [u32; 4],
+    /// Index in `XLB_MAGLEV_V1` where each of the two table slots starts.
+    pub maglev_base: [u32; 2],
+    /// Maglev table size (prime).
+    pub table_size: u32,
+    /// Which of the two table slots is live (0 or 1); flipped after the other is written.
+    pub active_slot: u32,
+    /// Affinity prefix length applied to IPv4 clients.
+    pub prefix_v4: u8,
+    /// Affinity prefix length applied to IPv6 clients.
+    pub prefix_v6: u8,
+    /// `FORWARD_*` mode.
+    pub forward_mode: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 5],
+}
+
+/// `Service::flags`: this record is the fragment entry of its VIP (port 0 key).
+pub const SERVICE_F_FRAGMENTS: u32 = 1;
+
+/// `Backend::state`: slot unused; never selected.
+pub const BACKEND_EMPTY: u8 = 0;
+/// `Backend::state`: takes existing and new clients.
+pub const BACKEND_ACTIVE: u8 = 1;
+/// `Backend::state`: keeps its existing clients, never gets new ones.
+pub const BACKEND_DRAINING: u8 = 2;
+/// `Backend::state`: never used; its clients are re-selected by the kernel at once.
+pub const BACKEND_DOWN: u8 = 3;
+
+/// Value of `XLB_BACKENDS_V1`, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend address, same word layout as `ServiceKey::addr` (informational in DSR mode).
+    pub addr: [u32; 4],
+    /// Backend MAC: the destination MAC of forwarded frames.
+    pub mac: [u8; 6],
+    /// `BACKEND_*` state.
+    pub state: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Maglev weight (userspace only; the kernel reads the table).
+    pub weight: u16,
+    /// Owning service id.
+    pub service_id: u16,
+}
+
+/// Key of `XLB_AFFINITY_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Service id.
+    pub service_id: u32,
+    /// Client address masked to the service's prefix, same word layout as `ServiceKey::addr`.
+    pub addr: [u32; 4],
+}
+
+/// Value of `XLB_AFFINITY_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    /// Backend id the client sticks to.
+    pub backend_id: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// Last time (CLOCK_MONOTONIC ns) the entry was refreshed, coarsely.
+    pub last_seen_ns: u64,
+}
+
+/// Value of the per-service and per-backend traffic counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    /// Frames forwarded.
+    pub packets: u64,
+    /// Bytes forwarded (whole frames).
+    pub bytes: u64,
+    /// Affinity entries created (new clients and re-selections).
+    pub new_sessions: u64,
+}
+
+/// Global counters, the index into `XLB_STATS_V1`. Every verdict has one.
+pub mod stat {
+    /// Not IPv4/IPv6 (ARP, QinQ and others): passed.
+    pub const PASS_NOT_IP: u32 = 0;
+    /// Destination MAC is not this interface's (multicast, broadcast, flooded unicast): passed.
+    pub const PASS_OTHER_HOST: u32 = 1;
+    /// Neither TCP nor UDP (ICMP, neighbour discovery, ...): passed.
+    pub const PASS_NOT_L4: u32 = 2;
+    /// No service at (destination, port, protocol): passed.
+    pub const PASS_NOT_SERVICE: u32 = 3;
+    /// IPv6 with an extension header other than Fragment: passed.
+    pub const PASS_V6_EXT_HEADER: u32 = 4;
+    /// Affinity entry found and used.
+    pub const AFFINITY_HIT: u32 = 5;
+    /// No affinity entry: Maglev choice recorded.
+    pub const NEW_SESSION: u32 = 6;
+    /// Affinity entry idle past the service timeout: re-selected.
+    pub const RESELECT_EXPIRED: u32 = 7;
+    /// Affinity entry pointed at a down/removed backend: re-selected.
+    pub const RESELECT_DOWN: u32 = 8;
+    /// Maglev slot unusable (down/draining/empty): a later slot was taken.
+    pub const MAGLEV_PROBED: u32 = 9;
+    /// An IP fragment followed its VIP's fragment entry (counted besides its verdict).
+    pub const FRAGMENT: u32 = 10;
+    /// Affinity insert failed (the frame is still forwarded).
+    pub const AFFINITY_INSERT_FAILED: u32 = 11;
+    /// Frame shorter than an Ethernet header: dropped.
+    pub const DROP_TRUNCATED_ETH: u32 = 12;
+    /// Frame ends inside the 802.1Q tag: dropped.
+    pub const DROP_BAD_VLAN: u32 = 13;
+    /// Frame ends inside the IP header (options or IPv6 Fragment header included): dropped.
+    pub const DROP_TRUNCATED_IP: u32 = 14;
+    /// IP version field disagrees with the EtherType: dropped.
+    pub const DROP_BAD_VERSION: u32 = 15;
+    /// IPv4 IHL below 5: dropped.
+    pub const DROP_BAD_IHL: u32 = 16;
+    /// IP total/payload length inconsistent with the header or the frame: dropped.
+    pub const DROP_BAD_LENGTH: u32 = 17;
+    /// Frame ends inside the TCP/UDP header: dropped.
+    pub const DROP_TRUNCATED_L4: u32 = 18;
+    /// Service has no usable backend: dropped.
+    pub const DROP_NO_BACKEND: u32 = 19;
+    /// Number of counters.
+    pub const COUNT: u32 = 20;
+
+    /// Names in index order, for userspace display (snake_case, stable).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ip",
+        "pass_other_host",
+        "pass_not_l4",
+        "pass_not_service",
+        "pass_v6_ext_header",
+        "affinity_hit",
+        "new_session",
+        "reselect_expired",
+        "reselect_down",
+        "maglev_probed",
+        "fragment",
+        "affinity_insert_failed",
+        "drop_truncated_eth",
+        "drop_bad_vlan",
+        "drop_truncated_ip",
+        "drop_bad_version",
+        "drop_bad_ihl",
+        "drop_bad_length",
+        "drop_truncated_l4",
+        "drop_no_backend",
+    ];
+}
+
+/// Masks a client address word by word (both in `ServiceKey::addr` layout).
+#[inline(always)]
+pub fn mask_addr(addr: &[u32; 4], mask: &[u32; 4]) -> [u32; 4] {
+    [
+        addr[0] & mask[0],
+        addr[1] & mask[1],
+        addr[2] & mask[2],
+        addr[3] & mask[3],
+    ]
+}
+
+/// Builds the `Service::mask` words for a prefix of `prefix` bits over an
+/// address of `bits` (32 or 128) bits; words past the address stay zero.
+pub fn prefix_mask(prefix: u8, bits: u8) -> [u32; 4] {
+    let mut bytes = [0u8; 16];
+    let prefix = prefix.min(bits) as usize;
+    let mut i = 0;
+    while i < 16 {
+        let start = i * 8;
+        if start + 8 <= prefix {
+            bytes[i] = 0xff;
+        } else if start < prefix {
+            bytes[i] = 0xffu8 << (8 - (prefix - start));
+        }
+        i += 1;
+    }
+    words_from_bytes(&bytes)
+}
+
+/// Converts 16 network-order bytes into the native-word layout used in keys.
+pub fn words_from_bytes(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// Converts the native-word key layout back into 16 network-order bytes.
+pub fn bytes_from_words(w: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+/// Hash of a masked client address that indexes the Maglev table.
+///
+/// murmur3's 32-bit mixing over the four words with a fixed seed: no random
+/// state, so every xlb instance (same byte order) maps a client to the same
+/// slot without coordination, and userspace can predict the kernel's choice.
+#[inline(always)]
+pub fn client_hash(addr: &[u32; 4]) -> u32 {
+    const C1: u32 = 0xcc9e_2d51;
+    const C2: u32 = 0x1b87_3593;
+    let mut h: u32 = 0x9747_b28c;
+    let mut i = 0;
+    while i < 4 {
+        let mut k = addr[i].wrapping_mul(C1);
+        k = k.rotate_left(15).wrapping_mul(C2);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= 16;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<Service>() == 64);
+    assert!(core::mem::size_of::<Backend>() == 28);
+    assert!(core::mem::size_of::<AffinityKey>() == 20);
+    assert!(core::mem::size_of::<Affinity>() == 16);
+    assert!(core::mem::size_of::<TrafficStats>() == 24);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made only of integers, with every
+    // padding byte an explicit field, so any bit pattern is valid.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl aya::Pod for super::TrafficStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_masks() {
+        let m = prefix_mask(24, 32);
+        assert_eq!(bytes_from_words(&m)[..4], [255, 255, 255, 0]);
+        assert_eq!(bytes_from_words(&m)[4..], [0; 12]);
+        let m = prefix_mask(32, 32);
+        assert_eq!(bytes_from_words(&m)[..4], [255; 4]);
+        let m = prefix_mask(0, 32);
+        assert_eq!(m, [0; 4]);
+        let m = prefix_mask(60, 128);
+        let b = bytes_from_words(&m);
+        assert_eq!(b[..7], [255; 7]);
+        assert_eq!(b[7], 0xf0);
+        assert_eq!(b[8..], [0; 8]);
+        assert_eq!(prefix_mask(128, 128), [u32::MAX; 4]);
+        // A prefix longer than the address is clamped, never spills into later words.
+        assert_eq!(bytes_from_words(&prefix_mask(40, 32))[4..], [0; 12]);
+    }
+
+    #[test]
+    fn word_bytes_round_trip() {
+        let b: [u8; 16] = core::array::from_fn(|i| i as u8 * 7);
+        assert_eq!(bytes_from_words(&words_from_bytes(&b)), b);
+    }
+
+    #[test]
+    fn hash_is_fixed_and_spreads() {
+        let a = words_from_bytes(&[10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let b = words_from_bytes(&[10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // Pinned value: a change here silently moves every client on upgrade.
+        assert_eq!(client_hash(&a), client_hash(&a));
+        assert_ne!(client_hash(&a), client_hash(&b));
+        assert_eq!(client_hash(&a), 0x59d7_a83c);
+    }
+
+    #[test]
+    fn stat_names_cover_every_counter() {
+        assert_eq!(stat::NAMES.len(), stat::COUNT as usize);
+        assert_eq!(
+            stat::NAMES[stat::DROP_NO_BACKEND as usize],
+            "drop_no_backend"
+        );
+        assert_eq!(stat::NAMES[stat::AFFINITY_HIT as usize], "affinity_hit");
+    }
+
+    #[test]
+    fn layout_offsets() {
+        assert_eq!(core::mem::offset_of!(ServiceKey, port), 16);
+        assert_eq!(core::mem::offset_of!(Service, timeout_ns), 8);
+        assert_eq!(core::mem::offset_of!(Service, mask), 24);
+        assert_eq!(core::mem::offset_of!(Service, maglev_base), 40);
+        assert_eq!(core::mem::offset_of!(Service, prefix_v4), 56);
+        assert_eq!(core::mem::offset_of!(Backend, mac), 16);
+        assert_eq!(core::mem::offset_of!(Affinity, last_seen_ns), 8);
+    }
+}

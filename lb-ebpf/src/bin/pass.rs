@@ -1,0 +1,24 @@
+//! `xlb_pass`: returns XDP_PASS for every frame.
+//!
+//! Two uses: native XDP_TX on a veth delivers only if the peer veth has an
+//! XDP program attached, and benchmarks need an empty program as the floor.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+/// Passes every frame to the stack.
+#[xdp]
+pub fn xlb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,22 @@
+//! Forwarding: layer-2 direct server return.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::Backend;
+
+use crate::parse::ptr_at;
+
+/// Rewrites the Ethernet addresses so the frame goes to `backend` and looks
+/// like it came from us. The source must be our own MAC: a backend's MAC as
+/// source would poison the bridge's forwarding table.
+#[inline(always)]
+pub fn dsr_l2(ctx: &XdpContext, backend: &Backend, own_mac: &[u8; 6]) -> bool {
+    let Some(macs) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return false;
+    };
+    let mut out = [0u8; 12];
+    out[..6].copy_from_slice(&backend.mac);
+    out[6..].copy_from_slice(own_mac);
+    // SAFETY: ptr_at checked the 12 bytes are inside the frame.
+    unsafe { macs.write_unaligned(out) };
+    true
+}

@@ -1,0 +1,102 @@
+//! xlb: sticky-session layer-4 load balancer, XDP program.
+//!
+//! Per frame: parse -> service lookup -> affinity (or Maglev) -> MAC rewrite
+//! -> XDP_TX. Anything not addressed to a service passes untouched. Every
+//! frame is counted under exactly one reason in `XLB_STATS_V1`.
+#![no_std]
+#![no_main]
+
+mod forward;
+mod maps;
+mod parse;
+mod select;
+mod stats;
+mod verdict;
+
+use aya_ebpf::{Global, macros::xdp, programs::XdpContext};
+use lb_common::{FORWARD_DSR_L2, ServiceKey, stat};
+
+use crate::{maps::SERVICES, parse::ptr_at, verdict::Verdict};
+
+/// Non-zero: log each new session (set at load time; off in production).
+#[unsafe(no_mangle)]
+static XLB_DEBUG: Global<u8> = Global::new(0);
+
+/// The MAC of the interface we run on, set at load time by userspace.
+#[unsafe(no_mangle)]
+static XLB_IFACE_MAC: Global<[u8; 6]> = Global::new([0; 6]);
+
+/// The XDP entry point.
+#[xdp]
+pub fn xlb(ctx: XdpContext) -> u32 {
+    let verdict = match process(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    stats::count(verdict.reason);
+    verdict.action
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+    let own_mac = XLB_IFACE_MAC.load();
+    let dst_mac = ptr_at::<[u8; 6]>(ctx, 0).ok_or(Verdict::drop(stat::DROP_TRUNCATED_ETH))?;
+    // SAFETY: ptr_at checked the 6 bytes are inside the frame.
+    if unsafe { dst_mac.read_unaligned() } != own_mac {
+        // Frames for other hosts (flooded by a bridge) and multicast are not ours
+        // even when addressed to a VIP: forwarding them would duplicate traffic.
+        return Err(Verdict::pass(stat::PASS_OTHER_HOST));
+    }
+
+    let pkt = parse::parse(ctx)?;
+    let key = ServiceKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+    };
+    let svc = SERVICES
+        .get_ptr(&key)
+        .ok_or(Verdict::pass(stat::PASS_NOT_SERVICE))?;
+    // SAFETY: map value pointer, valid for this program run.
+    let svc = unsafe { &*svc };
+    if pkt.fragment {
+        stats::count(stat::FRAGMENT);
+    }
+
+    let choice = select::choose(svc, &pkt.src)?;
+    // SAFETY: map value pointer from BACKENDS, valid for this program run.
+    let backend = unsafe { &*choice.backend };
+    if XLB_DEBUG.load() != 0 && choice.reason != stat::AFFINITY_HIT {
+        aya_log_ebpf::debug!(
+            ctx,
+            "service {} backend {} reason {}",
+            svc.id,
+            choice.id,
+            choice.reason
+        );
+    }
+
+    // Only L2 DSR exists today; other modes are refused by userspace.
+    let _ = FORWARD_DSR_L2;
+    if !forward::dsr_l2(ctx, backend, &own_mac) {
+        return Err(Verdict::drop(stat::DROP_TRUNCATED_ETH));
+    }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    stats::count_forward(
+        svc.id,
+        choice.id,
+        bytes,
+        choice.reason != stat::AFFINITY_HIT,
+    );
+    Ok(Verdict::tx(choice.reason))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

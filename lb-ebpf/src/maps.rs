@@ -1,0 +1,40 @@
+//! Every map of the program, declared once; layouts live in lb-common.
+//! Pinned by name so they outlive the loader and are adopted on restart.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Affinity, AffinityKey, Backend, DEFAULT_AFFINITY_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS,
+    MAX_SERVICES, Service, ServiceKey, TrafficStats, stat,
+};
+
+/// (VIP, port, protocol) -> service record; port 0 holds the VIP's fragment entry.
+#[map(name = "XLB_SERVICES_V1")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(2 * MAX_SERVICES, 0);
+
+/// (service, masked client) -> backend and last-seen time: the sticky sessions.
+#[map(name = "XLB_AFFINITY_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
+    LruHashMap::pinned(DEFAULT_AFFINITY_ENTRIES, 0);
+
+/// Backend id -> address, MAC and state.
+#[map(name = "XLB_BACKENDS_V1")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Maglev tables, two slots per service, each `table_size` backend ids.
+#[map(name = "XLB_MAGLEV_V1")]
+pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_ENTRIES, 0);
+
+/// Global per-verdict counters.
+#[map(name = "XLB_STATS_V1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+/// Per-service traffic.
+#[map(name = "XLB_SVCSTAT_V1")]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// Per-backend traffic.
+#[map(name = "XLB_BESTAT_V1")]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);

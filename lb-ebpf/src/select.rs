@@ -1,0 +1,132 @@
+//! Backend choice: the affinity map first, Maglev on a miss.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, MAGLEV_PROBES, Service,
+    client_hash, mask_addr, stat,
+};
+
+use crate::{
+    maps::{AFFINITY, BACKENDS, MAGLEV},
+    stats::count,
+    verdict::Verdict,
+};
+
+/// The backend a frame goes to and how it was chosen.
+pub struct Choice {
+    /// Backend id.
+    pub id: u32,
+    /// The backend record.
+    pub backend: *const Backend,
+    /// `stat::AFFINITY_HIT`, `NEW_SESSION`, `RESELECT_EXPIRED` or `RESELECT_DOWN`.
+    pub reason: u32,
+}
+
+/// Finds the client's backend, creating or rewriting its affinity entry
+/// when needed. An entry is rewritten here, at once, when it expired or its
+/// backend went down: the kernel never keeps sending a client to a dead
+/// backend while userspace catches up.
+#[inline(always)]
+pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
+    let key = AffinityKey {
+        service_id: svc.id,
+        addr: mask_addr(src, &svc.mask),
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    let entry = AFFINITY.get_ptr_mut(&key);
+    let reason = match entry {
+        Some(entry) => {
+            // SAFETY: map value pointer, valid for this program run.
+            let entry = unsafe { &mut *entry };
+            let idle = now.saturating_sub(entry.last_seen_ns);
+            if idle > svc.timeout_ns {
+                stat::RESELECT_EXPIRED
+            } else if let Some(backend) = usable_for_existing(entry.backend_id) {
+                // Coarse refresh: most hits only read the entry.
+                if idle > svc.refresh_ns {
+                    entry.last_seen_ns = now;
+                }
+                return Ok(Choice {
+                    id: entry.backend_id,
+                    backend,
+                    reason: stat::AFFINITY_HIT,
+                });
+            } else {
+                stat::RESELECT_DOWN
+            }
+        }
+        None => stat::NEW_SESSION,
+    };
+
+    let (id, backend) = maglev(svc, &key.addr)?;
+    match entry {
+        Some(entry) => {
+            // SAFETY: as above; rewriting in place avoids an LRU allocation.
+            let entry = unsafe { &mut *entry };
+            entry.backend_id = id;
+            entry.last_seen_ns = now;
+        }
+        None => {
+            let value = Affinity {
+                backend_id: id,
+                _pad: 0,
+                last_seen_ns: now,
+            };
+            if AFFINITY.insert(&key, &value, 0).is_err() {
+                count(stat::AFFINITY_INSERT_FAILED);
+            }
+        }
+    }
+    Ok(Choice {
+        id,
+        backend,
+        reason,
+    })
+}
+
+/// An existing session keeps its backend while it is active or draining.
+#[inline(always)]
+fn usable_for_existing(id: u32) -> Option<*const Backend> {
+    let backend = BACKENDS.get_ptr(id)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let state = unsafe { (*backend).state };
+    (state == BACKEND_ACTIVE || state == BACKEND_DRAINING).then_some(backend)
+}
+
+/// Looks the client up in the service's live Maglev table. If the slot names
+/// a backend that is not active (userspace has not rebuilt the table yet),
+/// the next slots are probed, a bounded number of times.
+#[inline(always)]
+fn maglev(svc: &Service, masked: &[u32; 4]) -> Result<(u32, *const Backend), Verdict> {
+    let size = svc.table_size;
+    if size == 0 {
+        return Err(Verdict::drop(stat::DROP_NO_BACKEND));
+    }
+    let base = if svc.active_slot == 0 {
+        svc.maglev_base[0]
+    } else {
+        svc.maglev_base[1]
+    };
+    let mut slot = client_hash(masked) % size;
+    for probe in 0..MAGLEV_PROBES {
+        if let Some(id) = MAGLEV.get(base.wrapping_add(slot)) {
+            let id = *id;
+            if let Some(backend) = BACKENDS.get_ptr(id) {
+                // SAFETY: map value pointer, valid for this program run.
+                if unsafe { (*backend).state } == BACKEND_ACTIVE {
+                    if probe > 0 {
+                        count(stat::MAGLEV_PROBED);
+                    }
+                    return Ok((id, backend));
+                }
+            }
+        }
+        slot += 1;
+        if slot >= size {
+            slot = 0;
+        }
+    }
+    Err(Verdict::drop(stat::DROP_NO_BACKEND))
+}

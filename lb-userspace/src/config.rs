@@ -1,0 +1,936 @@
+//! TOML configuration: parsing and validation.
+//!
+//! The file is read into raw serde structs (unknown fields rejected), then
+//! checked field by field into the typed [`Config`]. Every validation error
+//! names the field path and the bad value, e.g.
+//! `service[1] ("web").backend[0].mac: "zz:00:00:00:00:01" is not a MAC address ...`.
+//!
+//! ```toml
+//! interface = "eth0"              # required
+//! xdp_mode = "native"             # "native" (default) | "generic"
+//! pin_dir = "/sys/fs/bpf/xlb"     # default; pins go to <pin_dir>/<interface>/
+//! affinity_max_entries = 262144   # default; 1..=100000000
+//! maglev_table_size = 65537       # default; prime, 3..=1000003
+//! max_services = 16               # default; 1..=256
+//!
+//! [[service]]
+//! name = "web"                    # required, unique, [A-Za-z0-9_.-]{1,64}
+//! vip = "10.0.0.10"               # required, IPv4 or IPv6
+//! port = 80                       # required, 1..=65535
+//! protocol = "tcp"                # required, "tcp" | "udp"
+//! affinity_prefix_v4 = 32         # default 32, 0..=32
+//! affinity_prefix_v6 = 128        # default 128, 0..=128
+//! affinity_timeout = "300s"       # default "300s"; > 0 and <= 30 days
+//! forward_mode = "dsr"            # default "dsr" (the only mode)
+//!
+//! [[service.backend]]
+//! name = "b1"                     # default: the address as text
+//! address = "10.0.0.21"           # required, same family as the vip
+//! mac = "02:00:00:00:00:21"       # required, unicast, not all-zero
+//! weight = 1                      # default 1, 1..=65535
+//! state = "active"                # default "active" | "draining" | "down"
+//! ```
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+use crate::maglev::{self, MAX_TABLE_SIZE};
+
+/// Default `pin_dir`: the per-interface pin directories live below it.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
+/// Default `max_services`.
+pub const DEFAULT_MAX_SERVICES: u32 = 16;
+/// Default per-service `affinity_timeout`.
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Largest `affinity_max_entries`: keeps a typo from asking the kernel for gigabytes.
+pub const MAX_AFFINITY_ENTRIES: u32 = 100_000_000;
+/// Longest `affinity_timeout`.
+pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
+const MAX_INTERFACE_LEN: usize = 15;
+/// Longest service or backend name.
+const MAX_NAME_LEN: usize = 64;
+
+/// A validated xlb configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Interface the XDP program attaches to (required; 1..=15 bytes).
+    pub interface: String,
+    /// How XDP attaches; default [`XdpMode::Native`].
+    pub xdp_mode: XdpMode,
+    /// Root of the pins (absolute); default [`DEFAULT_PIN_DIR`]. See [`Config::pin_path`].
+    pub pin_dir: PathBuf,
+    /// Capacity of the affinity LRU map; default `lb_common::DEFAULT_AFFINITY_ENTRIES`, 1..=100_000_000.
+    pub affinity_max_entries: u32,
+    /// Entries per Maglev table; default `lb_common::DEFAULT_MAGLEV_TABLE_SIZE`, prime, 3..=1_000_003.
+    pub maglev_table_size: u32,
+    /// Service slots; sizes the Maglev map (`max_services * 2 * maglev_table_size`); default 16, 1..=`lb_common::MAX_SERVICES`.
+    pub max_services: u32,
+    /// The services (`[[service]]`), in file order; at most `max_services`.
+    pub services: Vec<ServiceConfig>,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum XdpMode {
+    /// In the driver (`"native"`, the default): fast, needs driver support.
+    #[default]
+    Native,
+    /// In the generic network stack (`"generic"`): works everywhere, slower.
+    Generic,
+}
+
+/// One load-balanced service (`[[service]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    /// Unique name, `[A-Za-z0-9_.-]{1,64}` (required).
+    pub name: String,
+    /// Virtual IP clients connect to, IPv4 or IPv6 (required).
+    pub vip: IpAddr,
+    /// Destination port, 1..=65535 (required).
+    pub port: u16,
+    /// Transport protocol (required).
+    pub protocol: Protocol,
+    /// IPv4 clients sharing this many leading bits share a backend; default 32, 0..=32.
+    pub affinity_prefix_v4: u8,
+    /// IPv6 clients sharing this many leading bits share a backend; default 128, 0..=128.
+    pub affinity_prefix_v6: u8,
+    /// Idle time after which a client is re-selected; default 300s, > 0 and <= 30 days.
+    pub affinity_timeout: Duration,
+    /// The backends (`[[service.backend]]`), in file order; at least one.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `"tcp"`.
+    Tcp,
+    /// `"udp"`.
+    Udp,
+}
+
+impl Protocol {
+    /// IANA protocol number (`lb_common::PROTO_TCP` / `PROTO_UDP`).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// One backend of a service (`[[service.backend]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    /// Unique within the service, `[A-Za-z0-9_.:-]{1,64}`; default the address as text.
+    pub name: String,
+    /// Backend address, same family as the service's vip (required).
+    pub address: IpAddr,
+    /// Backend MAC, the destination of forwarded frames (required; unicast, not all-zero).
+    pub mac: [u8; 6],
+    /// Maglev weight; default 1, 1..=65535.
+    pub weight: u16,
+    /// Administrative state; default [`BackendState::Active`].
+    pub state: BackendState,
+}
+
+/// Administrative state of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    /// `"active"`: takes existing and new clients.
+    Active,
+    /// `"draining"`: keeps its existing clients, gets no new ones.
+    Draining,
+    /// `"down"`: gets no traffic; its clients move elsewhere at once.
+    Down,
+}
+
+impl BackendState {
+    /// The `lb_common::BACKEND_*` value the kernel reads.
+    pub fn to_abi(self) -> u8 {
+        match self {
+            BackendState::Active => lb_common::BACKEND_ACTIVE,
+            BackendState::Draining => lb_common::BACKEND_DRAINING,
+            BackendState::Down => lb_common::BACKEND_DOWN,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    /// Parses and validates config text; TOML errors keep toml's line/column message.
+    pub fn parse(text: &str) -> Result<Config> {
+        let raw: RawConfig = toml::from_str(text)?;
+        validate(raw)
+    }
+
+    /// Directory of this instance's pins: `<pin_dir>/<interface>`.
+    pub fn pin_path(&self) -> PathBuf {
+        self.pin_dir.join(&self.interface)
+    }
+}
+
+/// Parses a unicast MAC written as six hex octets separated by ':'.
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next().unwrap_or("");
+        let ok = part.len() == 2 && part.bytes().all(|b| b.is_ascii_hexdigit());
+        match u8::from_str_radix(part, 16) {
+            Ok(v) if ok => *byte = v,
+            _ => {
+                bail!("{s:?} is not a MAC address (expected six hex octets like 02:00:00:00:00:01)")
+            }
+        }
+    }
+    if parts.next().is_some() {
+        bail!("{s:?} is not a MAC address (expected six hex octets like 02:00:00:00:00:01)");
+    }
+    if mac == [0; 6] {
+        bail!("{s:?} is the all-zero MAC, not a backend");
+    }
+    // Forwarded frames go to exactly one host; a group address would flood.
+    if mac[0] & 1 != 0 {
+        bail!("{s:?} is a multicast MAC (low bit of the first octet set), not a backend");
+    }
+    Ok(mac)
+}
+
+/// Formats a MAC as lowercase `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+// Raw, as written in the file. Integers are read as i64 (TOML's integer
+// type) and enums as strings so validation, not serde, reports bad values
+// with their field path.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: String,
+    xdp_mode: Option<String>,
+    pin_dir: Option<PathBuf>,
+    affinity_max_entries: Option<i64>,
+    maglev_table_size: Option<i64>,
+    max_services: Option<i64>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    vip: String,
+    port: i64,
+    protocol: String,
+    affinity_prefix_v4: Option<i64>,
+    affinity_prefix_v6: Option<i64>,
+    affinity_timeout: Option<String>,
+    forward_mode: Option<String>,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: Option<String>,
+    address: String,
+    mac: String,
+    weight: Option<i64>,
+    state: Option<String>,
+}
+
+fn validate(raw: RawConfig) -> Result<Config> {
+    let interface = validate_interface(raw.interface)?;
+    let xdp_mode = match raw.xdp_mode.as_deref() {
+        None | Some("native") => XdpMode::Native,
+        Some("generic") => XdpMode::Generic,
+        Some(other) => {
+            bail!("xdp_mode: {other:?} is not an XDP mode (expected \"native\" or \"generic\")")
+        }
+    };
+    let pin_dir = raw
+        .pin_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+    if !pin_dir.is_absolute() {
+        bail!(
+            "pin_dir: {:?} is not an absolute path",
+            pin_dir.display().to_string()
+        );
+    }
+    let affinity_max_entries = int(
+        "affinity_max_entries",
+        raw.affinity_max_entries,
+        lb_common::DEFAULT_AFFINITY_ENTRIES,
+        1,
+        MAX_AFFINITY_ENTRIES,
+    )?;
+    let maglev_table_size = validate_table_size(raw.maglev_table_size)?;
+    let max_services = int(
+        "max_services",
+        raw.max_services,
+        DEFAULT_MAX_SERVICES,
+        1,
+        lb_common::MAX_SERVICES,
+    )?;
+    if raw.service.len() > max_services as usize {
+        bail!(
+            "service: {} services but max_services is {max_services} (raise max_services, at most {})",
+            raw.service.len(),
+            lb_common::MAX_SERVICES
+        );
+    }
+
+    let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
+    let mut total_backends = 0usize;
+    for (i, raw_service) in raw.service.into_iter().enumerate() {
+        let service = validate_service(i, raw_service)?;
+        if let Some(j) = services.iter().position(|s| s.name == service.name) {
+            bail!(
+                "service[{i}].name: {:?} is already used by service[{j}]",
+                service.name
+            );
+        }
+        let same_listener = |s: &ServiceConfig| {
+            s.vip == service.vip && s.port == service.port && s.protocol == service.protocol
+        };
+        if let Some(j) = services.iter().position(same_listener) {
+            bail!(
+                "service[{i}] ({:?}): {}/{} is already served by service[{j}] ({:?})",
+                service.name,
+                SocketAddr::new(service.vip, service.port),
+                service.protocol,
+                services[j].name
+            );
+        }
+        total_backends += service.backends.len();
+        services.push(service);
+    }
+    if total_backends > lb_common::MAX_BACKENDS as usize {
+        bail!(
+            "service[*].backend: {total_backends} backends in total, more than the {} xlb supports",
+            lb_common::MAX_BACKENDS
+        );
+    }
+
+    Ok(Config {
+        interface,
+        xdp_mode,
+        pin_dir,
+        affinity_max_entries,
+        maglev_table_size,
+        max_services,
+        services,
+    })
+}
+
+fn validate_interface(name: String) -> Result<String> {
+    if name.is_empty() {
+        bail!("interface: \"\" is empty (expected an interface name like \"eth0\")");
+    }
+    if name.len() > MAX_INTERFACE_LEN {
+        bail!("interface: {name:?} is longer than {MAX_INTERFACE_LEN} bytes, the kernel's limit");
+    }
+    // The kernel's own rule (dev_valid_name); it also keeps pin_path inside pin_dir.
+    let bad_char = name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if bad_char || name == "." || name == ".." {
+        bail!("interface: {name:?} is not a valid interface name");
+    }
+    Ok(name)
+}
+
+fn validate_table_size(raw: Option<i64>) -> Result<u32> {
+    let size = int(
+        "maglev_table_size",
+        raw,
+        lb_common::DEFAULT_MAGLEV_TABLE_SIZE,
+        3,
+        MAX_TABLE_SIZE,
+    )?;
+    if !maglev::is_prime(size) {
+        // MAX_TABLE_SIZE is prime, so there is always one at or below it.
+        let above = (size..=MAX_TABLE_SIZE).find(|&n| maglev::is_prime(n));
+        let near = above.or_else(|| (3..size).rev().find(|&n| maglev::is_prime(n)));
+        match near {
+            Some(p) => bail!("maglev_table_size: {size} is not prime (try {p})"),
+            None => bail!("maglev_table_size: {size} is not prime"),
+        }
+    }
+    Ok(size)
+}
+
+fn validate_service(i: usize, raw: RawService) -> Result<ServiceConfig> {
+    if !valid_name(&raw.name, false) {
+        bail!(
+            "service[{i}].name: {:?} is not a valid name (expected 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 _ . -)",
+            raw.name
+        );
+    }
+    let path = format!("service[{i}] ({:?})", raw.name);
+    let vip = parse_ip(&format!("{path}.vip"), &raw.vip)?;
+    let port = int(&format!("{path}.port"), Some(raw.port), 0, 1, u16::MAX)?;
+    let protocol = match raw.protocol.as_str() {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => {
+            bail!("{path}.protocol: {other:?} is not a protocol (expected \"tcp\" or \"udp\")")
+        }
+    };
+    let affinity_prefix_v4 = int(
+        &format!("{path}.affinity_prefix_v4"),
+        raw.affinity_prefix_v4,
+        32,
+        0,
+        32,
+    )?;
+    let affinity_prefix_v6 = int(
+        &format!("{path}.affinity_prefix_v6"),
+        raw.affinity_prefix_v6,
+        128,
+        0,
+        128,
+    )?;
+    let affinity_timeout = match raw.affinity_timeout {
+        None => DEFAULT_AFFINITY_TIMEOUT,
+        Some(text) => validate_timeout(&format!("{path}.affinity_timeout"), &text)?,
+    };
+    // Only layer-2 DSR exists; the field is accepted so configs can say so.
+    match raw.forward_mode.as_deref() {
+        None | Some("dsr") => {}
+        Some(other) => {
+            bail!("{path}.forward_mode: {other:?} is not a forward mode (expected \"dsr\")")
+        }
+    }
+
+    if raw.backend.is_empty() {
+        bail!("{path}.backend: the service has no backends (add a [[service.backend]])");
+    }
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
+    for (j, raw_backend) in raw.backend.into_iter().enumerate() {
+        let bpath = format!("{path}.backend[{j}]");
+        let backend = validate_backend(&bpath, vip, raw_backend)?;
+        if let Some(k) = backends.iter().position(|b| b.address == backend.address) {
+            bail!(
+                "{bpath}.address: {} is already used by backend[{k}]",
+                backend.address
+            );
+        }
+        if let Some(k) = backends.iter().position(|b| b.name == backend.name) {
+            bail!(
+                "{bpath}.name: {:?} is already used by backend[{k}]",
+                backend.name
+            );
+        }
+        backends.push(backend);
+    }
+
+    Ok(ServiceConfig {
+        name: raw.name,
+        vip,
+        port,
+        protocol,
+        affinity_prefix_v4,
+        affinity_prefix_v6,
+        affinity_timeout,
+        backends,
+    })
+}
+
+fn validate_timeout(path: &str, text: &str) -> Result<Duration> {
+    let timeout = humantime::parse_duration(text).map_err(|e| {
+        anyhow::anyhow!(
+            "{path}: {text:?} is not a duration ({e}; expected e.g. \"300s\" or \"5m\")"
+        )
+    })?;
+    if timeout.is_zero() {
+        bail!("{path}: {text:?} is zero (expected more than 0)");
+    }
+    if timeout > MAX_AFFINITY_TIMEOUT {
+        bail!("{path}: {text:?} is longer than 30 days");
+    }
+    Ok(timeout)
+}
+
+fn validate_backend(path: &str, vip: IpAddr, raw: RawBackend) -> Result<BackendConfig> {
+    let address = parse_ip(&format!("{path}.address"), &raw.address)?;
+    if address.is_ipv4() != vip.is_ipv4() {
+        bail!(
+            "{path}.address: {address} is {} but the service vip {vip} is {}",
+            family(address),
+            family(vip)
+        );
+    }
+    if address == vip {
+        bail!("{path}.address: {address} is the service's own vip");
+    }
+    let name = raw.name.unwrap_or_else(|| address.to_string());
+    if !valid_name(&name, true) {
+        bail!(
+            "{path}.name: {name:?} is not a valid name (expected 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 _ . : -)"
+        );
+    }
+    let mac = parse_mac(&raw.mac).map_err(|e| anyhow::anyhow!("{path}.mac: {e}"))?;
+    let weight = int(&format!("{path}.weight"), raw.weight, 1, 1, u16::MAX)?;
+    let state = match raw.state.as_deref() {
+        None | Some("active") => BackendState::Active,
+        Some("draining") => BackendState::Draining,
+        Some("down") => BackendState::Down,
+        Some(other) => bail!(
+            "{path}.state: {other:?} is not a backend state (expected \"active\", \"draining\" or \"down\")"
+        ),
+    };
+    Ok(BackendConfig {
+        name,
+        address,
+        mac,
+        weight,
+        state,
+    })
+}
+
+/// An optional integer field: `default` when absent, else checked against `lo..=hi`.
+fn int<T>(path: &str, value: Option<i64>, default: T, lo: T, hi: T) -> Result<T>
+where
+    T: Copy + Into<i64> + TryFrom<i64> + fmt::Display,
+{
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    match T::try_from(value) {
+        Ok(v) if value >= lo.into() && value <= hi.into() => Ok(v),
+        _ => bail!("{path}: {value} is out of range {lo}..={hi}"),
+    }
+}
+
+/// A unicast, specified IP address: anything else can't be a VIP or a backend.
+fn parse_ip(path: &str, text: &str) -> Result<IpAddr> {
+    let Ok(ip) = text.parse::<IpAddr>() else {
+        bail!("{path}: {text:?} is not an IP address");
+    };
+    if ip.is_unspecified() || ip.is_multicast() {
+        bail!("{path}: {ip} is not a unicast address");
+    }
+    Ok(ip)
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Service names allow `[A-Za-z0-9_.-]`; backend names also ':' so the
+/// default (the address as text) is valid for IPv6 too.
+fn valid_name(name: &str, allow_colon: bool) -> bool {
+    let ok = |c: char| {
+        c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') || (allow_colon && c == ':')
+    };
+    !name.is_empty() && name.len() <= MAX_NAME_LEN && name.chars().all(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const FULL: &str = r#"
+interface = "eth1"
+xdp_mode = "generic"
+pin_dir = "/sys/fs/bpf/test"
+affinity_max_entries = 1000
+maglev_table_size = 251
+max_services = 4
+
+[[service]]
+name = "web"
+vip = "10.0.0.10"
+port = 80
+protocol = "tcp"
+affinity_prefix_v4 = 24
+affinity_timeout = "5m"
+forward_mode = "dsr"
+
+[[service.backend]]
+name = "b1"
+address = "10.0.0.21"
+mac = "02:00:00:00:00:21"
+weight = 3
+state = "draining"
+
+[[service.backend]]
+address = "10.0.0.22"
+mac = "02:AB:cd:00:00:22"
+
+[[service]]
+name = "dns6"
+vip = "2001:db8::53"
+port = 53
+protocol = "udp"
+affinity_prefix_v6 = 64
+
+[[service.backend]]
+address = "2001:db8::1"
+mac = "02:00:00:00:01:01"
+state = "down"
+"#;
+
+    /// A minimal valid config, to be broken one field at a time.
+    const BASE: &str = r#"
+interface = "eth0"
+
+[[service]]
+name = "web"
+vip = "10.0.0.10"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "10.0.0.21"
+mac = "02:00:00:00:00:21"
+"#;
+
+    fn err(text: &str) -> String {
+        match Config::parse(text) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    /// Asserts the error of `text` contains every one of `parts`.
+    fn rejects(text: &str, parts: &[&str]) {
+        let e = err(text);
+        for p in parts {
+            assert!(e.contains(p), "error {e:?} lacks {p:?}");
+        }
+    }
+
+    #[test]
+    fn full_example() {
+        let c = Config::parse(FULL).expect("valid");
+        assert_eq!(c.interface, "eth1");
+        assert_eq!(c.xdp_mode, XdpMode::Generic);
+        assert_eq!(c.pin_path(), PathBuf::from("/sys/fs/bpf/test/eth1"));
+        assert_eq!(c.affinity_max_entries, 1000);
+        assert_eq!(c.maglev_table_size, 251);
+        assert_eq!(c.max_services, 4);
+        assert_eq!(c.services.len(), 2);
+
+        let web = &c.services[0];
+        assert_eq!(web.name, "web");
+        assert_eq!(web.vip, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)));
+        assert_eq!(web.port, 80);
+        assert_eq!(web.protocol, Protocol::Tcp);
+        assert_eq!(web.protocol.number(), lb_common::PROTO_TCP);
+        assert_eq!(web.protocol.to_string(), "tcp");
+        assert_eq!(web.affinity_prefix_v4, 24);
+        assert_eq!(web.affinity_prefix_v6, 128);
+        assert_eq!(web.affinity_timeout, Duration::from_secs(300));
+        let b1 = &web.backends[0];
+        assert_eq!(b1.name, "b1");
+        assert_eq!(b1.mac, [2, 0, 0, 0, 0, 0x21]);
+        assert_eq!(b1.weight, 3);
+        assert_eq!(b1.state, BackendState::Draining);
+        assert_eq!(b1.state.to_abi(), lb_common::BACKEND_DRAINING);
+        let b2 = &web.backends[1];
+        assert_eq!(b2.name, "10.0.0.22");
+        assert_eq!(b2.mac, [2, 0xab, 0xcd, 0, 0, 0x22]);
+        assert_eq!(b2.weight, 1);
+        assert_eq!(b2.state, BackendState::Active);
+
+        let dns = &c.services[1];
+        assert_eq!(
+            dns.vip,
+            IpAddr::V6("2001:db8::53".parse::<Ipv6Addr>().expect("ip"))
+        );
+        assert_eq!(dns.protocol, Protocol::Udp);
+        assert_eq!(dns.protocol.number(), lb_common::PROTO_UDP);
+        assert_eq!(dns.affinity_prefix_v4, 32);
+        assert_eq!(dns.affinity_prefix_v6, 64);
+        assert_eq!(dns.affinity_timeout, DEFAULT_AFFINITY_TIMEOUT);
+        assert_eq!(dns.backends[0].name, "2001:db8::1");
+        assert_eq!(dns.backends[0].state.to_abi(), lb_common::BACKEND_DOWN);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse(BASE).expect("valid");
+        assert_eq!(c.xdp_mode, XdpMode::Native);
+        assert_eq!(c.pin_path(), PathBuf::from("/sys/fs/bpf/xlb/eth0"));
+        assert_eq!(c.affinity_max_entries, lb_common::DEFAULT_AFFINITY_ENTRIES);
+        assert_eq!(c.maglev_table_size, lb_common::DEFAULT_MAGLEV_TABLE_SIZE);
+        assert_eq!(c.max_services, 16);
+        assert_eq!(
+            c.services[0].backends[0].state.to_abi(),
+            lb_common::BACKEND_ACTIVE
+        );
+        let empty = Config::parse("interface = \"lo\"").expect("valid");
+        assert!(empty.services.is_empty());
+    }
+
+    #[test]
+    fn top_level_rejections() {
+        let with = |line: &str| format!("{line}\n{BASE}");
+        rejects(
+            &with("maglev_table_size = 65536"),
+            &["maglev_table_size: 65536 is not prime (try 65537)"],
+        );
+        rejects(
+            &with("maglev_table_size = 2"),
+            &["maglev_table_size: 2 is out of range"],
+        );
+        rejects(
+            &with("maglev_table_size = 1000033"),
+            &["maglev_table_size: 1000033 is out of range"],
+        );
+        rejects(
+            &with("affinity_max_entries = 0"),
+            &["affinity_max_entries: 0 is out of range"],
+        );
+        rejects(
+            &with("max_services = 257"),
+            &["max_services: 257 is out of range"],
+        );
+        rejects(&with("xdp_mode = \"offload\""), &["xdp_mode: \"offload\""]);
+        rejects(&with("pin_dir = \"bpf/xlb\""), &["pin_dir: \"bpf/xlb\""]);
+        let iface = |name: &str| BASE.replace("\"eth0\"", name);
+        rejects(&iface("\"\""), &["interface: \"\" is empty"]);
+        rejects(
+            &iface("\"averyveryverylong\""),
+            &["interface: \"averyveryverylong\" is longer than 15"],
+        );
+        rejects(&iface("\"../x\""), &["interface: \"../x\""]);
+    }
+
+    #[test]
+    fn service_rejections() {
+        let svc = |from: &str, to: &str| BASE.replace(from, to);
+        rejects(&svc("\"web\"", "\"we b\""), &["service[0].name: \"we b\""]);
+        rejects(
+            &svc("\"10.0.0.10\"", "\"10.0.0.300\""),
+            &["service[0] (\"web\").vip: \"10.0.0.300\""],
+        );
+        rejects(
+            &svc("port = 80", "port = 0"),
+            &["service[0] (\"web\").port: 0 is out of range"],
+        );
+        rejects(
+            &svc("port = 80", "port = 65536"),
+            &["service[0] (\"web\").port: 65536"],
+        );
+        rejects(
+            &svc("\"tcp\"", "\"sctp\""),
+            &["service[0] (\"web\").protocol: \"sctp\""],
+        );
+        let extra =
+            |line: &str| BASE.replace("protocol = \"tcp\"", &format!("protocol = \"tcp\"\n{line}"));
+        rejects(
+            &extra("affinity_prefix_v4 = 33"),
+            &["service[0] (\"web\").affinity_prefix_v4: 33"],
+        );
+        rejects(
+            &extra("affinity_prefix_v6 = 129"),
+            &["service[0] (\"web\").affinity_prefix_v6: 129"],
+        );
+        rejects(
+            &extra("affinity_timeout = \"5x\""),
+            &["service[0] (\"web\").affinity_timeout: \"5x\" is not a duration"],
+        );
+        rejects(
+            &extra("affinity_timeout = \"0s\""),
+            &["service[0] (\"web\").affinity_timeout: \"0s\" is zero"],
+        );
+        rejects(
+            &extra("affinity_timeout = \"31days\""),
+            &["service[0] (\"web\").affinity_timeout: \"31days\" is longer"],
+        );
+        rejects(
+            &extra("forward_mode = \"nat\""),
+            &["service[0] (\"web\").forward_mode: \"nat\""],
+        );
+
+        let no_backends = BASE.split("[[service.backend]]").next().unwrap_or_default();
+        rejects(
+            no_backends,
+            &["service[0] (\"web\").backend: the service has no backends"],
+        );
+
+        let second = |name: &str, port: u16| {
+            format!(
+                "{BASE}\n[[service]]\nname = \"{name}\"\nvip = \"10.0.0.10\"\nport = {port}\nprotocol = \"tcp\"\n\
+                 [[service.backend]]\naddress = \"10.0.0.31\"\nmac = \"02:00:00:00:00:31\"\n"
+            )
+        };
+        assert!(Config::parse(&second("api", 443)).is_ok());
+        rejects(
+            &second("web", 443),
+            &["service[1].name: \"web\" is already used by service[0]"],
+        );
+        rejects(
+            &second("api", 80),
+            &["service[1] (\"api\"): 10.0.0.10:80/tcp is already served by service[0] (\"web\")"],
+        );
+        rejects(
+            &format!("max_services = 1\n{}", second("api", 443)),
+            &["service: 2 services but max_services is 1"],
+        );
+    }
+
+    #[test]
+    fn backend_rejections() {
+        let be = |from: &str, to: &str| BASE.replace(from, to);
+        rejects(
+            &be("\"02:00:00:00:00:21\"", "\"zz:00:00:00:00:01\""),
+            &[
+                "service[0] (\"web\").backend[0].mac: \"zz:00:00:00:00:01\" is not a MAC address (expected six hex octets like 02:00:00:00:00:01)",
+            ],
+        );
+        rejects(
+            &be("\"02:00:00:00:00:21\"", "\"01:00:5e:00:00:01\""),
+            &["backend[0].mac: \"01:00:5e:00:00:01\" is a multicast MAC"],
+        );
+        rejects(
+            &be("\"02:00:00:00:00:21\"", "\"00:00:00:00:00:00\""),
+            &["backend[0].mac: \"00:00:00:00:00:00\" is the all-zero MAC"],
+        );
+        rejects(
+            &be("\"10.0.0.21\"", "\"2001:db8::1\""),
+            &[
+                "service[0] (\"web\").backend[0].address: 2001:db8::1 is IPv6 but the service vip 10.0.0.10 is IPv4",
+            ],
+        );
+        rejects(
+            &be("\"10.0.0.21\"", "\"nope\""),
+            &["backend[0].address: \"nope\" is not an IP address"],
+        );
+        rejects(
+            &be("\"10.0.0.21\"", "\"10.0.0.10\""),
+            &["backend[0].address: 10.0.0.10 is the service's own vip"],
+        );
+        let extra = |line: &str| BASE.replace("mac = ", &format!("{line}\nmac = "));
+        rejects(
+            &extra("weight = 0"),
+            &["service[0] (\"web\").backend[0].weight: 0 is out of range 1..=65535"],
+        );
+        rejects(&extra("weight = 65536"), &["backend[0].weight: 65536"]);
+        rejects(&extra("state = \"up\""), &["backend[0].state: \"up\""]);
+        rejects(&extra("name = \"\""), &["backend[0].name: \"\""]);
+
+        let another = |name: &str, address: &str| {
+            format!(
+                "{BASE}\n[[service.backend]]\nname = \"{name}\"\naddress = \"{address}\"\nmac = \"02:00:00:00:00:22\"\n"
+            )
+        };
+        assert!(Config::parse(&another("b2", "10.0.0.22")).is_ok());
+        rejects(
+            &another("b2", "10.0.0.21"),
+            &["service[0] (\"web\").backend[1].address: 10.0.0.21 is already used by backend[0]"],
+        );
+        rejects(
+            &another("10.0.0.21", "10.0.0.22"),
+            &["service[0] (\"web\").backend[1].name: \"10.0.0.21\" is already used by backend[0]"],
+        );
+    }
+
+    #[test]
+    fn too_many_backends_in_total() {
+        // 17 services of 256 backends (the limit is 4096) with max_services raised.
+        let mut text = String::from("interface = \"eth0\"\nmax_services = 17\n");
+        for s in 0..17u32 {
+            text += &format!(
+                "[[service]]\nname = \"s{s}\"\nvip = \"10.0.0.10\"\nport = {}\nprotocol = \"tcp\"\n",
+                s + 1
+            );
+            for b in 0..256u32 {
+                text += &format!(
+                    "[[service.backend]]\naddress = \"10.1.{}.{}\"\nmac = \"02:00:00:00:00:01\"\n",
+                    b / 256,
+                    b % 256
+                );
+            }
+        }
+        rejects(
+            &text,
+            &["service[*].backend: 4352 backends in total, more than the 4096"],
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        rejects(&format!("colour = \"red\"\n{BASE}"), &["colour"]);
+        rejects(&BASE.replace("port = 80", "port = 80\nprot = 1"), &["prot"]);
+        rejects(&BASE.replace("mac = ", "wieght = 2\nmac = "), &["wieght"]);
+    }
+
+    #[test]
+    fn syntax_errors_keep_the_line() {
+        rejects("interface = \"eth0\"\n\nport = = 80\n", &["line 3"]);
+        rejects(&BASE.replace("port = 80", "port = \"80\""), &["line 7"]);
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let missing = Path::new("/nonexistent/xlb-test.toml");
+        let e = format!("{:#}", Config::load(missing).expect_err("missing file"));
+        assert!(e.contains("/nonexistent/xlb-test.toml"), "{e}");
+
+        let path =
+            std::env::temp_dir().join(format!("xlb-config-test-{}.toml", std::process::id()));
+        std::fs::write(&path, BASE.replace("port = 80", "port = 0")).expect("write temp file");
+        let result = Config::load(&path);
+        let _ = std::fs::remove_file(&path);
+        let e = format!("{:#}", result.expect_err("bad port"));
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains(".port: 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("02:00:5E:10:00:ff").expect("valid"),
+            [2, 0, 0x5e, 0x10, 0, 0xff]
+        );
+        assert_eq!(
+            format_mac(&[2, 0, 0x5e, 0x10, 0, 0xff]),
+            "02:00:5e:10:00:ff"
+        );
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "2:0:0:0:0:1",
+            "02-00-00-00-00-01",
+            "+2:00:00:00:00:01",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

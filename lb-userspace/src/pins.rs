@@ -1,0 +1,219 @@
+//! The pinned dataplane on bpffs: where things live, opening the maps from
+//! their pins, and refusing pins whose layout is not the one we speak.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray};
+use lb_common::{
+    Affinity, AffinityKey, Backend, MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MAX_BACKENDS, MAX_SERVICES, PINNED_MAPS, Service,
+    ServiceKey, TrafficStats, stat,
+};
+
+/// File name of the pinned XDP link inside an interface's pin directory.
+pub const LINK_PIN: &str = "link";
+
+/// Path of the pinned XDP link for a pin directory.
+pub fn link_path(dir: &Path) -> PathBuf {
+    dir.join(LINK_PIN)
+}
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there yet.
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    tracing::info!("mounting bpffs at /sys/fs/bpf");
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .context("running mount -t bpf")?;
+    if !status.success() {
+        bail!("mount -t bpf bpf /sys/fs/bpf failed ({status}); xlb pins its maps there");
+    }
+    Ok(())
+}
+
+/// The shape a pinned map must have for this build of xlb to reuse it.
+#[derive(Debug, Clone, Copy)]
+pub struct MapSpec {
+    /// Map (and pin file) name.
+    pub name: &'static str,
+    /// Kernel map type.
+    pub map_type: MapType,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes (per CPU for per-CPU maps).
+    pub value_size: u32,
+    /// Capacity.
+    pub max_entries: u32,
+}
+
+/// The expected spec of every pinned map, given the sizes chosen at load time.
+pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 7] {
+    fn spec<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapSpec {
+        MapSpec {
+            name,
+            map_type,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+    [
+        spec::<ServiceKey, Service>(MAP_SERVICES, MapType::Hash, 2 * MAX_SERVICES),
+        spec::<AffinityKey, Affinity>(MAP_AFFINITY, MapType::LruHash, affinity_entries),
+        spec::<u32, Backend>(MAP_BACKENDS, MapType::Array, MAX_BACKENDS),
+        spec::<u32, u32>(MAP_MAGLEV, MapType::Array, maglev_entries),
+        spec::<u32, u64>(MAP_STATS, MapType::PerCpuArray, stat::COUNT),
+        spec::<u32, TrafficStats>(MAP_SERVICE_STATS, MapType::PerCpuArray, MAX_SERVICES),
+        spec::<u32, TrafficStats>(MAP_BACKEND_STATS, MapType::PerCpuArray, MAX_BACKENDS),
+    ]
+}
+
+/// Fails, naming the map and the difference, if a pin in `dir` does not
+/// match `specs`. aya would silently reuse any pinned map of the same name.
+pub fn check_pinned(dir: &Path, specs: &[MapSpec]) -> Result<()> {
+    for spec in specs {
+        let path = dir.join(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let map_type = info
+            .map_type()
+            .with_context(|| format!("reading the type of {}", path.display()))?;
+        let found = [
+            (
+                "type",
+                format!("{map_type:?}"),
+                format!("{:?}", spec.map_type),
+            ),
+            (
+                "key size",
+                info.key_size().to_string(),
+                spec.key_size.to_string(),
+            ),
+            (
+                "value size",
+                info.value_size().to_string(),
+                spec.value_size.to_string(),
+            ),
+            (
+                "max entries",
+                info.max_entries().to_string(),
+                spec.max_entries.to_string(),
+            ),
+        ];
+        for (what, got, want) in found {
+            if got != want {
+                bail!(
+                    "pinned map {} has {what} {got} but this xlb expects {want}: it was made by another \
+                     xlb build or with other sizes (affinity_max_entries, maglev_table_size, max_services). \
+                     Restore the old setting, or run `xlb detach` to remove the old dataplane (drops all sessions)",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Typed handles on every pinned map of one interface.
+pub struct PinnedMaps {
+    /// The pin directory they were opened from.
+    pub dir: PathBuf,
+    /// `XLB_SERVICES_V1`.
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    /// `XLB_AFFINITY_V1`.
+    pub affinity: HashMap<MapData, AffinityKey, Affinity>,
+    /// `XLB_BACKENDS_V1`.
+    pub backends: Array<MapData, Backend>,
+    /// `XLB_MAGLEV_V1`.
+    pub maglev: Array<MapData, u32>,
+    /// `XLB_STATS_V1`.
+    pub stats: PerCpuArray<MapData, u64>,
+    /// `XLB_SVCSTAT_V1`.
+    pub service_stats: PerCpuArray<MapData, TrafficStats>,
+    /// `XLB_BESTAT_V1`.
+    pub backend_stats: PerCpuArray<MapData, TrafficStats>,
+}
+
+fn open(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is xlb running on this interface? `xlb run` creates it)",
+            path.display()
+        )
+    })?;
+    Map::from_map_data(data).with_context(|| format!("decoding map {}", path.display()))
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:expr) => {
+        open($dir, $name)?
+            .try_into()
+            .with_context(|| format!("pinned map {} has an unexpected layout", $name))?
+    };
+}
+
+impl PinnedMaps {
+    /// Opens every map pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.exists() {
+            bail!(
+                "no xlb dataplane pinned at {} (run `xlb run --config FILE` first)",
+                dir.display()
+            );
+        }
+        debug_assert_eq!(PINNED_MAPS.len(), 7);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            services: typed!(dir, MAP_SERVICES),
+            affinity: typed!(dir, MAP_AFFINITY),
+            backends: typed!(dir, MAP_BACKENDS),
+            maglev: typed!(dir, MAP_MAGLEV),
+            stats: typed!(dir, MAP_STATS),
+            service_stats: typed!(dir, MAP_SERVICE_STATS),
+            backend_stats: typed!(dir, MAP_BACKEND_STATS),
+        })
+    }
+
+    /// Maglev capacity of the pinned map, which fixes how many service
+    /// tables of a given size fit.
+    pub fn maglev_capacity(&self) -> Result<u32> {
+        let info =
+            MapInfo::from_pin(self.dir.join(MAP_MAGLEV)).context("reading Maglev map info")?;
+        Ok(info.max_entries())
+    }
+}
+
+/// Removes the pinned link (which detaches the program) and every map pin.
+/// Returns what was removed; missing pins are not an error.
+pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let mut names: Vec<&str> = vec![LINK_PIN];
+    names.extend(PINNED_MAPS);
+    for name in names {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing directory {}", dir.display())),
+    }
+    Ok(removed)
+}

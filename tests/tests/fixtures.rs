@@ -1,0 +1,850 @@
+//! Fixture tests: the real XDP program in the real kernel through
+//! BPF_PROG_TEST_RUN, set up through the same userspace code `xlb run` uses
+//! (`Dataplane::load` + `dataplane::apply`). Each checks the verdict, the
+//! output frame's bytes and the map/counter changes.
+//!
+//! Needs root (loading BPF programs); run by `cargo xtask test`.
+
+mod common;
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use common::frames::{CLIENT_MAC, Frame, LB_MAC, ip};
+use lb_common::{Affinity, AffinityKey, BACKEND_DOWN, BACKEND_DRAINING, prefix_mask, stat};
+use xlb::{
+    config::Config,
+    dataplane::{self, Dataplane, LoadOptions, addr_words},
+    maglev::{self, MaglevBackend},
+    pins::{self, PinnedMaps},
+    sessions::monotonic_ns,
+    stats,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const BACKEND_MACS: [[u8; 6]; 3] = [
+    [0x02, 0, 0, 0, 0, 0x11],
+    [0x02, 0, 0, 0, 0, 0x12],
+    [0x02, 0, 0, 0, 0, 0x13],
+];
+
+/// Three backends per VIP; a /24 service on port 8024; small tables so
+/// each fixture loads fast.
+const CONFIG: &str = r#"
+interface = "fx0"
+maglev_table_size = 251
+max_services = 8
+affinity_max_entries = 4096
+
+[[service]]
+name = "web"
+vip = "10.0.0.10"
+port = 80
+protocol = "tcp"
+affinity_timeout = "1h"
+[[service.backend]]
+address = "10.0.0.21"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+address = "10.0.0.22"
+mac = "02:00:00:00:00:12"
+[[service.backend]]
+address = "10.0.0.23"
+mac = "02:00:00:00:00:13"
+
+[[service]]
+name = "dns"
+vip = "10.0.0.10"
+port = 53
+protocol = "udp"
+[[service.backend]]
+address = "10.0.0.21"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+address = "10.0.0.22"
+mac = "02:00:00:00:00:12"
+[[service.backend]]
+address = "10.0.0.23"
+mac = "02:00:00:00:00:13"
+
+[[service]]
+name = "subnet"
+vip = "10.0.0.10"
+port = 8024
+protocol = "tcp"
+affinity_prefix_v4 = 24
+[[service.backend]]
+address = "10.0.0.21"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+address = "10.0.0.22"
+mac = "02:00:00:00:00:12"
+[[service.backend]]
+address = "10.0.0.23"
+mac = "02:00:00:00:00:13"
+
+[[service]]
+name = "web6"
+vip = "fd00::10"
+port = 80
+protocol = "tcp"
+affinity_prefix_v6 = 64
+[[service.backend]]
+address = "fd00::21"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+address = "fd00::22"
+mac = "02:00:00:00:00:12"
+[[service.backend]]
+address = "fd00::23"
+mac = "02:00:00:00:00:13"
+"#;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A loaded (unattached) dataplane with its own pin directory, removed on drop.
+struct Fixture {
+    dp: Dataplane,
+    maps: PinnedMaps,
+    config: Config,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self::with_config(CONFIG)
+    }
+
+    fn with_config(text: &str) -> Self {
+        assert_root();
+        let config = Config::parse(text).expect("fixture config is valid");
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/xlb-fixture-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut opts = LoadOptions::from_config(&config, LB_MAC, false);
+        opts.pin_dir = dir.clone();
+        let dp = Dataplane::load(opts).expect("loading the xlb program");
+        let mut maps = PinnedMaps::open(&dir).expect("opening the pinned maps");
+        dataplane::apply(&mut maps, &config).expect("applying the fixture config");
+        Self {
+            dp,
+            maps,
+            config,
+            dir,
+        }
+    }
+
+    fn reapply(&mut self, text: &str) {
+        self.config = Config::parse(text).expect("fixture config is valid");
+        dataplane::apply(&mut self.maps, &self.config).expect("re-applying config");
+    }
+
+    /// Runs one frame; returns the verdict and the output frame.
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.dp.program_mut().expect("xlb program");
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs one frame and checks which counter it moved.
+    fn run_counted(&mut self, frame: &[u8], reason: u32) -> (u32, Vec<u8>) {
+        let before = self.counter(reason);
+        let r = self.run(frame);
+        assert_eq!(
+            self.counter(reason),
+            before + 1,
+            "frame should be counted as {}",
+            stat::NAMES[reason as usize]
+        );
+        r
+    }
+
+    fn counter(&self, reason: u32) -> u64 {
+        stats::snapshot(&self.maps)
+            .expect("reading counters")
+            .reason(reason)
+    }
+
+    fn service_id(&self, name: &str) -> u32 {
+        let svc = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .expect("service in config");
+        self.maps
+            .services
+            .get(&dataplane::service_key(svc), 0)
+            .expect("service in map")
+            .id
+    }
+
+    /// The backend MAC that userspace's own Maglev build predicts for `client`.
+    fn maglev_mac(&self, service: &str, client: IpAddr) -> [u8; 6] {
+        let svc = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .expect("service in config");
+        let keys: Vec<[u8; 16]> = svc
+            .backends
+            .iter()
+            .map(|b| lb_common::bytes_from_words(&addr_words(b.address)))
+            .collect();
+        let members: Vec<MaglevBackend<'_>> = svc
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.state == xlb::config::BackendState::Active)
+            .map(|(i, b)| MaglevBackend {
+                id: i as u32,
+                key: &keys[i],
+                weight: u32::from(b.weight),
+            })
+            .collect();
+        let table = maglev::build_table(&members, self.config.maglev_table_size).expect("table");
+        let (bits, prefix) = if client.is_ipv4() {
+            (32, svc.affinity_prefix_v4)
+        } else {
+            (128, svc.affinity_prefix_v6)
+        };
+        let masked = lb_common::mask_addr(&addr_words(client), &prefix_mask(prefix, bits));
+        let idx = table[maglev::slot(&masked, self.config.maglev_table_size) as usize];
+        svc.backends[idx as usize].mac
+    }
+
+    fn affinity(&self, service: &str, client: IpAddr, prefix: u8) -> Option<Affinity> {
+        let bits = if client.is_ipv4() { 32 } else { 128 };
+        let key = AffinityKey {
+            service_id: self.service_id(service),
+            addr: lb_common::mask_addr(&addr_words(client), &prefix_mask(prefix, bits)),
+        };
+        self.maps.affinity.get(&key, 0).ok()
+    }
+
+    fn backend_id_by_mac(&self, mac: [u8; 6], service: &str) -> u32 {
+        let sid = self.service_id(service);
+        (0..lb_common::MAX_BACKENDS)
+            .find(|id| {
+                self.maps
+                    .backends
+                    .get(id, 0)
+                    .is_ok_and(|b| b.mac == mac && u32::from(b.service_id) == sid && b.state != 0)
+            })
+            .expect("backend with that MAC")
+    }
+
+    fn set_backend_state(&mut self, id: u32, state: u8) {
+        let mut b = self.maps.backends.get(&id, 0).expect("backend");
+        b.state = state;
+        self.maps.backends.set(id, b, 0).expect("writing backend");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Err(e) = pins::remove_all(&self.dir) {
+            eprintln!("cleanup of {} failed: {e:#}", self.dir.display());
+        }
+    }
+}
+
+fn assert_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("fixture tests load BPF programs and need root: run `cargo xtask test` as root");
+    }
+}
+
+/// Asserts a forwarded frame: backend MAC as destination, our MAC as source,
+/// every other byte unchanged.
+fn assert_forwarded(input: &[u8], out: &[u8], backend_mac: [u8; 6]) {
+    assert_eq!(out.len(), input.len(), "frame length changed");
+    assert_eq!(
+        &out[..6],
+        &backend_mac,
+        "destination MAC must be the backend's"
+    );
+    assert_eq!(
+        &out[6..12],
+        &LB_MAC,
+        "source MAC must be the LB interface's"
+    );
+    assert_eq!(&out[12..], &input[12..], "only the MACs may change");
+}
+
+fn mac_of(out: &[u8]) -> [u8; 6] {
+    out[..6].try_into().expect("6 bytes")
+}
+
+// ---- pass-through --------------------------------------------------------
+
+#[test]
+fn non_vip_traffic_passes_untouched() {
+    let mut fx = Fixture::new();
+    let frame = Frame::tcp("10.0.0.100", "10.0.0.99", 80).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::PASS_NOT_SERVICE);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, frame);
+    // VIP but a port without a service.
+    let frame = Frame::tcp("10.0.0.100", "10.0.0.10", 81).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::PASS_NOT_SERVICE);
+    assert_eq!((verdict, out), (XDP_PASS, frame));
+    // VIP and port, wrong protocol (UDP 80).
+    let frame = Frame::udp("10.0.0.100", "10.0.0.10", 80).build();
+    assert_eq!(fx.run_counted(&frame, stat::PASS_NOT_SERVICE).0, XDP_PASS);
+}
+
+#[test]
+fn arp_icmp_and_foreign_macs_pass() {
+    let mut fx = Fixture::new();
+    let mut arp = vec![0xff; 6];
+    arp.extend(CLIENT_MAC);
+    arp.extend([0x08, 0x06]);
+    arp.extend([0u8; 28]);
+    // Broadcast destination: not our MAC.
+    assert_eq!(fx.run_counted(&arp, stat::PASS_OTHER_HOST).0, XDP_PASS);
+    arp[..6].copy_from_slice(&LB_MAC);
+    let (verdict, out) = fx.run_counted(&arp, stat::PASS_NOT_IP);
+    assert_eq!((verdict, out), (XDP_PASS, arp));
+
+    // ICMP echo to the VIP.
+    let mut icmp = Frame::tcp("10.0.0.100", "10.0.0.10", 80).build();
+    icmp[23] = 1;
+    assert_eq!(fx.run_counted(&icmp, stat::PASS_NOT_L4).0, XDP_PASS);
+
+    // ICMPv6 (neighbour solicitation) to the v6 VIP.
+    let mut ns = Frame::tcp("fd00::100", "fd00::10", 80).build();
+    ns[20] = 58;
+    assert_eq!(fx.run_counted(&ns, stat::PASS_NOT_L4).0, XDP_PASS);
+
+    // VIP traffic addressed to another host's MAC (flooded by a bridge).
+    let mut f = Frame::tcp("10.0.0.100", "10.0.0.10", 80);
+    f.dst_mac = BACKEND_MACS[0];
+    let frame = f.build();
+    let (verdict, out) = fx.run_counted(&frame, stat::PASS_OTHER_HOST);
+    assert_eq!((verdict, out), (XDP_PASS, frame));
+}
+
+// ---- affinity ------------------------------------------------------------
+
+#[test]
+fn new_client_goes_to_maglev_choice_and_is_recorded() {
+    let mut fx = Fixture::new();
+    let client = ip("10.0.0.100");
+    assert!(fx.affinity("web", client, 32).is_none());
+    let frame = Frame::tcp("10.0.0.100", "10.0.0.10", 80).build();
+    let want = fx.maglev_mac("web", client);
+    let (verdict, out) = fx.run_counted(&frame, stat::NEW_SESSION);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, want);
+    let entry = fx
+        .affinity("web", client, 32)
+        .expect("affinity entry created");
+    assert_eq!(entry.backend_id, fx.backend_id_by_mac(want, "web"));
+    let age = monotonic_ns().saturating_sub(entry.last_seen_ns);
+    assert!(age < 5_000_000_000, "last_seen is now (age {age} ns)");
+
+    let sid = fx.service_id("web");
+    let snap = stats::snapshot(&fx.maps).expect("stats");
+    let svc = snap
+        .services
+        .iter()
+        .find(|(id, _)| *id == sid)
+        .expect("service counted")
+        .1;
+    assert_eq!(
+        (svc.packets, svc.bytes, svc.new_sessions),
+        (1, frame.len() as u64, 1)
+    );
+    let be = snap
+        .backends
+        .iter()
+        .find(|(id, _)| *id == entry.backend_id)
+        .expect("backend counted")
+        .1;
+    assert_eq!((be.packets, be.new_sessions), (1, 1));
+}
+
+#[test]
+fn same_client_sticks_to_its_backend() {
+    let mut fx = Fixture::new();
+    let frame = Frame::tcp("10.0.0.101", "10.0.0.10", 80).build();
+    let (_, first) = fx.run(&frame);
+    for _ in 0..5 {
+        let (verdict, out) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(mac_of(&out), mac_of(&first));
+    }
+    // A different source port is the same client.
+    let mut f = Frame::tcp("10.0.0.101", "10.0.0.10", 80);
+    f.sport = 51234;
+    assert_eq!(
+        mac_of(&fx.run_counted(&f.build(), stat::AFFINITY_HIT).1),
+        mac_of(&first)
+    );
+}
+
+#[test]
+fn sticky_entry_wins_over_maglev() {
+    // An entry pointing away from the Maglev choice must be obeyed: this is
+    // what keeps sessions when the backend set changes.
+    let mut fx = Fixture::new();
+    let client = ip("10.0.0.102");
+    let maglev = fx.maglev_mac("web", client);
+    let other = *BACKEND_MACS
+        .iter()
+        .find(|m| **m != maglev)
+        .expect("another backend");
+    let key = AffinityKey {
+        service_id: fx.service_id("web"),
+        addr: addr_words(client),
+    };
+    let value = Affinity {
+        backend_id: fx.backend_id_by_mac(other, "web"),
+        _pad: 0,
+        last_seen_ns: monotonic_ns(),
+    };
+    fx.maps.affinity.insert(key, value, 0).expect("insert");
+    let frame = Frame::tcp("10.0.0.102", "10.0.0.10", 80).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, other);
+}
+
+#[test]
+fn clients_in_one_prefix_share_a_backend() {
+    let mut fx = Fixture::new();
+    let a = Frame::tcp("10.1.2.3", "10.0.0.10", 8024).build();
+    let b = Frame::tcp("10.1.2.200", "10.0.0.10", 8024).build();
+    let (_, out_a) = fx.run_counted(&a, stat::NEW_SESSION);
+    let (verdict, out_b) = fx.run_counted(&b, stat::AFFINITY_HIT);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(mac_of(&out_a), mac_of(&out_b));
+    let entry = fx
+        .affinity("subnet", ip("10.1.2.0"), 24)
+        .expect("one entry for the /24");
+    assert_eq!(
+        entry.backend_id,
+        fx.backend_id_by_mac(mac_of(&out_a), "subnet")
+    );
+    // The /32 service keeps the two apart (one entry each).
+    fx.run(&Frame::tcp("10.1.2.3", "10.0.0.10", 80).build());
+    fx.run(&Frame::tcp("10.1.2.200", "10.0.0.10", 80).build());
+    assert!(fx.affinity("web", ip("10.1.2.3"), 32).is_some());
+    assert!(fx.affinity("web", ip("10.1.2.200"), 32).is_some());
+}
+
+#[test]
+fn expired_entry_is_reselected_and_rewritten() {
+    let mut fx = Fixture::new();
+    // A short timeout: the VM's monotonic clock may be younger than an hour.
+    fx.reapply(&CONFIG.replacen("affinity_timeout = \"1h\"", "affinity_timeout = \"2s\"", 1));
+    let client = ip("10.0.0.103");
+    let maglev = fx.maglev_mac("web", client);
+    let other = *BACKEND_MACS
+        .iter()
+        .find(|m| **m != maglev)
+        .expect("another backend");
+    let key = AffinityKey {
+        service_id: fx.service_id("web"),
+        addr: addr_words(client),
+    };
+    // Idle for 10 s; the timeout is 2 s.
+    let stale = monotonic_ns().saturating_sub(10_000_000_000);
+    let value = Affinity {
+        backend_id: fx.backend_id_by_mac(other, "web"),
+        _pad: 0,
+        last_seen_ns: stale,
+    };
+    fx.maps.affinity.insert(key, value, 0).expect("insert");
+    let frame = Frame::tcp("10.0.0.103", "10.0.0.10", 80).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::RESELECT_EXPIRED);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, maglev);
+    let entry = fx.affinity("web", client, 32).expect("entry kept");
+    assert_eq!(entry.backend_id, fx.backend_id_by_mac(maglev, "web"));
+    assert!(entry.last_seen_ns > stale, "last_seen refreshed");
+}
+
+#[test]
+fn down_backend_is_reselected_in_kernel_before_userspace_rebuilds() {
+    let mut fx = Fixture::new();
+    let client = ip("10.0.0.104");
+    let frame = Frame::tcp("10.0.0.104", "10.0.0.10", 80).build();
+    let (_, first) = fx.run(&frame);
+    let old = fx.backend_id_by_mac(mac_of(&first), "web");
+    // Only the state flips; the Maglev table still names the dead backend.
+    fx.set_backend_state(old, BACKEND_DOWN);
+    let (verdict, out) = fx.run_counted(&frame, stat::RESELECT_DOWN);
+    assert_eq!(verdict, XDP_TX);
+    assert_ne!(mac_of(&out), mac_of(&first), "must leave the down backend");
+    let entry = fx.affinity("web", client, 32).expect("entry");
+    assert_ne!(entry.backend_id, old, "entry rewritten in the kernel");
+    assert_eq!(entry.backend_id, fx.backend_id_by_mac(mac_of(&out), "web"));
+    // And it stays there.
+    let (_, again) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+    assert_eq!(mac_of(&again), mac_of(&out));
+    // New clients whose Maglev slot names the dead backend probe past it.
+    for i in 0..64 {
+        let f = Frame::tcp(&format!("10.9.0.{i}"), "10.0.0.10", 80).build();
+        let (v, o) = fx.run(&f);
+        assert_eq!(v, XDP_TX);
+        assert_ne!(
+            mac_of(&o),
+            mac_of(&first),
+            "new client sent to a down backend"
+        );
+    }
+}
+
+#[test]
+fn down_via_config_moves_only_that_backends_clients() {
+    let mut fx = Fixture::new();
+    let mut before = Vec::new();
+    for i in 0..48 {
+        let f = Frame::tcp(&format!("10.5.0.{i}"), "10.0.0.10", 80).build();
+        before.push(mac_of(&fx.run(&f).1));
+    }
+    let down = BACKEND_MACS[1];
+    fx.reapply(&CONFIG.replacen(
+        "address = \"10.0.0.22\"\nmac = \"02:00:00:00:00:12\"",
+        "address = \"10.0.0.22\"\nmac = \"02:00:00:00:00:12\"\nstate = \"down\"",
+        1,
+    ));
+    for (i, old) in before.iter().enumerate() {
+        let f = Frame::tcp(&format!("10.5.0.{i}"), "10.0.0.10", 80).build();
+        let (_, out) = fx.run(&f);
+        if *old == down {
+            assert_ne!(mac_of(&out), down, "client {i} still on the down backend");
+        } else {
+            assert_eq!(
+                mac_of(&out),
+                *old,
+                "client {i} moved although its backend is up"
+            );
+        }
+    }
+    assert!(
+        before.contains(&down),
+        "test needs clients on the backend taken down"
+    );
+}
+
+#[test]
+fn draining_keeps_existing_clients_and_takes_no_new_ones() {
+    let mut fx = Fixture::new();
+    let mut existing = Vec::new();
+    for i in 0..32 {
+        let f = Frame::tcp(&format!("10.6.0.{i}"), "10.0.0.10", 80).build();
+        existing.push(mac_of(&fx.run(&f).1));
+    }
+    let draining = BACKEND_MACS[2];
+    assert!(
+        existing.contains(&draining),
+        "test needs clients on the draining backend"
+    );
+    // First without a table rebuild (kernel must skip it for new clients),
+    // then through the config (table rebuilt without it).
+    let id = fx.backend_id_by_mac(draining, "web");
+    fx.set_backend_state(id, BACKEND_DRAINING);
+    for round in 0..2 {
+        for (i, old) in existing.iter().enumerate() {
+            let f = Frame::tcp(&format!("10.6.0.{i}"), "10.0.0.10", 80).build();
+            let (verdict, out) = fx.run_counted(&f, stat::AFFINITY_HIT);
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(
+                mac_of(&out),
+                *old,
+                "round {round}: existing client {i} moved"
+            );
+        }
+        for i in 0..200 {
+            let f = Frame::tcp(&format!("10.7.{round}.{i}"), "10.0.0.10", 80).build();
+            let (verdict, out) = fx.run(&f);
+            assert_eq!(verdict, XDP_TX);
+            assert_ne!(
+                mac_of(&out),
+                draining,
+                "round {round}: new client {i} got the draining backend"
+            );
+        }
+        fx.reapply(&CONFIG.replacen(
+            "address = \"10.0.0.23\"\nmac = \"02:00:00:00:00:13\"",
+            "address = \"10.0.0.23\"\nmac = \"02:00:00:00:00:13\"\nstate = \"draining\"",
+            1,
+        ));
+    }
+}
+
+#[test]
+fn no_usable_backend_drops() {
+    let mut fx = Fixture::new();
+    for mac in BACKEND_MACS {
+        let id = fx.backend_id_by_mac(mac, "web");
+        fx.set_backend_state(id, BACKEND_DOWN);
+    }
+    let frame = Frame::tcp("10.0.0.105", "10.0.0.10", 80).build();
+    assert_eq!(fx.run_counted(&frame, stat::DROP_NO_BACKEND).0, XDP_DROP);
+}
+
+// ---- IPv6 ----------------------------------------------------------------
+
+#[test]
+fn ipv6_new_sticky_and_prefix() {
+    let mut fx = Fixture::new();
+    let client = ip("fd00:1:2:3::100");
+    let frame = Frame::tcp("fd00:1:2:3::100", "fd00::10", 80).build();
+    let want = fx.maglev_mac("web6", client);
+    let (verdict, out) = fx.run_counted(&frame, stat::NEW_SESSION);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, want);
+    let (_, again) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+    assert_eq!(mac_of(&again), want);
+    // Same /64, other host: same backend, same entry.
+    let other = Frame::tcp("fd00:1:2:3::beef", "fd00::10", 80).build();
+    let (_, out) = fx.run_counted(&other, stat::AFFINITY_HIT);
+    assert_eq!(mac_of(&out), want);
+    let entry = fx.affinity("web6", client, 64).expect("entry for the /64");
+    assert_eq!(entry.backend_id, fx.backend_id_by_mac(want, "web6"));
+}
+
+#[test]
+fn ipv6_down_backend_reselected() {
+    let mut fx = Fixture::new();
+    let frame = Frame::tcp("fd00:9::1", "fd00::10", 80).build();
+    let (_, first) = fx.run(&frame);
+    let old = fx.backend_id_by_mac(mac_of(&first), "web6");
+    fx.set_backend_state(old, BACKEND_DOWN);
+    let (verdict, out) = fx.run_counted(&frame, stat::RESELECT_DOWN);
+    assert_eq!(verdict, XDP_TX);
+    assert_ne!(mac_of(&out), mac_of(&first));
+}
+
+#[test]
+fn ipv6_extension_headers_pass_and_fragments_follow_the_vip() {
+    let mut fx = Fixture::new();
+    let mut hbh = Frame::tcp("fd00:9::2", "fd00::10", 80).build();
+    hbh[20] = 0; // next header: hop-by-hop options
+    assert_eq!(fx.run_counted(&hbh, stat::PASS_V6_EXT_HEADER).0, XDP_PASS);
+
+    let mut f = Frame::tcp("fd00:9::3", "fd00::10", 80);
+    let (_, direct) = fx.run(&f.build());
+    f.v6_fragment = Some(100);
+    let frag = f.build();
+    let before = fx.counter(stat::FRAGMENT);
+    let (verdict, out) = fx.run(&frag);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(fx.counter(stat::FRAGMENT), before + 1);
+    // web6 is the only TCP service on fd00::10, so its fragments share its sessions.
+    assert_eq!(mac_of(&out), mac_of(&direct));
+}
+
+// ---- malformed input -----------------------------------------------------
+
+#[test]
+fn truncated_frames_drop_with_a_reason() {
+    let mut fx = Fixture::new();
+    let full = Frame::tcp("10.0.0.100", "10.0.0.10", 80).build();
+    // Shorter than an Ethernet header: BPF_PROG_TEST_RUN itself refuses such
+    // input (EINVAL), so DROP_TRUNCATED_ETH is only reachable from a driver.
+    // A bare Ethernet header with EtherType IPv4 ends inside the IP header.
+    assert_eq!(
+        fx.run_counted(&full[..14], stat::DROP_TRUNCATED_IP).0,
+        XDP_DROP
+    );
+    // Ends inside the IPv4 header.
+    assert_eq!(
+        fx.run_counted(&full[..14 + 12], stat::DROP_TRUNCATED_IP).0,
+        XDP_DROP
+    );
+    // Ends inside the TCP header (IP total length fixed up to match).
+    let mut cut = full[..14 + 20 + 10].to_vec();
+    cut[16..18].copy_from_slice(&30u16.to_be_bytes());
+    assert_eq!(fx.run_counted(&cut, stat::DROP_TRUNCATED_L4).0, XDP_DROP);
+    // IPv6 header cut short.
+    let v6 = Frame::tcp("fd00::100", "fd00::10", 80).build();
+    assert_eq!(
+        fx.run_counted(&v6[..14 + 30], stat::DROP_TRUNCATED_IP).0,
+        XDP_DROP
+    );
+    // VLAN tag cut short.
+    let mut f = Frame::tcp("10.0.0.100", "10.0.0.10", 80);
+    f.vlan = Some(7);
+    let tagged = f.build();
+    assert_eq!(
+        fx.run_counted(&tagged[..16], stat::DROP_BAD_VLAN).0,
+        XDP_DROP
+    );
+}
+
+#[test]
+fn bad_ip_headers_drop_with_a_reason() {
+    let mut fx = Fixture::new();
+    let good = Frame::tcp("10.0.0.100", "10.0.0.10", 80).build();
+    let mut ihl = good.clone();
+    ihl[14] = 0x44; // IHL 4
+    assert_eq!(fx.run_counted(&ihl, stat::DROP_BAD_IHL).0, XDP_DROP);
+    let mut version = good.clone();
+    version[14] = 0x65; // version 6 under EtherType IPv4
+    assert_eq!(fx.run_counted(&version, stat::DROP_BAD_VERSION).0, XDP_DROP);
+    let mut long = good.clone();
+    long[16..18].copy_from_slice(&1500u16.to_be_bytes()); // longer than the frame
+    assert_eq!(fx.run_counted(&long, stat::DROP_BAD_LENGTH).0, XDP_DROP);
+    let mut short = good.clone();
+    short[16..18].copy_from_slice(&12u16.to_be_bytes()); // shorter than the header
+    assert_eq!(fx.run_counted(&short, stat::DROP_BAD_LENGTH).0, XDP_DROP);
+    let mut v6 = Frame::tcp("fd00::100", "fd00::10", 80).build();
+    v6[14] = 0x40; // version 4 under EtherType IPv6
+    assert_eq!(fx.run_counted(&v6, stat::DROP_BAD_VERSION).0, XDP_DROP);
+    let mut v6len = Frame::tcp("fd00::100", "fd00::10", 80).build();
+    v6len[18..20].copy_from_slice(&900u16.to_be_bytes());
+    assert_eq!(fx.run_counted(&v6len, stat::DROP_BAD_LENGTH).0, XDP_DROP);
+}
+
+#[test]
+fn ipv4_options_vlan_and_empty_payloads_are_forwarded() {
+    let mut fx = Fixture::new();
+    let mut f = Frame::tcp("10.0.0.106", "10.0.0.10", 80);
+    let (_, plain) = fx.run(&f.build());
+    let want = mac_of(&plain);
+    f.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL: IHL 6
+    let frame = f.build();
+    let (verdict, out) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, want);
+
+    let mut tagged = Frame::tcp("10.0.0.106", "10.0.0.10", 80);
+    tagged.vlan = Some(42);
+    let frame = tagged.build();
+    let (verdict, out) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, want); // tag bytes preserved
+
+    let mut empty = Frame::udp("10.0.0.106", "10.0.0.10", 53);
+    empty.payload.clear();
+    let frame = empty.build();
+    let (verdict, out) = fx.run_counted(&frame, stat::NEW_SESSION);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(&out[12..], &frame[12..]);
+    let mut syn = Frame::tcp("10.0.0.107", "10.0.0.10", 80);
+    syn.payload.clear();
+    assert_eq!(fx.run_counted(&syn.build(), stat::NEW_SESSION).0, XDP_TX);
+}
+
+#[test]
+fn ipv4_fragments_follow_the_vips_fragment_entry() {
+    let mut fx = Fixture::new();
+    // UDP 53 is the lowest-port UDP service on 10.0.0.10: its fragment entry.
+    let client = "10.0.0.108";
+    let (_, whole) = fx.run(&Frame::udp(client, "10.0.0.10", 53).build());
+    let mut first = Frame::udp(client, "10.0.0.10", 53);
+    first.frags = 0x2000; // MF, offset 0
+    let mut later = Frame::udp(client, "10.0.0.10", 53);
+    later.frags = 185; // offset 1480 bytes, last fragment
+    later.payload = vec![0xab; 40];
+    for f in [first, later] {
+        let frame = f.build();
+        let before = fx.counter(stat::FRAGMENT);
+        let (verdict, out) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(fx.counter(stat::FRAGMENT), before + 1);
+        assert_forwarded(&frame, &out, mac_of(&whole));
+    }
+    // Fragments to an address without services are not ours.
+    let mut stray = Frame::udp(client, "10.0.0.99", 53);
+    stray.frags = 185;
+    assert_eq!(
+        fx.run_counted(&stray.build(), stat::PASS_NOT_SERVICE).0,
+        XDP_PASS
+    );
+}
+
+// ---- userspace around the maps ------------------------------------------
+
+#[test]
+fn reapply_keeps_sessions_and_removal_forgets_them() {
+    let mut fx = Fixture::new();
+    let mut before = Vec::new();
+    for i in 0..24 {
+        let f = Frame::tcp(&format!("10.8.0.{i}"), "10.0.0.10", 80).build();
+        before.push(mac_of(&fx.run(&f).1));
+    }
+    // Same config again (what a second `xlb run` does): nobody moves.
+    fx.reapply(CONFIG);
+    for (i, old) in before.iter().enumerate() {
+        let f = Frame::tcp(&format!("10.8.0.{i}"), "10.0.0.10", 80).build();
+        let (_, out) = fx.run_counted(&f, stat::AFFINITY_HIT);
+        assert_eq!(mac_of(&out), *old, "client {i} moved on re-apply");
+    }
+    // Remove backend .23 from the web service: its sessions are deleted,
+    // the others stay.
+    let removed = BACKEND_MACS[2];
+    let gone_id = fx.backend_id_by_mac(removed, "web");
+    let web_end = CONFIG
+        .find("[[service]]\nname = \"dns\"")
+        .expect("dns section");
+    let (web, rest) = CONFIG.split_at(web_end);
+    let web = web.replace(
+        "[[service.backend]]\naddress = \"10.0.0.23\"\nmac = \"02:00:00:00:00:13\"\n",
+        "",
+    );
+    fx.reapply(&format!("{web}{rest}"));
+    let sid = fx.service_id("web");
+    for entry in fx.maps.affinity.iter() {
+        let (k, v) = entry.expect("affinity entry");
+        assert!(
+            !(k.service_id == sid && v.backend_id == gone_id),
+            "session of the removed backend survived"
+        );
+    }
+    for (i, old) in before.iter().enumerate() {
+        let f = Frame::tcp(&format!("10.8.0.{i}"), "10.0.0.10", 80).build();
+        let (_, out) = fx.run(&f);
+        if *old == removed {
+            assert_ne!(mac_of(&out), removed);
+        } else {
+            assert_eq!(
+                mac_of(&out),
+                *old,
+                "client {i} moved although its backend stayed"
+            );
+        }
+    }
+}
+
+#[test]
+fn incompatible_pinned_map_is_refused() {
+    let fx = Fixture::new();
+    let config = Config::parse(
+        &CONFIG.replace("affinity_max_entries = 4096", "affinity_max_entries = 8192"),
+    )
+    .expect("config");
+    let mut opts = LoadOptions::from_config(&config, LB_MAC, false);
+    opts.pin_dir = fx.dir.clone();
+    let err = Dataplane::load(opts)
+        .err()
+        .expect("load must refuse the pinned map");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("XLB_AFFINITY_V1"), "{msg}");
+    assert!(msg.contains("max entries 4096"), "{msg}");
+    assert!(msg.contains("8192"), "{msg}");
+}
