@@ -55,7 +55,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         family: pkt.family,
     };
     let svc = SERVICES
-        .get_ptr(&key)
+        .get_ptr(key)
         .ok_or(Verdict::pass(stat::PASS_NOT_SERVICE))?;
     // SAFETY: map value pointer, valid for this program run.
     let svc = unsafe { &*svc };

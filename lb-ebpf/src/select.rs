@@ -35,7 +35,7 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    let entry = AFFINITY.get_ptr_mut(&key);
+    let entry = AFFINITY.get_ptr_mut(key);
     let reason = match entry {
         Some(entry) => {
             // SAFETY: map value pointer, valid for this program run.
@@ -74,7 +74,7 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
                 _pad: 0,
                 last_seen_ns: now,
             };
-            if AFFINITY.insert(&key, &value, 0).is_err() {
+            if AFFINITY.insert(key, value, 0).is_err() {
                 count(stat::AFFINITY_INSERT_FAILED);
             }
         }

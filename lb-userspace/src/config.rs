@@ -934,3 +934,18 @@ mac = "02:00:00:00:00:21"
         }
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The example shipped next to the crate must stay valid.
+    #[test]
+    fn shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("xlb.example.toml");
+        let config = Config::load(&path).expect("xlb.example.toml is valid");
+        assert_eq!(config.services.len(), 3);
+        assert_eq!(config.services[2].affinity_prefix_v4, 24);
+        assert_eq!(config.services[0].backends[2].state, BackendState::Draining);
+    }
+}

@@ -106,7 +106,7 @@ pub fn list(maps: &PinnedMaps) -> Result<Vec<Session>> {
                 as u64,
         });
     }
-    out.sort_by(|a, b| (a.service_id, a.client).cmp(&(b.service_id, b.client)));
+    out.sort_by_key(|s| (s.service_id, s.client));
     Ok(out)
 }
 
