@@ -1,6 +1,6 @@
 //! Backend choice: the affinity map first, Maglev on a miss.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, MAGLEV_PROBES, Service,
     client_hash, mask_addr, stat,
@@ -32,8 +32,10 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
         service_id: svc.id,
         addr: mask_addr(src, &svc.mask),
     };
+    // The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is enough for
+    // timeouts of seconds and is cheaper than reading the clock source.
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
 
     let entry = AFFINITY.get_ptr_mut(key);
     let reason = match entry {

@@ -17,10 +17,12 @@
 //! # }
 //! ```
 
+pub mod bench;
 pub mod cleanup;
 pub mod client;
 pub mod cmd;
 pub mod driver;
+pub mod frames;
 pub mod lab;
 pub mod netns;
 pub mod servers;

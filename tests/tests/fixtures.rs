@@ -5,8 +5,6 @@
 //!
 //! Needs root (loading BPF programs); run by `cargo xtask test`.
 
-mod common;
-
 use std::{
     net::IpAddr,
     path::PathBuf,
@@ -14,7 +12,6 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use common::frames::{CLIENT_MAC, Frame, LB_MAC, ip};
 use lb_common::{Affinity, AffinityKey, BACKEND_DOWN, BACKEND_DRAINING, prefix_mask, stat};
 use xlb::{
     config::Config,
@@ -24,6 +21,7 @@ use xlb::{
     sessions::monotonic_ns,
     stats,
 };
+use xlb_tests::frames::{CLIENT_MAC, Frame, LB_MAC, ip};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

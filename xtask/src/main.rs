@@ -45,8 +45,15 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Set up, build, and run the benchmarks; writes target/bench/report.{md,json} and plots.
+    Bench {
+        /// Keep the whole run under two minutes (for development).
+        #[arg(long)]
+        quick: bool,
+        /// Arguments for the bench binary, after `--` (e.g. `--out DIR`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,10 +63,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
         Task::Demo { args } => demo(&args),
-        Task::Bench => {
-            eprintln!("cargo xtask bench: not implemented yet (issue 4)");
-            return ExitCode::from(2);
-        }
+        Task::Bench { quick, args } => bench(quick, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -283,20 +287,27 @@ fn lint() -> Result<()> {
 
 /// `cargo xtask demo`: setup, release build, then the demo binary with XLB_BIN set.
 fn demo(args: &[String]) -> Result<()> {
+    run_tool("demo", "xlb-demo", args)
+}
+
+/// `cargo xtask bench`: setup, release build, then the bench binary.
+fn bench(quick: bool, args: &[String]) -> Result<()> {
+    let mut all: Vec<String> = Vec::new();
+    if quick {
+        all.push("--quick".into());
+    }
+    all.extend(args.iter().cloned());
+    run_tool("bench", "xlb-bench", &all)
+}
+
+/// Setup, release build of xlb, then `cargo run` of one xlb-tests binary with XLB_BIN set.
+fn run_tool(label: &str, bin: &str, args: &[String]) -> Result<()> {
     banner("setup");
     setup::setup()?;
     let ws = workspace()?;
     let xlb = build_xlb(&ws)?;
-    banner("demo");
-    let mut c = cargo(&[
-        "run",
-        "--release",
-        "-p",
-        "xlb-tests",
-        "--bin",
-        "xlb-demo",
-        "--",
-    ]);
+    banner(label);
+    let mut c = cargo(&["run", "--release", "-p", "xlb-tests", "--bin", bin, "--"]);
     c.args(args).env("XLB_BIN", &xlb);
     exec::live(&mut c)
 }

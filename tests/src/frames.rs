@@ -1,5 +1,5 @@
-//! Hand-built test frames. Checksums are left zero: the XDP program never
-//! reads them, and fixtures compare bytes, not deliveries.
+//! Hand-built frames for fixtures and benchmarks. Checksums are left zero:
+//! the XDP program never reads them, and these frames are never delivered.
 
 use std::net::IpAddr;
 
@@ -11,21 +11,32 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xcc, 0x01];
 /// L4 protocol of a built frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
+    /// A TCP SYN.
     Tcp,
+    /// A UDP datagram.
     Udp,
 }
 
 /// A frame under construction; every field can be bent to make it malformed.
 #[derive(Clone, Debug)]
 pub struct Frame {
+    /// Destination MAC (default: the fixture LB's).
     pub dst_mac: [u8; 6],
+    /// Source MAC.
     pub src_mac: [u8; 6],
+    /// One 802.1Q tag with this TCI.
     pub vlan: Option<u16>,
+    /// Client address.
     pub src: IpAddr,
+    /// Destination address.
     pub dst: IpAddr,
+    /// Transport protocol.
     pub l4: L4,
+    /// Source port.
     pub sport: u16,
+    /// Destination port.
     pub dport: u16,
+    /// L4 payload.
     pub payload: Vec<u8>,
     /// IPv4 only: extra option bytes (multiple of 4).
     pub ip_options: Vec<u8>,
@@ -36,6 +47,7 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// A frame from `src` to `dst:dport` with a 5-byte payload.
     pub fn new(src: IpAddr, dst: IpAddr, l4: L4, dport: u16) -> Self {
         Self {
             dst_mac: LB_MAC,
@@ -53,10 +65,12 @@ impl Frame {
         }
     }
 
+    /// A TCP SYN from text addresses.
     pub fn tcp(src: &str, dst: &str, dport: u16) -> Self {
         Self::new(ip(src), ip(dst), L4::Tcp, dport)
     }
 
+    /// A UDP datagram from text addresses.
     pub fn udp(src: &str, dst: &str, dport: u16) -> Self {
         Self::new(ip(src), ip(dst), L4::Udp, dport)
     }
@@ -87,6 +101,7 @@ impl Frame {
         }
     }
 
+    /// The frame's bytes.
     pub fn build(&self) -> Vec<u8> {
         let mut f = Vec::new();
         f.extend(self.dst_mac);
@@ -139,6 +154,7 @@ impl Frame {
     }
 }
 
+/// Parses a literal test address (panics on a typo).
 pub fn ip(s: &str) -> IpAddr {
     s.parse()
         .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))

@@ -1,0 +1,146 @@
+//! `cargo xtask bench`: measurements taken side by side in one run, with
+//! contenders interleaved (A B A B ...) because these machines are shared
+//! and noisy; every figure is a median with its min–max and a ratio to a
+//! baseline measured in the same run.
+
+pub mod prog_cost;
+pub mod report;
+
+use serde::Serialize;
+
+/// How long and how thoroughly to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Interleaved rounds per measurement.
+    pub rounds: usize,
+    /// BPF_PROG_TEST_RUN `repeat` for the steady paths.
+    pub repeat: u32,
+    /// Distinct frames per round for the miss path (each run once).
+    pub miss_frames: usize,
+    /// Affinity map sizes for the scale part.
+    pub scale_sizes: &'static [u32],
+}
+
+impl Budget {
+    /// `--quick`: the whole run in well under two minutes.
+    pub const QUICK: Budget = Budget {
+        rounds: 5,
+        repeat: 1_000_000,
+        miss_frames: 5_000,
+        scale_sizes: &[1_000, 100_000],
+    };
+    /// The full run.
+    pub const FULL: Budget = Budget {
+        rounds: 11,
+        repeat: 2_000_000,
+        miss_frames: 20_000,
+        scale_sizes: &[1_000, 100_000, 1_000_000, 10_000_000],
+    };
+    /// The smallest configuration, for the test that keeps the bench from rotting.
+    pub const SMOKE: Budget = Budget {
+        rounds: 2,
+        repeat: 10_000,
+        miss_frames: 200,
+        scale_sizes: &[1_000],
+    };
+}
+
+/// Samples of one contender, with their summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct Series {
+    /// What was measured.
+    pub name: String,
+    /// Unit of the samples (`ns/packet`, `Mpps`, ...).
+    pub unit: String,
+    /// Raw samples, in measurement order.
+    pub samples: Vec<f64>,
+    /// Median of the samples.
+    pub median: f64,
+    /// Smallest sample.
+    pub min: f64,
+    /// Largest sample.
+    pub max: f64,
+}
+
+impl Series {
+    /// Summarises `samples` (which must not be empty).
+    pub fn new(name: impl Into<String>, unit: impl Into<String>, samples: Vec<f64>) -> Self {
+        let mut sorted = samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = match sorted.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => sorted[n / 2],
+            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        };
+        Self {
+            name: name.into(),
+            unit: unit.into(),
+            min: sorted.first().copied().unwrap_or(f64::NAN),
+            max: sorted.last().copied().unwrap_or(f64::NAN),
+            median,
+            samples,
+        }
+    }
+}
+
+/// One table of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Table {
+    /// Heading.
+    pub title: String,
+    /// What the table shows, one paragraph.
+    pub about: String,
+    /// Name of the series the ratios are against.
+    pub baseline: String,
+    /// The series, baseline included.
+    pub rows: Vec<Series>,
+    /// Extra columns per row (e.g. map memory), by row name.
+    pub extra: Vec<(String, String, String)>,
+}
+
+impl Table {
+    /// Median of `row` divided by the baseline's median.
+    pub fn ratio(&self, row: &Series) -> Option<f64> {
+        let base = self.rows.iter().find(|r| r.name == self.baseline)?;
+        (base.median > 0.0).then(|| row.median / base.median)
+    }
+}
+
+/// Everything one bench run produced.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// The command line that produced it.
+    pub command: String,
+    /// Machine description (kernel, CPUs, memory).
+    pub machine: String,
+    /// Whether `--quick` was given.
+    pub quick: bool,
+    /// The tables, in order.
+    pub tables: Vec<Table>,
+    /// Scale points: (affinity entries, hit ns, miss ns, affinity map bytes, all maps bytes).
+    pub scale: Vec<ScalePoint>,
+    /// Parts that could not run, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Cost and memory at one affinity map size.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScalePoint {
+    /// Entries pre-filled in the affinity map.
+    pub entries: u32,
+    /// Hit-path ns/packet (median).
+    pub hit_ns: f64,
+    /// Miss-path ns/packet (median).
+    pub miss_ns: f64,
+    /// Kernel memory of the affinity map (fdinfo `memlock`).
+    pub affinity_bytes: u64,
+    /// Kernel memory of all xlb maps.
+    pub maps_bytes: u64,
+}
+
+/// One progress line, flushed at once.
+pub fn progress(msg: &str) {
+    use std::io::Write as _;
+    println!("bench: {msg}");
+    let _ = std::io::stdout().flush();
+}

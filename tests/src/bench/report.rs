@@ -1,0 +1,160 @@
+//! Writing the report: `report.md` (tables), `report.json` (raw numbers)
+//! and SVG plots.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+use plotters::prelude::*;
+
+use super::{Report, Table};
+
+fn fmt_num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn table_md(t: &Table) -> String {
+    let mut s = format!("### {}\n\n{}\n\n", t.title, t.about);
+    let unit = t.rows.first().map(|r| r.unit.as_str()).unwrap_or("");
+    let _ = writeln!(
+        s,
+        "| contender | median {unit} | min–max | × {} |",
+        t.baseline
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    for r in &t.rows {
+        let ratio = t
+            .ratio(r)
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "–".into());
+        let _ = writeln!(
+            s,
+            "| {} | {} | {}–{} | {} |",
+            r.name,
+            fmt_num(r.median),
+            fmt_num(r.min),
+            fmt_num(r.max),
+            ratio
+        );
+    }
+    s.push('\n');
+    s
+}
+
+/// Renders the Markdown report.
+pub fn markdown(report: &Report) -> String {
+    let mut s = String::from("# xlb benchmark report\n\n");
+    let _ = writeln!(s, "- command: `{}`", report.command);
+    let _ = writeln!(s, "- machine: {}", report.machine);
+    let _ = writeln!(
+        s,
+        "- mode: {}\n",
+        if report.quick { "quick" } else { "full" }
+    );
+    for t in &report.tables {
+        s.push_str(&table_md(t));
+    }
+    if !report.scale.is_empty() {
+        s.push_str("### Scale: affinity map size\n\n");
+        s.push_str(
+            "Hit path (`repeat`) and miss path (each new client once) with the affinity map \
+             pre-filled from userspace, and the kernel memory the maps take (fdinfo `memlock`). \
+             Plot: `scale.svg`.\n\n",
+        );
+        s.push_str("| entries | hit ns | miss ns | affinity map MiB | all maps MiB |\n");
+        s.push_str("|---:|---:|---:|---:|---:|\n");
+        for p in &report.scale {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} | {:.1} |",
+                p.entries,
+                fmt_num(p.hit_ns),
+                fmt_num(p.miss_ns),
+                p.affinity_bytes as f64 / 1048576.0,
+                p.maps_bytes as f64 / 1048576.0
+            );
+        }
+        s.push('\n');
+    }
+    if !report.skipped.is_empty() {
+        s.push_str("### Not measured\n\n");
+        for (what, why) in &report.skipped {
+            let _ = writeln!(s, "- {what}: {why}");
+        }
+    }
+    s
+}
+
+/// Draws ns/packet against affinity-map size (log scale) as SVG.
+pub fn scale_plot(report: &Report, path: &Path) -> Result<()> {
+    let pts = &report.scale;
+    if pts.is_empty() {
+        return Ok(());
+    }
+    let max_ns = pts
+        .iter()
+        .map(|p| p.hit_ns.max(p.miss_ns))
+        .fold(0.0, f64::max)
+        * 1.2;
+    let min_x = pts.iter().map(|p| p.entries).min().unwrap_or(1).max(1) as f64;
+    let max_x = pts.iter().map(|p| p.entries).max().unwrap_or(10).max(10) as f64;
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE).context("drawing")?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("xlb ns/packet vs affinity map entries", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((min_x..max_x * 1.5).log_scale(), 0.0..max_ns)
+        .context("building the chart")?;
+    chart
+        .configure_mesh()
+        .x_desc("affinity map entries")
+        .y_desc("ns/packet")
+        .draw()
+        .context("drawing the mesh")?;
+    for (name, color, get) in [
+        (
+            "hit",
+            BLUE,
+            (|p: &super::ScalePoint| p.hit_ns) as fn(&_) -> f64,
+        ),
+        ("miss", RED, |p: &super::ScalePoint| p.miss_ns),
+    ] {
+        let series: Vec<(f64, f64)> = pts.iter().map(|p| (p.entries as f64, get(p))).collect();
+        chart
+            .draw_series(LineSeries::new(series.clone(), color.stroke_width(2)))
+            .context("drawing a line")?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart
+            .draw_series(
+                series
+                    .into_iter()
+                    .map(|p| Circle::new(p, 4, color.filled())),
+            )
+            .context("drawing points")?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .draw()
+        .context("drawing the legend")?;
+    root.present().context("writing the plot")?;
+    Ok(())
+}
+
+/// Writes report.md, report.json and the plots into `dir`.
+pub fn write(report: &Report, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), markdown(report)).context("writing report.md")?;
+    let json = serde_json::to_string_pretty(report).context("encoding report.json")?;
+    std::fs::write(dir.join("report.json"), json).context("writing report.json")?;
+    scale_plot(report, &dir.join("scale.svg"))?;
+    Ok(())
+}

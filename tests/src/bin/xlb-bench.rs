@@ -1,0 +1,105 @@
+//! `cargo xtask bench [--quick]`: measures xlb side by side with its
+//! baselines and writes `target/bench/report.{md,json}` and plots.
+
+use std::{path::PathBuf, process::ExitCode, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use xlb_tests::bench::{Budget, Report, prog_cost, progress, report};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    format!(
+        "Linux {}, {cpus} CPUs ({model}), {mem} memory",
+        kernel.trim()
+    )
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut budget = Budget::FULL;
+    let mut quick = false;
+    let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => {
+                budget = Budget::QUICK;
+                quick = true;
+            }
+            "--smoke" => {
+                budget = Budget::SMOKE;
+                quick = true;
+            }
+            "--out" => out = PathBuf::from(it.next().context("--out needs a directory")?),
+            other => bail!("unknown argument {other:?} (use --quick, --smoke, --out DIR)"),
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the bench loads XDP programs: run it as root");
+    }
+    let started = Instant::now();
+    let mut report = Report {
+        command: format!("cargo xtask bench {}", args.join(" "))
+            .trim()
+            .to_string(),
+        machine: machine(),
+        quick,
+        ..Default::default()
+    };
+    progress("part 1/2: per-packet cost through BPF_PROG_TEST_RUN");
+    report.tables.extend(prog_cost::part1(budget)?);
+    progress("part 2/2: cost and memory against affinity map size");
+    report.scale = prog_cost::part2(budget)?;
+    for (what, why) in [
+        (
+            "packet rate with the live-frames traffic generator",
+            "not implemented yet (issue 4 part 3)",
+        ),
+        (
+            "peers (nftables, HAProxy, nginx) on the same namespaces",
+            "not implemented yet (issue 4 part 4)",
+        ),
+        (
+            "failover under load",
+            "not implemented yet (issue 4 part 5)",
+        ),
+    ] {
+        report.skipped.push((what.into(), why.into()));
+    }
+    report::write(&report, &out)?;
+    print!("{}", report::markdown(&report));
+    progress(&format!(
+        "wrote {} in {:.0?}",
+        out.join("report.md").display(),
+        started.elapsed()
+    ));
+    Ok(())
+}

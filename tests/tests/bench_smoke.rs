@@ -1,0 +1,48 @@
+//! Keeps `cargo xtask bench` from rotting: runs its smallest configuration
+//! and checks it produces numbers (not how fast they are). Needs root.
+
+use xlb_tests::bench::{Budget, prog_cost, report};
+
+#[test]
+fn smallest_bench_produces_a_report() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the bench loads XDP: run as root"
+    );
+    let mut r = xlb_tests::bench::Report {
+        command: "bench_smoke".into(),
+        quick: true,
+        ..Default::default()
+    };
+    r.tables = prog_cost::part1(Budget::SMOKE).expect("part 1");
+    r.scale = prog_cost::part2(Budget::SMOKE).expect("part 2");
+    let costs = &r.tables[0];
+    assert_eq!(costs.rows.len(), 4);
+    for row in r.tables.iter().flat_map(|t| &t.rows) {
+        assert_eq!(row.samples.len(), Budget::SMOKE.rounds, "{}", row.name);
+        assert!(
+            row.median > 0.0 && row.median.is_finite(),
+            "{}: {}",
+            row.name,
+            row.median
+        );
+    }
+    let p = &r.scale[0];
+    assert_eq!(p.entries, 1_000);
+    assert!(p.hit_ns > 0.0 && p.miss_ns > 0.0);
+    assert!(p.affinity_bytes > 0 && p.maps_bytes >= p.affinity_bytes);
+
+    let dir = std::env::temp_dir().join(format!("xlb-bench-smoke-{}", std::process::id()));
+    report::write(&r, &dir).expect("writing the report");
+    let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
+    assert!(md.contains("xlb affinity hit, IPv4"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("json"))
+            .expect("report.json parses");
+    assert!(json["tables"][0]["rows"][1]["median"].as_f64().is_some());
+    let svg = std::fs::read_to_string(dir.join("scale.svg")).expect("scale.svg");
+    assert!(svg.contains("<svg") && svg.contains("affinity map entries"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
