@@ -3,6 +3,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod maglev;
+pub mod objects;
 pub mod pins;
 pub mod sessions;
 pub mod stats;

@@ -1,7 +1,7 @@
 //! Keeps `cargo xtask bench` from rotting: runs its smallest configuration
 //! and checks it produces numbers (not how fast they are). Needs root.
 
-use xlb_tests::bench::{Budget, prog_cost, report};
+use xlb_tests::bench::{Budget, prog_cost, report, traffic};
 
 #[test]
 fn smallest_bench_produces_a_report() {
@@ -29,6 +29,17 @@ fn smallest_bench_produces_a_report() {
             row.median
         );
     }
+    let rate = traffic::part3(Budget::SMOKE).expect("part 3 (live-frames packet rate)");
+    assert_eq!(rate.rows.len(), 3);
+    for row in &rate.rows {
+        assert!(row.median > 0.0, "{}: nothing arrived", row.name);
+    }
+    assert!(
+        ip_netns_empty_of("xlbrate"),
+        "rate bench left namespaces behind"
+    );
+    r.tables.push(rate);
+
     let p = &r.scale[0];
     assert_eq!(p.entries, 1_000);
     assert!(p.hit_ns > 0.0 && p.miss_ns > 0.0);
@@ -45,4 +56,13 @@ fn smallest_bench_produces_a_report() {
     let svg = std::fs::read_to_string(dir.join("scale.svg")).expect("scale.svg");
     assert!(svg.contains("<svg") && svg.contains("affinity map entries"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// True when no namespace whose name contains `tag` is left.
+fn ip_netns_empty_of(tag: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    !String::from_utf8_lossy(&out.stdout).contains(tag)
 }

@@ -5,6 +5,7 @@
 
 pub mod prog_cost;
 pub mod report;
+pub mod traffic;
 
 use serde::Serialize;
 
@@ -19,6 +20,8 @@ pub struct Budget {
     pub miss_frames: usize,
     /// Affinity map sizes for the scale part.
     pub scale_sizes: &'static [u32],
+    /// Frames per contender and round in the packet-rate part.
+    pub gen_frames: u32,
 }
 
 impl Budget {
@@ -28,6 +31,7 @@ impl Budget {
         repeat: 1_000_000,
         miss_frames: 5_000,
         scale_sizes: &[1_000, 100_000],
+        gen_frames: 1_000_000,
     };
     /// The full run.
     pub const FULL: Budget = Budget {
@@ -35,6 +39,7 @@ impl Budget {
         repeat: 2_000_000,
         miss_frames: 20_000,
         scale_sizes: &[1_000, 100_000, 1_000_000, 10_000_000],
+        gen_frames: 5_000_000,
     };
     /// The smallest configuration, for the test that keeps the bench from rotting.
     pub const SMOKE: Budget = Budget {
@@ -42,6 +47,7 @@ impl Budget {
         repeat: 10_000,
         miss_frames: 200,
         scale_sizes: &[1_000],
+        gen_frames: 20_000,
     };
 }
 

@@ -57,9 +57,9 @@ impl Drop for BenchDataplane {
 }
 
 /// Config of the bench dataplane: TCP/80 on an IPv4 and an IPv6 VIP, three
-/// backends each, all with the LB's own MAC (see the module comment).
-fn bench_config(affinity_entries: u32) -> String {
-    let mac = LB_MAC
+/// backends each, all with `backend_mac`.
+fn bench_config(affinity_entries: u32, backend_mac: [u8; 6]) -> String {
+    let mac = backend_mac
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -81,9 +81,16 @@ fn bench_config(affinity_entries: u32) -> String {
         .replace("sfd00::10", "web6")
 }
 
-/// Loads the xlb program with `affinity_entries` capacity, configured for the bench.
+/// Loads the xlb program with `affinity_entries` capacity, configured for
+/// the bench with every backend on the LB's own MAC (see the module comment).
 pub fn load_xlb(affinity_entries: u32) -> Result<BenchDataplane> {
-    let config = Config::parse(&bench_config(affinity_entries)).context("bench config")?;
+    load_xlb_with(affinity_entries, LB_MAC)
+}
+
+/// Like [`load_xlb`], with the backends' MAC chosen by the caller.
+pub fn load_xlb_with(affinity_entries: u32, backend_mac: [u8; 6]) -> Result<BenchDataplane> {
+    let config =
+        Config::parse(&bench_config(affinity_entries, backend_mac)).context("bench config")?;
     let dir = PathBuf::from(format!(
         "/sys/fs/bpf/xlb-bench-{}-{}",
         std::process::id(),

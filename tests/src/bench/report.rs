@@ -21,20 +21,41 @@ fn fmt_num(v: f64) -> String {
 fn table_md(t: &Table) -> String {
     let mut s = format!("### {}\n\n{}\n\n", t.title, t.about);
     let unit = t.rows.first().map(|r| r.unit.as_str()).unwrap_or("");
+    // Extra columns (e.g. arrived/sent), in first-seen order.
+    let mut extra_cols: Vec<&str> = Vec::new();
+    for (_, col, _) in &t.extra {
+        if !extra_cols.contains(&col.as_str()) {
+            extra_cols.push(col);
+        }
+    }
+    let head: String = extra_cols.iter().map(|c| format!(" {c} |")).collect();
+    let rule: String = extra_cols.iter().map(|_| "---:|").collect();
     let _ = writeln!(
         s,
-        "| contender | median {unit} | min–max | × {} |",
+        "| contender | median {unit} | min–max | × {} |{head}",
         t.baseline
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|{rule}");
     for r in &t.rows {
         let ratio = t
             .ratio(r)
             .map(|x| format!("{x:.2}"))
             .unwrap_or_else(|| "–".into());
+        let cells: String = extra_cols
+            .iter()
+            .map(|c| {
+                let v = t
+                    .extra
+                    .iter()
+                    .find(|(row, col, _)| *row == r.name && col == c)
+                    .map(|(_, _, v)| v.as_str())
+                    .unwrap_or("");
+                format!(" {v} |")
+            })
+            .collect();
         let _ = writeln!(
             s,
-            "| {} | {} | {}–{} | {} |",
+            "| {} | {} | {}–{} | {} |{cells}",
             r.name,
             fmt_num(r.median),
             fmt_num(r.min),

@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
-use xlb_tests::bench::{Budget, Report, prog_cost, progress, report};
+use xlb_tests::bench::{Budget, Report, prog_cost, progress, report, traffic};
 
 fn main() -> ExitCode {
     match run() {
@@ -74,15 +74,18 @@ fn run() -> Result<()> {
         quick,
         ..Default::default()
     };
-    progress("part 1/2: per-packet cost through BPF_PROG_TEST_RUN");
+    progress("part 1/3: per-packet cost through BPF_PROG_TEST_RUN");
     report.tables.extend(prog_cost::part1(budget)?);
-    progress("part 2/2: cost and memory against affinity map size");
+    progress("part 2/3: cost and memory against affinity map size");
     report.scale = prog_cost::part2(budget)?;
+    progress("part 3/3: packet rate with the live-frames traffic generator");
+    match traffic::part3(budget) {
+        Ok(table) => report.tables.push(table),
+        Err(e) => report
+            .skipped
+            .push(("packet rate (live frames)".into(), format!("{e:#}"))),
+    }
     for (what, why) in [
-        (
-            "packet rate with the live-frames traffic generator",
-            "not implemented yet (issue 4 part 3)",
-        ),
         (
             "peers (nftables, HAProxy, nginx) on the same namespaces",
             "not implemented yet (issue 4 part 4)",

@@ -1,0 +1,266 @@
+//! Part 3: packet rate with a traffic generator that is part of the
+//! project. Two namespaces joined by one veth: `gen0` (generator side) and
+//! `lb0` (the contender). BPF_PROG_TEST_RUN in live-frames mode runs
+//! `xlb_gen` on a 60-byte TCP SYN (64 on the wire), which gives every frame
+//! a new client address and XDP_TXes it out of `gen0`; the contender on
+//! `lb0` sends it back; `xlb_sink` on `gen0` counts what arrived and drops
+//! it. Rates count arrivals, not sends.
+
+use std::{sync::atomic::Ordering, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::PerCpuArray,
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use xlb::objects::{GEN_OBJ, SINK_OBJ, TX_OBJ};
+
+use super::{Budget, Series, Table, progress};
+use crate::{
+    bench::prog_cost::load_xlb_with,
+    frames::{Frame, LB_MAC},
+    netns::NetNs,
+};
+
+/// MAC of `gen0`; xlb's backends use it so forwarded frames come back.
+const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
+/// Distinct client addresses the generator cycles through.
+const CLIENTS: u32 = 4096;
+/// Frames per live-frames batch.
+const BATCH: u32 = 64;
+
+fn mac_str(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn load_prog(obj: &[u8], name: &str) -> Result<Ebpf> {
+    load_with(EbpfLoader::new(), obj, name)
+}
+
+fn load_with(mut loader: EbpfLoader<'_>, obj: &[u8], name: &str) -> Result<Ebpf> {
+    let mut ebpf = loader
+        .load(obj)
+        .with_context(|| format!("loading {name}"))?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("{name} missing"))?
+        .try_into()
+        .with_context(|| format!("{name} is not XDP"))?;
+    prog.load()
+        .with_context(|| format!("loading {name} into the kernel"))?;
+    Ok(ebpf)
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("{name} missing"))?
+        .try_into()
+        .with_context(|| format!("{name} is not XDP"))
+}
+
+/// The two namespaces and the veth between them; removed on drop.
+struct RateLab {
+    gen_ns: NetNs,
+    lb_ns: NetNs,
+}
+
+impl RateLab {
+    fn new() -> Result<Self> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = format!(
+            "xlbrate-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let gen_ns = NetNs::create(&format!("{id}-gen"))?;
+        let lb_ns = NetNs::create(&format!("{id}-lb"))?;
+        gen_ns.ip(&[
+            "link",
+            "add",
+            "gen0",
+            "address",
+            &mac_str(&GEN_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lb0",
+            "address",
+            &mac_str(&LB_MAC),
+            "netns",
+            lb_ns.name(),
+        ])?;
+        gen_ns.ip(&["link", "set", "gen0", "up"])?;
+        lb_ns.ip(&["link", "set", "lb0", "up"])?;
+        // Without an XDP program of its own, a veth accepts XDP frames from its
+        // peer only with GRO on (the generic-mode contender has none).
+        lb_ns
+            .exec_ok(&["ethtool", "-K", "lb0", "gro", "on"])
+            .context("ethtool -K lb0 gro on")?;
+        Ok(Self { gen_ns, lb_ns })
+    }
+}
+
+/// Attaches `prog` to `ifname` inside `ns`; returns a closure-free link id holder.
+fn attach(ns: &NetNs, prog: &mut Xdp, ifname: &str, mode: XdpMode) -> Result<()> {
+    ns.run(|| {
+        prog.attach(ifname, mode)
+            .with_context(|| format!("attaching XDP ({mode:?}) to {ifname} in {}", ns.name()))?;
+        Ok(())
+    })
+}
+
+fn sink_count(sink: &Ebpf) -> Result<u64> {
+    let map: PerCpuArray<_, u64> = sink
+        .map("XLB_SINK_COUNT")
+        .context("sink counter missing")?
+        .try_into()
+        .context("sink counter type")?;
+    Ok(map
+        .get(&0, 0)
+        .context("reading the sink counter")?
+        .iter()
+        .sum())
+}
+
+/// Sends `frames` frames through the generator; returns (arrived, seconds).
+fn blast(
+    lab: &RateLab,
+    generator: &mut Ebpf,
+    sink: &Ebpf,
+    frame: &[u8],
+    frames: u32,
+) -> Result<(u64, f64)> {
+    let before = sink_count(sink)?;
+    let prog = xdp(generator, "xlb_gen")?;
+    let secs = lab.gen_ns.run(|| {
+        let c = std::ffi::CString::new("gen0").context("ifname")?;
+        // SAFETY: valid NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if ifindex == 0 {
+            bail!("gen0 not found in {}", lab.gen_ns.name());
+        }
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let start = Instant::now();
+        prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: frames,
+            attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN in live-frames mode")?;
+        Ok(start.elapsed().as_secs_f64())
+    })?;
+    // Let the last batches drain through the veth queues before counting.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    Ok((sink_count(sink)? - before, secs))
+}
+
+/// Part 3: forwarded Mpps of xlb (native and generic) against the bare
+/// MAC-swap + XDP_TX program, interleaved, counting arrivals.
+pub fn part3(budget: Budget) -> Result<Table> {
+    let lab = RateLab::new()?;
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&LB_MAC);
+    macs[6..].copy_from_slice(&GEN_MAC);
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global("XLB_GEN_CLIENTS", &CLIENTS, true)
+        .override_global("XLB_GEN_MACS", &macs, true);
+    let mut generator = load_with(loader, GEN_OBJ, "xlb_gen")?;
+    let mut sink = load_prog(SINK_OBJ, "xlb_sink")?;
+    attach(
+        &lab.gen_ns,
+        xdp(&mut sink, "xlb_sink")?,
+        "gen0",
+        XdpMode::Driver,
+    )?;
+
+    let mut frame_spec = Frame::tcp("10.3.0.1", "10.0.0.10", 80);
+    frame_spec.payload = vec![0; 6];
+    let frame = frame_spec.build();
+    if frame.len() != 60 {
+        bail!("generator frame is {} bytes, expected 60", frame.len());
+    }
+
+    let names = [
+        "MAC swap + XDP_TX only, native (limit)",
+        "xlb, native XDP",
+        "xlb, generic XDP",
+    ];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut delivered: Vec<(u64, u64)> = vec![(0, 0); names.len()];
+    for round in 0..budget.rounds {
+        progress(&format!(
+            "packet rate, round {}/{} ({} frames each)",
+            round + 1,
+            budget.rounds,
+            budget.gen_frames
+        ));
+        for (i, _) in names.iter().enumerate() {
+            // Each contender is attached fresh and detached (dropped) after its run.
+            let (arrived, secs) = match i {
+                0 => {
+                    let mut tx = load_prog(TX_OBJ, "xlb_tx")?;
+                    attach(&lab.lb_ns, xdp(&mut tx, "xlb_tx")?, "lb0", XdpMode::Driver)?;
+                    blast(&lab, &mut generator, &sink, &frame, budget.gen_frames)?
+                }
+                _ => {
+                    let mode = if i == 1 {
+                        XdpMode::Driver
+                    } else {
+                        XdpMode::Skb
+                    };
+                    let mut xlb = load_xlb_with(262_144, GEN_MAC)?;
+                    attach(&lab.lb_ns, xlb.dp.program_mut()?, "lb0", mode)?;
+                    blast(&lab, &mut generator, &sink, &frame, budget.gen_frames)?
+                }
+            };
+            samples[i].push(arrived as f64 / secs / 1e6);
+            delivered[i].0 += arrived;
+            delivered[i].1 += u64::from(budget.gen_frames);
+        }
+    }
+    for (i, (arrived, sent)) in delivered.iter().enumerate() {
+        if *arrived == 0 {
+            bail!("{}: no frame arrived (of {sent} sent)", names[i]);
+        }
+    }
+    let rows = names
+        .iter()
+        .zip(samples)
+        .map(|(n, s)| Series::new(*n, "Mpps", s))
+        .collect();
+    let extra = names
+        .iter()
+        .zip(&delivered)
+        .map(|(n, (a, s))| {
+            (
+                n.to_string(),
+                "arrived/sent".to_string(),
+                format!("{:.1}%", *a as f64 * 100.0 / *s as f64),
+            )
+        })
+        .collect();
+    Ok(Table {
+        title: "Packet rate through a veth, live-frames traffic generator".into(),
+        about: format!(
+            "Mpps of 64-byte TCP SYN frames from {CLIENTS} client addresses that came back to the \
+             generator's interface and were counted there (arrivals, not sends), {} frames per \
+             run, contenders interleaved. The limit is a program that only swaps the MACs and \
+             returns XDP_TX on the same veth. Generator, contender and sink share the machine's \
+             2 cores, so these are relative figures.",
+            budget.gen_frames
+        ),
+        baseline: names[0].into(),
+        rows,
+        extra,
+    })
+}
