@@ -91,12 +91,4 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     Ok(Verdict::tx(choice.reason))
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+lb_ebpf::program_boilerplate!();

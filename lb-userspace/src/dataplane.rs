@@ -363,24 +363,7 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
             None => 0,
         };
         let base = |s: u32| (id * 2 + s) * table_size;
-        let keys: Vec<[u8; 16]> = svc
-            .backends
-            .iter()
-            .map(|b| lb_common::bytes_from_words(&addr_words(b.address)))
-            .collect();
-        let members: Vec<MaglevBackend<'_>> = svc
-            .backends
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.state == BackendState::Active)
-            .map(|(bi, b)| MaglevBackend {
-                id: backend_ids[si][bi],
-                key: &keys[bi],
-                weight: u32::from(b.weight),
-            })
-            .collect();
-        let table = maglev::build_table(&members, table_size)
-            .with_context(|| format!("building the Maglev table of service {}", svc.name))?;
+        let table = service_table(svc, &backend_ids[si], table_size)?;
         for (i, backend_id) in table.iter().enumerate() {
             maps.maglev
                 .set(base(slot) + i as u32, *backend_id, 0)
@@ -488,6 +471,31 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
         report.sessions_removed = doomed.len();
     }
     Ok(report)
+}
+
+/// The Maglev table of `svc`: its active backends, weighted, keyed by
+/// address (so every xlb instance builds the same table), holding the
+/// backend ids `ids` (parallel to `svc.backends`).
+pub fn service_table(svc: &ServiceConfig, ids: &[u32], table_size: u32) -> Result<Vec<u32>> {
+    let keys: Vec<[u8; 16]> = svc
+        .backends
+        .iter()
+        .map(|b| lb_common::bytes_from_words(&addr_words(b.address)))
+        .collect();
+    let members: Vec<MaglevBackend<'_>> = svc
+        .backends
+        .iter()
+        .zip(ids)
+        .zip(&keys)
+        .filter(|((b, _), _)| b.state == BackendState::Active)
+        .map(|((b, id), key)| MaglevBackend {
+            id: *id,
+            key,
+            weight: u32::from(b.weight),
+        })
+        .collect();
+    maglev::build_table(&members, table_size)
+        .with_context(|| format!("building the Maglev table of service {}", svc.name))
 }
 
 /// `ServiceKey` with a total order (family, address, protocol, port), for

@@ -16,7 +16,7 @@ use lb_common::{Affinity, AffinityKey, BACKEND_DOWN, BACKEND_DRAINING, prefix_ma
 use xlb::{
     config::Config,
     dataplane::{self, Dataplane, LoadOptions, addr_words},
-    maglev::{self, MaglevBackend},
+    maglev,
     pins::{self, PinnedMaps},
     sessions::monotonic_ns,
     stats,
@@ -202,23 +202,10 @@ impl Fixture {
             .iter()
             .find(|s| s.name == service)
             .expect("service in config");
-        let keys: Vec<[u8; 16]> = svc
-            .backends
-            .iter()
-            .map(|b| lb_common::bytes_from_words(&addr_words(b.address)))
-            .collect();
-        let members: Vec<MaglevBackend<'_>> = svc
-            .backends
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.state == xlb::config::BackendState::Active)
-            .map(|(i, b)| MaglevBackend {
-                id: i as u32,
-                key: &keys[i],
-                weight: u32::from(b.weight),
-            })
-            .collect();
-        let table = maglev::build_table(&members, self.config.maglev_table_size).expect("table");
+        // Ids are the config positions here: the answer is mapped back by index.
+        let ids: Vec<u32> = (0..svc.backends.len() as u32).collect();
+        let table =
+            dataplane::service_table(svc, &ids, self.config.maglev_table_size).expect("table");
         let (bits, prefix) = if client.is_ipv4() {
             (32, svc.affinity_prefix_v4)
         } else {
