@@ -129,3 +129,60 @@ fn sticky_sessions_native_xdp() {
 fn sticky_sessions_generic_xdp() {
     sticky_end_to_end("e2eg", Mode::Generic);
 }
+
+#[test]
+fn bad_config_is_refused_naming_the_field() {
+    let dir = std::env::temp_dir().join(format!("xlb-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "interface = \"lo\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.10\"\nport = 80\n\
+         protocol = \"tcp\"\n[[service.backend]]\naddress = \"10.0.0.21\"\nmac = \"zz:00:00:00:00:01\"\n",
+    )
+    .expect("writing the config");
+    let out = std::process::Command::new(driver::xlb_bin().expect("xlb binary"))
+        .args(["run", "--config", path.to_str().expect("utf-8")])
+        .output()
+        .expect("running xlb");
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad config must fail: {err}");
+    assert!(
+        err.contains("backend[0].mac"),
+        "error must name the field: {err}"
+    );
+    assert!(
+        err.contains("zz:00:00:00:00:01"),
+        "error must show the value: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+}
+
+#[test]
+fn native_attach_failure_suggests_generic() {
+    assert_root();
+    // Loopback has no native XDP: the error must say what to do instead.
+    let lab = Lab::new("e2enat", LabOptions::default()).expect("lab");
+    let path = std::env::temp_dir().join(format!("{}-lo.toml", lab.id));
+    std::fs::write(
+        &path,
+        format!(
+            "interface = \"lo\"\npin_dir = \"{}\"\n[[service]]\nname = \"web\"\nvip = \"10.77.0.10\"\n\
+             port = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.77.0.21\"\n\
+             mac = \"02:00:00:00:00:11\"\n",
+            lab.bpffs_dir().display()
+        ),
+    )
+    .expect("config");
+    let err = driver::xlb(&lab, &["run", "--config", path.to_str().expect("utf-8")])
+        .expect_err("native XDP on lo must fail");
+    let _ = std::fs::remove_file(&path);
+    let msg = format!("{err:#}");
+    assert!(msg.contains("--xdp-mode generic"), "{msg}");
+    assert!(msg.contains("lo"), "{msg}");
+    // Nothing stays attached or pinned after the failure.
+    let link = lab.lb.ip(&["link", "show", "lo"]).expect("ip link");
+    assert!(!link.contains("xdp"), "{link}");
+    assert!(!lab.bpffs_dir().join("lo").join("link").exists());
+}

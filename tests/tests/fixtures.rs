@@ -833,3 +833,44 @@ fn incompatible_pinned_map_is_refused() {
     assert!(msg.contains("max entries 4096"), "{msg}");
     assert!(msg.contains("8192"), "{msg}");
 }
+
+#[test]
+fn two_instances_agree_without_talking() {
+    // A second LB whose config lists the backends in another order (so
+    // they get other ids) must send every client to the same backend.
+    let mut a = Fixture::new();
+    let start = CONFIG.find("[[service.backend]]").expect("first backend");
+    let end = CONFIG
+        .find("[[service]]\nname = \"dns\"")
+        .expect("dns section");
+    let block = &CONFIG[start..end];
+    let mut parts: Vec<&str> = block
+        .split("[[service.backend]]")
+        .filter(|p| !p.trim().is_empty())
+        .collect();
+    parts.reverse();
+    let reversed: String = parts
+        .iter()
+        .map(|p| format!("[[service.backend]]{p}"))
+        .collect();
+    let mut b = Fixture::with_config(&CONFIG.replacen(block, &reversed, 1));
+    assert_ne!(
+        a.backend_id_by_mac(BACKEND_MACS[0], "web"),
+        b.backend_id_by_mac(BACKEND_MACS[0], "web"),
+        "the test needs the two instances to number backends differently"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..64 {
+        let frame = Frame::tcp(&format!("10.20.{i}.7"), "10.0.0.10", 80).build();
+        let (va, oa) = a.run(&frame);
+        let (vb, ob) = b.run(&frame);
+        assert_eq!((va, vb), (XDP_TX, XDP_TX));
+        assert_eq!(
+            mac_of(&oa),
+            mac_of(&ob),
+            "client {i}: the instances disagree"
+        );
+        seen.insert(mac_of(&oa));
+    }
+    assert_eq!(seen.len(), 3, "all backends should get clients");
+}
