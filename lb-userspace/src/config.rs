@@ -12,6 +12,10 @@
 //! affinity_max_entries = 262144   # default; 1..=100000000
 //! maglev_table_size = 65537       # default; prime, 3..=1000003
 //! max_services = 16               # default; 1..=256
+//! state_file = "/var/lib/xlb/eth0.state.json"  # default /var/lib/xlb/<interface>.state.json;
+//!                                 # the daemon's runtime changes (add/remove/drain/weight)
+//! metrics_address = "127.0.0.1:9433"  # default: unset (no metrics endpoint); the daemon
+//!                                 # serves Prometheus text at http://ADDRESS/metrics
 //!
 //! [[service]]
 //! name = "web"                    # required, unique, [A-Za-z0-9_.-]{1,64}
@@ -29,6 +33,19 @@
 //! mac = "02:00:00:00:00:21"       # required, unicast, not all-zero
 //! weight = 1                      # default 1, 1..=65535
 //! state = "active"                # default "active" | "draining" | "down"
+//!
+//! [service.health]                # optional; without it the daemon never marks backends down
+//! kind = "http"                   # default "tcp" for tcp services, "udp" for udp services;
+//!                                 # "tcp" (connect), "http" (GET, expect a status), "udp" (send, expect a reply)
+//! port = 80                       # default the service port; checks go to the backend's own address
+//! interval = "2s"                 # default "2s" (HAProxy `inter`); 100ms..=1h; checks are spread over it
+//! timeout = "1s"                  # default "1s" (capped at interval); > 0 and <= interval
+//! rise = 2                        # default 2: consecutive successes that bring a down backend up; 1..=100
+//! fall = 3                        # default 3: consecutive failures that take an up backend down; 1..=100
+//! http_path = "/"                 # kind "http" only; default "/"; must start with '/'
+//! http_status = 200               # kind "http" only; default 200; the status the answer must have
+//! udp_send = "ping"               # kind "udp" only; default "ping"; the datagram sent
+//! udp_expect = ""                 # kind "udp" only; default "" (any reply); text the reply must contain
 //! ```
 
 use std::fmt;
@@ -52,6 +69,17 @@ pub const MAX_AFFINITY_ENTRIES: u32 = 100_000_000;
 /// Longest `affinity_timeout`.
 pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Default health-check interval (HAProxy's `inter`).
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Default health-check timeout (never longer than the interval).
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default consecutive successes that bring a backend up (HAProxy's `rise`).
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+/// Default consecutive failures that take a backend down (HAProxy's `fall`).
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Directory of the default state file.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/xlb";
+
 /// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
 const MAX_INTERFACE_LEN: usize = 15;
 /// Longest service or backend name.
@@ -74,6 +102,10 @@ pub struct Config {
     pub max_services: u32,
     /// The services (`[[service]]`), in file order; at most `max_services`.
     pub services: Vec<ServiceConfig>,
+    /// Where the daemon keeps runtime changes (absolute); default `/var/lib/xlb/<interface>.state.json`.
+    pub state_file: PathBuf,
+    /// Address of the daemon's Prometheus endpoint (`/metrics`); default none (off).
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// How the XDP program is attached.
@@ -105,6 +137,56 @@ pub struct ServiceConfig {
     pub affinity_timeout: Duration,
     /// The backends (`[[service.backend]]`), in file order; at least one.
     pub backends: Vec<BackendConfig>,
+    /// Health checks of every backend (`[service.health]`); none when absent.
+    pub health: Option<HealthConfig>,
+}
+
+/// Health checks of a service's backends (`[service.health]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// What one check does.
+    pub kind: HealthKind,
+    /// Port checked on the backend's own address; default the service port.
+    pub port: u16,
+    /// Time between two checks of one backend; default 2s, 100ms..=1h.
+    pub interval: Duration,
+    /// Longest one check may take; default 1s (capped at the interval), > 0 and <= interval.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up; default 2, 1..=100.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down; default 3, 1..=100.
+    pub fall: u32,
+}
+
+/// One kind of health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// `"tcp"`: a TCP connect succeeds.
+    Tcp,
+    /// `"http"`: `GET path` answers with `status`.
+    Http {
+        /// Request path (`http_path`, default "/").
+        path: String,
+        /// Expected status code (`http_status`, default 200).
+        status: u16,
+    },
+    /// `"udp"`: a datagram gets a reply containing `expect`.
+    Udp {
+        /// Payload sent (`udp_send`, default "ping").
+        send: String,
+        /// Text the reply must contain (`udp_expect`, default "": any reply).
+        expect: String,
+    },
+}
+
+impl fmt::Display for HealthKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HealthKind::Tcp => f.write_str("tcp"),
+            HealthKind::Http { path, status } => write!(f, "http GET {path} expecting {status}"),
+            HealthKind::Udp { .. } => f.write_str("udp"),
+        }
+    }
 }
 
 /// Transport protocol of a service.
@@ -238,6 +320,8 @@ struct RawConfig {
     affinity_max_entries: Option<i64>,
     maglev_table_size: Option<i64>,
     max_services: Option<i64>,
+    state_file: Option<PathBuf>,
+    metrics_address: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -255,6 +339,22 @@ struct RawService {
     forward_mode: Option<String>,
     #[serde(default)]
     backend: Vec<RawBackend>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<String>,
+    port: Option<i64>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+    http_path: Option<String>,
+    http_status: Option<i64>,
+    udp_send: Option<String>,
+    udp_expect: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -340,6 +440,24 @@ fn validate(raw: RawConfig) -> Result<Config> {
         );
     }
 
+    let state_file = match raw.state_file {
+        Some(p) if p.is_absolute() => p,
+        Some(p) => bail!(
+            "state_file: {:?} is not an absolute path",
+            p.display().to_string()
+        ),
+        None => Path::new(DEFAULT_STATE_DIR).join(format!("{interface}.state.json")),
+    };
+
+    let metrics_address = match raw.metrics_address {
+        None => None,
+        Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+            anyhow::anyhow!(
+                "metrics_address: {text:?} is not an address:port (expected e.g. \"127.0.0.1:9433\")"
+            )
+        })?),
+    };
+
     Ok(Config {
         interface,
         xdp_mode,
@@ -348,6 +466,8 @@ fn validate(raw: RawConfig) -> Result<Config> {
         maglev_table_size,
         max_services,
         services,
+        state_file,
+        metrics_address,
     })
 }
 
@@ -452,6 +572,10 @@ fn validate_service(i: usize, raw: RawService) -> Result<ServiceConfig> {
         }
         backends.push(backend);
     }
+    let health = raw
+        .health
+        .map(|h| validate_health(&format!("{path}.health"), protocol, port, h))
+        .transpose()?;
 
     Ok(ServiceConfig {
         name: raw.name,
@@ -462,6 +586,115 @@ fn validate_service(i: usize, raw: RawService) -> Result<ServiceConfig> {
         affinity_prefix_v6,
         affinity_timeout,
         backends,
+        health,
+    })
+}
+
+fn validate_health(
+    path: &str,
+    protocol: Protocol,
+    port: u16,
+    raw: RawHealth,
+) -> Result<HealthConfig> {
+    let kind_name = raw.kind.as_deref().unwrap_or(match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    });
+    // Options of another kind are a mistake worth reporting, not something to ignore.
+    let only = |field: &str, set: bool, kind: &str| -> Result<()> {
+        if set && kind_name != kind {
+            bail!("{path}.{field}: only valid with kind = \"{kind}\" (kind is \"{kind_name}\")");
+        }
+        Ok(())
+    };
+    only("http_path", raw.http_path.is_some(), "http")?;
+    only("http_status", raw.http_status.is_some(), "http")?;
+    only("udp_send", raw.udp_send.is_some(), "udp")?;
+    only("udp_expect", raw.udp_expect.is_some(), "udp")?;
+    let kind = match kind_name {
+        "tcp" => HealthKind::Tcp,
+        "http" => {
+            let path_text = raw.http_path.unwrap_or_else(|| "/".to_string());
+            if !path_text.starts_with('/')
+                || path_text.len() > 1024
+                || path_text
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
+            {
+                bail!(
+                    "{path}.http_path: {path_text:?} is not a request path (expected e.g. \"/health\")"
+                );
+            }
+            let status = int(
+                &format!("{path}.http_status"),
+                raw.http_status,
+                200,
+                100,
+                599,
+            )?;
+            HealthKind::Http {
+                path: path_text,
+                status,
+            }
+        }
+        "udp" => {
+            let send = raw.udp_send.unwrap_or_else(|| "ping".to_string());
+            if send.is_empty() || send.len() > 1024 {
+                bail!("{path}.udp_send: {send:?} must be 1 to 1024 bytes");
+            }
+            HealthKind::Udp {
+                send,
+                expect: raw.udp_expect.unwrap_or_default(),
+            }
+        }
+        other => bail!(
+            "{path}.kind: {other:?} is not a health check kind (expected \"tcp\", \"http\" or \"udp\")"
+        ),
+    };
+    let port = int(&format!("{path}.port"), raw.port, port, 1, u16::MAX)?;
+    let duration = |field: &str, text: Option<String>, default: Duration| -> Result<Duration> {
+        let Some(text) = text else {
+            return Ok(default);
+        };
+        humantime::parse_duration(&text).map_err(|e| {
+            anyhow::anyhow!("{path}.{field}: {text:?} is not a duration ({e}; expected e.g. \"2s\" or \"500ms\")")
+        })
+    };
+    let interval = duration("interval", raw.interval, DEFAULT_HEALTH_INTERVAL)?;
+    if interval < Duration::from_millis(100) || interval > Duration::from_secs(3600) {
+        bail!("{path}.interval: {interval:?} is out of range 100ms..=1h");
+    }
+    let timeout = duration(
+        "timeout",
+        raw.timeout.clone(),
+        DEFAULT_HEALTH_TIMEOUT.min(interval),
+    )?;
+    if timeout.is_zero() || timeout > interval {
+        bail!(
+            "{path}.timeout: {timeout:?} must be more than 0 and at most the interval ({interval:?})"
+        );
+    }
+    let rise = int(
+        &format!("{path}.rise"),
+        raw.rise,
+        DEFAULT_HEALTH_RISE,
+        1,
+        100,
+    )?;
+    let fall = int(
+        &format!("{path}.fall"),
+        raw.fall,
+        DEFAULT_HEALTH_FALL,
+        1,
+        100,
+    )?;
+    Ok(HealthConfig {
+        kind,
+        port,
+        interval,
+        timeout,
+        rise,
+        fall,
     })
 }
 
@@ -544,6 +777,11 @@ fn parse_ip(path: &str, text: &str) -> Result<IpAddr> {
 
 fn family(ip: IpAddr) -> &'static str {
     if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Whether `name` is a valid backend name (`[A-Za-z0-9_.:-]{1,64}`).
+pub fn valid_backend_name(name: &str) -> bool {
+    valid_name(name, true)
 }
 
 /// Service names allow `[A-Za-z0-9_.-]`; backend names also ':' so the
@@ -947,5 +1185,85 @@ mod example_tests {
         assert_eq!(config.services.len(), 3);
         assert_eq!(config.services[2].affinity_prefix_v4, 24);
         assert_eq!(config.services[0].backends[2].state, BackendState::Draining);
+        let health = config.services[0].health.as_ref().expect("web has checks");
+        assert_eq!((health.rise, health.fall), (2, 3));
+        assert!(config.metrics_address.is_some());
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+
+    const SVC: &str = "interface = \"eth0\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.10\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.0.0.21\"\nmac = \"02:00:00:00:00:21\"\n";
+
+    fn with(health: &str) -> Result<Config> {
+        Config::parse(&format!("{SVC}[service.health]\n{health}"))
+    }
+
+    #[test]
+    fn defaults_are_haproxy_like() {
+        let c = Config::parse(SVC).expect("valid");
+        assert_eq!(c.services[0].health, None);
+        assert_eq!(c.state_file, Path::new("/var/lib/xlb/eth0.state.json"));
+        let h = with("").expect("valid").services[0]
+            .health
+            .clone()
+            .expect("health");
+        assert_eq!(h.kind, HealthKind::Tcp);
+        assert_eq!((h.port, h.rise, h.fall), (80, 2, 3));
+        assert_eq!(h.interval, Duration::from_secs(2));
+        assert_eq!(h.timeout, Duration::from_secs(1));
+        let h = with("kind = \"http\"\ninterval = \"500ms\"\nport = 8080\n")
+            .expect("valid")
+            .services[0]
+            .health
+            .clone()
+            .expect("health");
+        assert_eq!(
+            h.kind,
+            HealthKind::Http {
+                path: "/".into(),
+                status: 200
+            }
+        );
+        // The default timeout never exceeds the interval.
+        assert_eq!(h.timeout, Duration::from_millis(500));
+        assert_eq!(h.port, 8080);
+    }
+
+    #[test]
+    fn bad_health_fields_are_named() {
+        let e = |h: &str| format!("{:#}", with(h).expect_err("must fail"));
+        assert!(e("kind = \"icmp\"").contains("service[0] (\"web\").health.kind: \"icmp\""));
+        assert!(e("rise = 0").contains("health.rise: 0 is out of range 1..=100"));
+        assert!(e("interval = \"10ms\"").contains("health.interval"));
+        assert!(e("timeout = \"3s\"").contains("health.timeout"));
+        assert!(
+            e("http_path = \"/x\"").contains("health.http_path: only valid with kind = \"http\"")
+        );
+        assert!(e("kind = \"http\"\nhttp_path = \"x\"").contains("health.http_path: \"x\""));
+        assert!(e("kind = \"http\"\nhttp_status = 99").contains("health.http_status: 99"));
+        assert!(e("colour = 1").contains("colour"));
+        assert!(
+            format!(
+                "{:#}",
+                Config::parse(&format!("state_file = \"rel\"\n{SVC}")).expect_err("relative")
+            )
+            .contains("state_file: \"rel\"")
+        );
+        assert!(
+            format!(
+                "{:#}",
+                Config::parse(&format!("metrics_address = \"9433\"\n{SVC}")).expect_err("no ip")
+            )
+            .contains("metrics_address: \"9433\" is not an address:port")
+        );
+        let c =
+            Config::parse(&format!("metrics_address = \"127.0.0.1:9433\"\n{SVC}")).expect("valid");
+        assert_eq!(
+            c.metrics_address,
+            Some("127.0.0.1:9433".parse().expect("addr"))
+        );
     }
 }

@@ -1,6 +1,8 @@
-//! xlb userspace: configuration, Maglev tables and the owner of the pinned dataplane.
+//! xlb userspace: configuration, Maglev tables, the owner of the pinned dataplane and the daemon.
 
+pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod maglev;
 pub mod objects;

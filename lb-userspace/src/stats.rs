@@ -2,12 +2,12 @@
 
 use anyhow::{Context as _, Result};
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, TrafficStats, stat};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::pins::PinnedMaps;
 
 /// Summed counters of one service or backend.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Traffic {
     /// Frames forwarded.
     pub packets: u64,
@@ -18,7 +18,7 @@ pub struct Traffic {
 }
 
 /// All counters at one moment.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Global reasons by name (`lb_common::stat::NAMES`).
     pub reasons: Vec<(String, u64)>,

@@ -169,6 +169,7 @@ pub struct Lab {
     /// Client IPv6 source addresses.
     pub client_v6: Vec<Ipv6Addr>,
     bpffs_dir: PathBuf,
+    work_dir: PathBuf,
     xdp_passes: Mutex<Vec<XdpPass>>,
 }
 
@@ -192,11 +193,16 @@ impl Lab {
             cmd::ip(&["netns", "del", &name])?;
             removed += 1;
         }
-        let bpffs = Path::new(BPFFS);
-        for name in stale_entries(bpffs, &prefix)? {
-            let dir = bpffs.join(&name);
-            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-            removed += 1;
+        let temp = std::env::temp_dir();
+        for root in [Path::new(BPFFS), temp.as_path()] {
+            for name in stale_entries(root, &prefix)? {
+                let dir = root.join(&name);
+                if !dir.is_dir() {
+                    continue;
+                }
+                fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+                removed += 1;
+            }
         }
         Ok(removed)
     }
@@ -269,6 +275,12 @@ impl Lab {
         &self.bpffs_dir
     }
 
+    /// A private directory for files of this lab (configs, control sockets, state files),
+    /// `<tmp>/<id>/`, mode 0700; removed with the lab.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
     /// Attaches an XDP_PASS program to `lb0`'s peer so native XDP_TX on `lb0` delivers; idempotent.
     pub fn attach_lb_peer_pass(&self) -> Result<()> {
         let mut passes = self
@@ -300,6 +312,12 @@ impl Drop for Lab {
             }
         }
         cleanup::remove_dir(&self.bpffs_dir);
+        if let Err(e) = fs::remove_dir_all(&self.work_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("xlb-tests: cannot remove {}: {e}", self.work_dir.display());
+            }
+        }
+        cleanup::remove_dir(&self.work_dir);
         // The NetNs fields delete their namespaces when they drop, right after this.
     }
 }
@@ -455,11 +473,13 @@ fn build(id: String, opts: &LabOptions) -> Result<Lab> {
         .map(|i| v6(CLIENT_BASE + i))
         .collect::<Result<_>>()?;
 
-    // The LB owns the VIPs so it answers ARP/NDP for them.
+    // The LB owns the VIPs so it answers ARP/NDP for them. The IPv6 VIP is deprecated
+    // (preferred_lft 0) so the LB's own connections (health checks) never pick it as their
+    // source: a backend would answer the VIP on its own lo.
     lb.ip_batch(&format!(
         "link set {LB_IF} address {LB_MAC}\nlink set {LB_IF} up\n\
          addr add {LB_IPV4}/24 dev {LB_IF}\naddr add {LB_IPV6}/64 dev {LB_IF} nodad\n\
-         addr add {VIP4}/32 dev {LB_IF}\naddr add {VIP6}/128 dev {LB_IF} nodad\n"
+         addr add {VIP4}/32 dev {LB_IF}\naddr add {VIP6}/128 dev {LB_IF} nodad preferred_lft 0\n"
     ))?;
 
     let mut script = format!("link set {HOST_IF} address {CLIENT_MAC}\nlink set {HOST_IF} up\n");
@@ -498,7 +518,17 @@ fn build(id: String, opts: &LabOptions) -> Result<Lab> {
         fs::create_dir(&bpffs_dir).with_context(|| format!("creating {}", bpffs_dir.display()))?;
     }
 
+    let work_dir = std::env::temp_dir().join(&id);
+    cleanup::add_dir(&work_dir);
+    fs::create_dir(&work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&work_dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting the mode of {}", work_dir.display()))?;
+    }
+
     Ok(Lab {
+        work_dir,
         lb_peer: (switch.name().to_owned(), "p-lb".to_owned()),
         id,
         client,

@@ -21,6 +21,7 @@ pub mod bench;
 pub mod cleanup;
 pub mod client;
 pub mod cmd;
+pub mod daemon;
 pub mod driver;
 pub mod frames;
 pub mod lab;

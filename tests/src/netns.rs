@@ -260,6 +260,20 @@ impl NsChild {
         Ok((status, self.log()))
     }
 
+    /// Kills the child with SIGKILL (no chance to clean up, like a crash), reaps it and
+    /// returns its status and log.
+    pub fn kill_hard(mut self) -> Result<(ExitStatus, String)> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("`{}` was already reaped", self.describe))?;
+        let pid = child.id() as i32;
+        let result = child.kill().and_then(|()| child.wait());
+        cleanup::remove_pid(pid);
+        let status = result.with_context(|| format!("killing `{}`", self.describe))?;
+        Ok((status, self.log()))
+    }
+
     /// Terminates and reaps the child; idempotent.
     fn terminate(&mut self) -> Result<ExitStatus> {
         let mut child = self

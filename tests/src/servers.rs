@@ -28,8 +28,11 @@ pub const UDP_PORT: u16 = 7000;
 const POLL_MS: i32 = 50;
 /// Read/write timeout for one HTTP connection.
 const CONN_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest one HTTP connection is served, however slowly its client sends.
+/// Longest one HTTP request head may take to arrive (also how long a keep-alive
+/// connection may idle between requests).
 const CONN_DEADLINE: Duration = Duration::from_secs(5);
+/// How often a connection waiting for a request looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 /// Most connections or datagrams handled per socket between two looks at the stop flag.
 const BATCH: usize = 256;
 /// Stack size of a connection thread (it only parses a request head).
@@ -96,22 +99,28 @@ impl Servers {
             backends: Vec::new(),
         };
         for b in &lab.backends {
-            let spec = Spec {
-                name: b.name.clone(),
-                netns: b.netns.path().to_owned(),
-                // UDP replies leave from the socket's bound address, so bind each address
-                // explicitly: the VIPs for balanced traffic, the own ones for direct checks.
-                udp_addrs: vec![
-                    IpAddr::V4(lab.vip4),
-                    IpAddr::V6(lab.vip6),
-                    IpAddr::V4(b.ipv4),
-                    IpAddr::V6(b.ipv6),
-                ],
-            };
             // On error `servers` drops here and stops the backends already started.
-            servers.backends.push(start_backend(spec)?);
+            servers.backends.push(start_backend(spec(lab, b))?);
         }
         Ok(servers)
+    }
+
+    /// Starts the servers of backend `name` again after [`Servers::stop_backend`] (it comes
+    /// back up); its counters restart at zero.
+    pub fn start_backend(&mut self, lab: &Lab, name: &str) -> Result<()> {
+        let b = lab
+            .backend(name)
+            .ok_or_else(|| anyhow!("no lab backend named {name}"))?;
+        let slot = self
+            .backends
+            .iter_mut()
+            .find(|s| s.name == name)
+            .ok_or_else(|| anyhow!("no backend server named {name}"))?;
+        if slot.thread.is_some() {
+            bail!("the servers of {name} are running already");
+        }
+        *slot = start_backend(spec(lab, b))?;
+        Ok(())
     }
 
     /// Requests served so far, per backend in lab order.
@@ -152,6 +161,22 @@ impl Drop for Servers {
         for b in &mut self.backends {
             b.stop();
         }
+    }
+}
+
+/// What the servers of lab backend `b` bind.
+fn spec(lab: &Lab, b: &crate::lab::Backend) -> Spec {
+    Spec {
+        name: b.name.clone(),
+        netns: b.netns.path().to_owned(),
+        // UDP replies leave from the socket's bound address, so bind each address
+        // explicitly: the VIPs for balanced traffic, the own ones for direct checks.
+        udp_addrs: vec![
+            IpAddr::V4(lab.vip4),
+            IpAddr::V6(lab.vip6),
+            IpAddr::V4(b.ipv4),
+            IpAddr::V6(b.ipv6),
+        ],
     }
 }
 
@@ -283,10 +308,8 @@ fn serve(spec: Spec, stop: &AtomicBool, counters: &Counters, ready: mpsc::Sender
                                 scope,
                                 move || {
                                     // A client that gave up is not the server's failure: only
-                                    // completed answers are counted.
-                                    if answer_http(stream, name).is_ok() {
-                                        counters.tcp.fetch_add(1, Ordering::Relaxed);
-                                    }
+                                    // completed answers are counted (inside serve_http).
+                                    let _ = serve_http(stream, name, stop, counters);
                                 },
                             );
                         }
@@ -302,39 +325,93 @@ fn serve(spec: Spec, stop: &AtomicBool, counters: &Counters, ready: mpsc::Sender
     });
 }
 
-/// Reads one request head and answers `200 OK` with the backend's name, then closes.
-fn answer_http(mut stream: TcpStream, name: &str) -> io::Result<()> {
+/// Answers `200 OK` with the backend's name to each request on the connection; keeps it
+/// open (HTTP/1.1 keep-alive, so load generators can measure both ways) unless the client
+/// asks to close or speaks HTTP/1.0, and closes it when the server stops.
+fn serve_http(
+    mut stream: TcpStream,
+    name: &str,
+    stop: &AtomicBool,
+    counters: &Counters,
+) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CONN_TIMEOUT))?;
+    // Short reads let an idle keep-alive connection notice the stop flag (a stopped backend
+    // must drop its connections like a killed server); data still returns at once.
+    stream.set_read_timeout(Some(STOP_CHECK))?;
     stream.set_write_timeout(Some(CONN_TIMEOUT))?;
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let deadline = Instant::now() + CONN_DEADLINE;
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        // Each read is bounded by CONN_TIMEOUT; a trickling client by the deadline.
-        if Instant::now() > deadline {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_REQUEST {
-            return Err(io::Error::other("request head too large"));
-        }
-    }
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-         X-Backend: {name}\r\nX-Client: {peer}\r\nConnection: close\r\n\r\n{name}",
-        name.len()
-    );
-    stream.write_all(response.as_bytes())?;
-    stream.flush()
+    let mut pending: Vec<u8> = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    loop {
+        // A trickling client (or an idle keep-alive one) is bounded by the deadline.
+        let deadline = Instant::now() + CONN_DEADLINE;
+        let end = loop {
+            if let Some(pos) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos + 4;
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return if pending.is_empty() {
+                    Ok(())
+                } else {
+                    Err(io::ErrorKind::TimedOut.into())
+                };
+            }
+            match stream.read(&mut buf) {
+                // EOF between requests is a client done with keep-alive, not an error.
+                Ok(0) if pending.is_empty() => return Ok(()),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            if pending.len() > MAX_REQUEST {
+                return Err(io::Error::other("request head too large"));
+            }
+        };
+        let head: Vec<u8> = pending.drain(..end).collect();
+        let close = wants_close(&head);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+             X-Backend: {name}\r\nX-Client: {peer}\r\nConnection: {}\r\n\r\n{name}",
+            name.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        stream.write_all(response.as_bytes())?;
+        stream.flush()?;
+        counters.tcp.fetch_add(1, Ordering::Relaxed);
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// Whether a request head ends its connection: `Connection: close`, or HTTP/1.0 without
+/// `Connection: keep-alive`.
+fn wants_close(head: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let mut lines = text.lines();
+    let http10 = lines
+        .next()
+        .is_some_and(|l| l.trim_end().ends_with("http/1.0"));
+    let connection = lines.find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == "connection").then(|| v.trim().to_owned())
+    });
+    match connection.as_deref() {
+        Some(v) if v.contains("close") => true,
+        Some(v) if v.contains("keep-alive") => false,
+        _ => http10,
+    }
 }
 
 /// Replies to every queued datagram with the backend's name, from the bound address.

@@ -1,13 +1,16 @@
 //! `cargo xtask demo`: xlb on its own namespaces. Builds a lab (a client
 //! with 16 IPv4 and 16 IPv6 addresses, an LB, three backends on a bridge),
 //! runs the real `xlb` binary, sends HTTP and UDP from every client several
-//! times, prints who went where, and cleans everything up.
+//! times, prints who went where; then runs `xlb daemon` with health checks,
+//! stops one backend's servers and drains another, printing which clients
+//! moved; and cleans everything up.
 
-use std::{collections::BTreeMap, process::ExitCode};
+use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use xlb_tests::{
     Lab, LabOptions, Proto, Servers,
+    daemon::{Daemon, HealthOptions, daemon_config},
     driver::{self, Mode},
 };
 
@@ -24,7 +27,7 @@ fn main() -> ExitCode {
 }
 
 fn step(n: usize, what: &str) {
-    println!("[{n}/6] {what}");
+    println!("[{n}/8] {what}");
 }
 
 fn demo() -> Result<()> {
@@ -54,7 +57,7 @@ fn demo() -> Result<()> {
         2,
         "starting HTTP (tcp/80) and UDP (7000) servers that answer with their name",
     );
-    let _servers = Servers::start(&lab)?;
+    let mut servers = Servers::start(&lab)?;
     if mode == Mode::Native {
         lab.attach_lb_peer_pass()?;
     }
@@ -93,12 +96,90 @@ fn demo() -> Result<()> {
         }
     }
 
-    step(6, "cleaning up: xlb detach, namespaces removed");
     driver::xlb(&lab, &["detach", "--config", config_arg])?;
     let _ = std::fs::remove_file(&config);
+
+    step(
+        6,
+        "xlb daemon with health checks (500ms, fall 3); b2's servers stop",
+    );
+    let daemon_cfg = lab.work_dir().join("xlb.toml");
+    std::fs::write(
+        &daemon_cfg,
+        daemon_config(&lab, mode, 3, &HealthOptions::default()),
+    )
+    .context("writing the daemon config")?;
+    let d = Daemon::start(&lab, &daemon_cfg)?;
+    let before = driver::observe(&lab, &protos, 1)?;
+    servers.stop_backend("b2")?;
+    let took = d.wait_backend(&lab, "http-v4", "b2", Duration::from_secs(15), |b| {
+        b["state"] == "down"
+    })?;
+    for svc in ["echo-v4", "http-v6", "echo-v6"] {
+        d.wait_backend(&lab, svc, "b2", Duration::from_secs(15), |b| {
+            b["state"] == "down"
+        })?;
+    }
+    println!("      b2 marked down {took:.1?} after its servers stopped");
+    let after = driver::observe(&lab, &protos, 1)?;
+    print_moves(&before, &after);
+
+    step(
+        7,
+        "b2 back; then xlb backend drain http-v4 b1 --deadline 3s",
+    );
+    servers.start_backend(&lab, "b2")?;
+    d.wait_backend(&lab, "http-v4", "b2", Duration::from_secs(15), |b| {
+        b["state"] == "active"
+    })?;
+    let before = driver::observe(&lab, &protos, 1)?;
+    if before != after {
+        bail!("clients moved when b2 came back");
+    }
+    println!("      b2 is up again; nobody moved back");
+    d.ctl(
+        &lab,
+        &["backend", "drain", "http-v4", "b1", "--deadline", "3s"],
+    )?;
+    let b1 = d.backend(&lab, "http-v4", "b1")?;
+    println!(
+        "      b1 draining: {} sessions, {} ms left",
+        b1["sessions"], b1["drain_left_ms"]
+    );
+    d.wait_backend(&lab, "http-v4", "b1", Duration::from_secs(10), |b| {
+        b["admin"] == "maint"
+    })?;
+    println!("      deadline passed: b1 is maint, its leftover clients moved");
+    let after = driver::observe(&lab, &protos, 1)?;
+    print_moves(&before, &after);
+
+    step(
+        8,
+        "cleaning up: daemon stopped, xlb detach, namespaces removed",
+    );
+    d.child.stop()?;
+    let cfg_arg = daemon_cfg.to_str().context("config path")?;
+    driver::xlb(&lab, &["detach", "--config", cfg_arg])?;
     drop(lab);
-    println!("done: every client stuck to one backend for all {ROUNDS} rounds.");
+    println!(
+        "done: every client stuck to one backend for all {ROUNDS} rounds; only the failed and the drained backend's clients moved."
+    );
     Ok(())
+}
+
+/// Prints the clients whose backend changed, and how many kept theirs.
+fn print_moves(before: &driver::Mapping, after: &driver::Mapping) {
+    let mut kept = 0;
+    for (key, was) in before {
+        match after.get(key) {
+            Some(now) if now != was => println!("      {} {:?}: {was} -> {now}", key.0, key.1),
+            _ => kept += 1,
+        }
+    }
+    println!(
+        "      {kept} of {} client/protocol pairs kept their backend",
+        before.len()
+    );
 }
 
 fn print_mapping(lab: &Lab, mapping: &driver::Mapping) {

@@ -1,0 +1,288 @@
+//! The control protocol between `xlb` CLI calls and the daemon.
+//!
+//! One request per connection on the Unix socket: the client writes one JSON
+//! line (a [`Request`]), the daemon answers with one JSON line (a
+//! [`Response`]) and closes. Both are plain serde types, so the CLI, tests
+//! and scripts share one definition.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+
+/// Default path of the control socket.
+pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+/// Largest request or response line accepted (a session list can be long).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest response line a client accepts.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
+/// A request to the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Daemon, dataplane and health summary.
+    Status,
+    /// Every service.
+    ServiceList,
+    /// Backends of one service, or of all.
+    BackendList {
+        /// Service name; all when absent.
+        service: Option<String>,
+    },
+    /// Adds a backend to a service at runtime.
+    BackendAdd {
+        /// Service name.
+        service: String,
+        /// Backend name; default the address.
+        name: Option<String>,
+        /// Backend address.
+        address: IpAddr,
+        /// Backend MAC.
+        mac: String,
+        /// Maglev weight; default 1.
+        weight: Option<u16>,
+    },
+    /// Removes a backend (its clients move to their Maglev choice).
+    BackendRemove {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+    },
+    /// Drains a backend: no new clients; maint when its sessions are gone or at the deadline.
+    BackendDrain {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+        /// Milliseconds until the leftover clients are moved; none waits for them.
+        deadline_ms: Option<u64>,
+    },
+    /// Makes a draining or maint backend active again.
+    BackendUndrain {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+    },
+    /// Changes a backend's Maglev weight.
+    BackendWeight {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+        /// New weight, 1..=65535.
+        weight: u16,
+    },
+    /// Sticky sessions, optionally of one service and/or backend.
+    SessionsList {
+        /// Service name filter.
+        service: Option<String>,
+        /// Backend name filter.
+        backend: Option<String>,
+    },
+    /// Where a client goes, per service of its family.
+    SessionsWhere {
+        /// The client address.
+        client: IpAddr,
+        /// Service name filter.
+        service: Option<String>,
+    },
+    /// Deletes sessions (their clients are re-balanced on their next packet).
+    SessionsFlush {
+        /// Service name filter.
+        service: Option<String>,
+        /// Backend name filter.
+        backend: Option<String>,
+    },
+    /// Dataplane counters.
+    Stats,
+    /// Re-reads the config file and applies the difference.
+    Reload,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data", rename_all = "snake_case")]
+pub enum Response {
+    /// The request failed; nothing was changed.
+    Error(String),
+    /// A change was made; what happened, for people.
+    Done(String),
+    /// Answer to `Status`.
+    Status(StatusInfo),
+    /// Answer to `ServiceList`.
+    Services(Vec<ServiceInfo>),
+    /// Answer to `BackendList`.
+    Backends(Vec<BackendInfo>),
+    /// Answer to `SessionsList`.
+    Sessions(Vec<SessionInfo>),
+    /// Answer to `SessionsWhere`.
+    Where(Vec<WhereInfo>),
+    /// Answer to `Stats`.
+    Stats(crate::stats::Snapshot),
+}
+
+/// Daemon summary.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatusInfo {
+    /// Daemon process id.
+    pub pid: u32,
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+    /// Config file path.
+    pub config: String,
+    /// State file path.
+    pub state_file: String,
+    /// Interface XDP is attached to.
+    pub interface: String,
+    /// Pin directory.
+    pub pins: String,
+    /// Whether the XDP link was adopted from an earlier run (vs attached anew).
+    pub adopted: bool,
+    /// Number of services.
+    pub services: usize,
+    /// Number of backends, and how many are usable (active, healthy).
+    pub backends: usize,
+    /// Backends taking new clients.
+    pub backends_up: usize,
+    /// Services in panic mode (every backend failing its checks).
+    pub panic_services: Vec<String>,
+    /// Affinity entries in the map.
+    pub sessions: usize,
+}
+
+/// One service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Name.
+    pub name: String,
+    /// Service id in the dataplane.
+    pub id: u32,
+    /// VIP.
+    pub vip: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// "tcp" or "udp".
+    pub protocol: String,
+    /// Number of backends.
+    pub backends: usize,
+    /// Backends taking new clients.
+    pub backends_up: usize,
+    /// Whether every backend fails its checks (panic mode: all are used anyway).
+    pub panic: bool,
+    /// Health check summary, if configured.
+    pub health: Option<String>,
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Service name.
+    pub service: String,
+    /// Backend name.
+    pub name: String,
+    /// Backend id in the dataplane.
+    pub id: u32,
+    /// Address.
+    pub address: IpAddr,
+    /// MAC.
+    pub mac: String,
+    /// Maglev weight.
+    pub weight: u16,
+    /// Administrative state: "active", "draining" or "maint".
+    pub admin: String,
+    /// Health: "up", "down" or "unchecked".
+    pub health: String,
+    /// What the kernel sees: "active", "draining" or "down".
+    pub state: String,
+    /// Fresh affinity entries pointing at this backend.
+    pub sessions: u64,
+    /// Milliseconds left before a drain moves the leftover clients.
+    pub drain_left_ms: Option<u64>,
+    /// Why the backend last changed health, if it did.
+    pub reason: Option<String>,
+}
+
+/// One sticky session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Service name.
+    pub service: String,
+    /// Client address, masked to the service prefix.
+    pub client: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Backend name ("#id" if unknown).
+    pub backend: String,
+    /// Backend address, if known.
+    pub backend_address: Option<IpAddr>,
+    /// Milliseconds since last refresh.
+    pub idle_ms: u64,
+}
+
+/// Where one client goes in one service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WhereInfo {
+    /// Service name.
+    pub service: String,
+    /// Client address masked to the service prefix.
+    pub client: IpAddr,
+    /// Backend name, if any is usable.
+    pub backend: Option<String>,
+    /// Backend address.
+    pub backend_address: Option<IpAddr>,
+    /// "session" (an affinity entry decides) or "maglev" (none: the table decides).
+    pub source: String,
+    /// Milliseconds since the session was refreshed ("session" only).
+    pub idle_ms: Option<u64>,
+    /// Whether the entry is past the affinity timeout (the next packet re-selects).
+    pub expired: bool,
+}
+
+/// Sends one request to the daemon at `socket` and returns its answer.
+///
+/// A missing socket or a refused connection become one line saying the
+/// daemon is not running.
+pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
+    let stream = match tokio::net::UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            bail!(
+                "no xlb daemon is running (nothing listens on {}; start one with `xlb daemon --config FILE`)",
+                socket.display()
+            )
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("connecting to {}", socket.display()));
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request).context("encoding the request")?;
+    line.push(b'\n');
+    write
+        .write_all(&line)
+        .await
+        .context("sending the request")?;
+    write.shutdown().await.context("sending the request")?;
+    let mut reader = BufReader::new(read).take(MAX_RESPONSE_BYTES as u64);
+    let mut answer = String::new();
+    // A reload or a large flush may take a while; a wedged daemon must not hang the CLI.
+    tokio::time::timeout(Duration::from_secs(60), reader.read_line(&mut answer))
+        .await
+        .context("the daemon did not answer within 60 s")?
+        .context("reading the answer")?;
+    if answer.trim().is_empty() {
+        bail!("the daemon closed the connection without answering");
+    }
+    serde_json::from_str(&answer).context("decoding the daemon's answer")
+}

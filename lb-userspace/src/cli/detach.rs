@@ -1,0 +1,22 @@
+//! `xlb detach`: detach the program and remove every pin.
+
+use anyhow::Result;
+use xlb::dataplane;
+
+use super::Target;
+
+/// `xlb detach`.
+pub fn run(target: Target) -> Result<()> {
+    let dir = target.pin_path()?;
+    let removed = dataplane::detach(&dir)?;
+    if removed.is_empty() {
+        println!("nothing pinned at {}", dir.display());
+    } else {
+        println!(
+            "detached; removed {} pins from {}",
+            removed.len(),
+            dir.display()
+        );
+    }
+    Ok(())
+}

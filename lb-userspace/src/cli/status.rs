@@ -1,0 +1,42 @@
+//! `xlb status`.
+
+use anyhow::Result;
+use xlb::api::{Request, Response};
+
+use super::{Ctx, print_json, unexpected};
+
+/// `xlb status`.
+pub fn run(ctx: &Ctx) -> Result<()> {
+    let s = match ctx.call(&Request::Status)? {
+        Response::Status(s) => s,
+        other => return unexpected(&other),
+    };
+    if ctx.json {
+        return print_json(&s);
+    }
+    println!("daemon      pid {}, up {}s", s.pid, s.uptime_s);
+    println!("config      {}", s.config);
+    println!("state file  {}", s.state_file);
+    println!(
+        "dataplane   {} (pins {}, {})",
+        s.interface,
+        s.pins,
+        if s.adopted {
+            "adopted"
+        } else {
+            "attached anew"
+        }
+    );
+    println!(
+        "services    {}; backends {} ({} taking new clients)",
+        s.services, s.backends, s.backends_up
+    );
+    println!("sessions    {}", s.sessions);
+    if !s.panic_services.is_empty() {
+        println!(
+            "PANIC MODE  {} (every backend failing checks; all used anyway)",
+            s.panic_services.join(", ")
+        );
+    }
+    Ok(())
+}

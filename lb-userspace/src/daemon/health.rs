@@ -1,0 +1,172 @@
+//! Health checks: one tokio task per checked backend, started spread over
+//! the interval so a large pool is not probed all at once. Each result goes
+//! to [`Lb::health_result`](super::lb::Lb::health_result), which owns the
+//! rise/fall counters and the transitions.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::task::JoinHandle;
+
+use super::Shared;
+use super::lb::{BackendRef, CheckTarget};
+use crate::config::{HealthConfig, HealthKind};
+
+/// Largest HTTP answer head read by a check.
+const MAX_HTTP_HEAD: usize = 4096;
+
+/// Runs one check; `Ok(latency)` or `Err(why)` in words for the transition log.
+pub async fn check(addr: SocketAddr, spec: &HealthConfig) -> Result<Duration, String> {
+    let start = Instant::now();
+    let timeout = spec.timeout;
+    let result = tokio::time::timeout(timeout, run(addr, &spec.kind)).await;
+    match result {
+        Ok(Ok(())) => Ok(start.elapsed()),
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err(format!(
+            "timeout after {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+async fn run(addr: SocketAddr, kind: &HealthKind) -> Result<(), String> {
+    match kind {
+        HealthKind::Tcp => {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            Ok(())
+        }
+        HealthKind::Http { path, status } => {
+            let mut stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let host = match addr.ip() {
+                IpAddr::V4(a) => a.to_string(),
+                IpAddr::V6(a) => format!("[{a}]"),
+            };
+            let request = format!(
+                "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: xlb-health\r\nConnection: close\r\n\r\n"
+            );
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| format!("sending the request: {e}"))?;
+            let mut head = Vec::with_capacity(256);
+            let mut buf = [0u8; 512];
+            while !head.contains(&b'\n') && head.len() < MAX_HTTP_HEAD {
+                let n = stream
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("reading the answer: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&head);
+            let line = text.lines().next().unwrap_or_default();
+            let code = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok())
+                .ok_or_else(|| {
+                    format!(
+                        "not an HTTP answer: {:?}",
+                        line.chars().take(60).collect::<String>()
+                    )
+                })?;
+            if code != *status {
+                return Err(format!("HTTP status {code} (expected {status})"));
+            }
+            Ok(())
+        }
+        HealthKind::Udp { send, expect } => {
+            let local = match addr {
+                SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+                SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+            };
+            let sock = tokio::net::UdpSocket::bind(local)
+                .await
+                .map_err(|e| format!("binding: {e}"))?;
+            // Connected, so an ICMP port unreachable fails the check at once.
+            sock.connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            sock.send(send.as_bytes())
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let mut buf = [0u8; 2048];
+            let n = sock
+                .recv(&mut buf)
+                .await
+                .map_err(|e| format!("receive: {e}"))?;
+            let reply = String::from_utf8_lossy(&buf[..n]);
+            if !reply.contains(expect.as_str()) {
+                return Err(format!(
+                    "reply {:?} lacks {expect:?}",
+                    reply.chars().take(60).collect::<String>()
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The running check tasks, one per checked backend.
+#[derive(Default)]
+pub struct Checks {
+    running: HashMap<BackendRef, (CheckTarget, JoinHandle<()>)>,
+}
+
+impl Checks {
+    /// Starts checks for new targets, stops those of removed or changed ones.
+    pub fn sync(&mut self, targets: Vec<CheckTarget>, shared: &Arc<Shared>) {
+        self.running.retain(|r, (t, handle)| {
+            let keep = targets.iter().any(|n| n == t) && !handle.is_finished();
+            if !keep {
+                tracing::debug!(backend = %r, "stopping health checks");
+                handle.abort();
+            }
+            keep
+        });
+        let new: Vec<CheckTarget> = targets
+            .into_iter()
+            .filter(|t| !self.running.contains_key(&t.backend))
+            .collect();
+        let n = new.len() as u32;
+        for (i, target) in new.into_iter().enumerate() {
+            // Spread the first checks evenly over one interval.
+            let offset = target.spec.interval * i as u32 / n.max(1);
+            let handle = tokio::spawn(check_loop(target.clone(), offset, shared.clone()));
+            self.running
+                .insert(target.backend.clone(), (target, handle));
+        }
+    }
+
+    /// Stops every check.
+    pub fn stop_all(&mut self) {
+        for (_, (_, handle)) in self.running.drain() {
+            handle.abort();
+        }
+    }
+}
+
+async fn check_loop(target: CheckTarget, offset: Duration, shared: Arc<Shared>) {
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + offset, target.spec.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = check(target.addr, &target.spec).await;
+        shared.metrics.observe_check(&target.backend, &result);
+        let outcome = shared.lock().health_result(&target.backend, result);
+        if let Err(e) = outcome {
+            tracing::error!(backend = %target.backend, "applying a health transition failed: {e:#}");
+        }
+    }
+}

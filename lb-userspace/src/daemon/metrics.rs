@@ -1,0 +1,304 @@
+//! Prometheus metrics at `http://<metrics_address>/metrics`.
+//!
+//! Kernel counters are read at scrape time (they live in per-CPU maps, so
+//! there is nothing to keep in userspace) into a fresh registry; only the
+//! health-check latency histograms, which exist nowhere else, are kept
+//! between scrapes. Encoding is prometheus-client's.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Shared;
+use super::lb::{BackendRef, Lb};
+use lb_common::stat;
+
+type Labels = Vec<(String, String)>;
+
+fn histogram() -> Histogram {
+    // 0.5 ms .. ~4 s: a local check is sub-millisecond, a timeout is seconds.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+/// Metrics kept between scrapes.
+pub struct Metrics {
+    check_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    check_failures: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            check_seconds: Family::new_with_constructor(histogram as fn() -> Histogram),
+            check_failures: Family::default(),
+        }
+    }
+}
+
+fn labels(r: &BackendRef) -> Labels {
+    vec![
+        ("service".to_string(), r.service.clone()),
+        ("backend".to_string(), r.backend.clone()),
+    ]
+}
+
+impl Metrics {
+    /// Records one health-check result.
+    pub fn observe_check(&self, r: &BackendRef, result: &Result<Duration, String>) {
+        match result {
+            Ok(latency) => {
+                self.check_seconds
+                    .get_or_create(&labels(r))
+                    .observe(latency.as_secs_f64());
+            }
+            Err(_) => {
+                self.check_failures.get_or_create(&labels(r)).inc();
+            }
+        }
+    }
+
+    /// The whole exposition text.
+    pub fn render(&self, lb: &Lb) -> Result<String> {
+        let mut reg = Registry::with_prefix("xlb");
+        let snap = lb.stats()?;
+        let services = lb.services();
+        let backends = lb.backends(None)?;
+
+        let verdicts = Family::<Labels, Counter>::default();
+        let drops = Family::<Labels, Counter>::default();
+        let reselect = Family::<Labels, Counter>::default();
+        let hits = Counter::<u64>::default();
+        let misses = Counter::<u64>::default();
+        for (i, (name, value)) in snap.reasons.iter().enumerate() {
+            verdicts
+                .get_or_create(&vec![("reason".to_string(), name.clone())])
+                .inc_by(*value);
+            if let Some(reason) = name.strip_prefix("drop_") {
+                drops
+                    .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+                    .inc_by(*value);
+            }
+            match i as u32 {
+                stat::AFFINITY_HIT => {
+                    hits.inc_by(*value);
+                }
+                stat::NEW_SESSION => {
+                    misses.inc_by(*value);
+                }
+                stat::RESELECT_EXPIRED => {
+                    reselect
+                        .get_or_create(&vec![("reason".to_string(), "expired".to_string())])
+                        .inc_by(*value);
+                }
+                stat::RESELECT_DOWN => {
+                    reselect
+                        .get_or_create(&vec![("reason".to_string(), "backend_down".to_string())])
+                        .inc_by(*value);
+                }
+                _ => {}
+            }
+        }
+        reg.register(
+            "frames",
+            "Frames by dataplane verdict or reason (every frame counts once)",
+            verdicts,
+        );
+        reg.register("drops", "Frames dropped, by reason", drops);
+        reg.register("affinity_hits", "Frames that found their session", hits);
+        reg.register(
+            "affinity_misses",
+            "Frames of clients without a session (Maglev choice recorded)",
+            misses,
+        );
+        reg.register(
+            "affinity_reselections",
+            "Sessions re-selected by the kernel, by reason",
+            reselect,
+        );
+
+        let svc_packets = Family::<Labels, Counter>::default();
+        let svc_bytes = Family::<Labels, Counter>::default();
+        let svc_new = Family::<Labels, Counter>::default();
+        let panic = Family::<Labels, Gauge>::default();
+        for svc in &services {
+            let l = vec![("service".to_string(), svc.name.clone())];
+            panic.get_or_create(&l).set(i64::from(svc.panic));
+            if let Some((_, t)) = snap.services.iter().find(|(id, _)| *id == svc.id) {
+                svc_packets.get_or_create(&l).inc_by(t.packets);
+                svc_bytes.get_or_create(&l).inc_by(t.bytes);
+                svc_new.get_or_create(&l).inc_by(t.new_sessions);
+            }
+        }
+        reg.register(
+            "service_packets",
+            "Frames forwarded per service",
+            svc_packets,
+        );
+        reg.register("service_bytes", "Bytes forwarded per service", svc_bytes);
+        reg.register(
+            "service_new_sessions",
+            "Sessions created per service",
+            svc_new,
+        );
+        reg.register(
+            "service_panic",
+            "1 while every backend of the service fails its checks (all used anyway)",
+            panic,
+        );
+
+        let be_packets = Family::<Labels, Counter>::default();
+        let be_bytes = Family::<Labels, Counter>::default();
+        let be_new = Family::<Labels, Counter>::default();
+        let be_sessions = Family::<Labels, Gauge>::default();
+        let be_healthy = Family::<Labels, Gauge>::default();
+        let be_state = Family::<Labels, Gauge>::default();
+        for b in &backends {
+            let l = vec![
+                ("service".to_string(), b.service.clone()),
+                ("backend".to_string(), b.name.clone()),
+            ];
+            if let Some((_, t)) = snap.backends.iter().find(|(id, _)| *id == b.id) {
+                be_packets.get_or_create(&l).inc_by(t.packets);
+                be_bytes.get_or_create(&l).inc_by(t.bytes);
+                be_new.get_or_create(&l).inc_by(t.new_sessions);
+            }
+            be_sessions
+                .get_or_create(&l)
+                .set(i64::try_from(b.sessions).unwrap_or(i64::MAX));
+            if b.health != "unchecked" {
+                be_healthy
+                    .get_or_create(&l)
+                    .set(i64::from(b.health == "up"));
+            }
+            for state in ["active", "draining", "down"] {
+                let mut ls = l.clone();
+                ls.push(("state".to_string(), state.to_string()));
+                be_state.get_or_create(&ls).set(i64::from(b.state == state));
+            }
+        }
+        reg.register(
+            "backend_packets",
+            "Frames forwarded per backend",
+            be_packets,
+        );
+        reg.register("backend_bytes", "Bytes forwarded per backend", be_bytes);
+        reg.register(
+            "backend_new_sessions",
+            "Sessions created per backend",
+            be_new,
+        );
+        reg.register(
+            "backend_sessions",
+            "Fresh sessions (affinity entries) pointing at the backend",
+            be_sessions,
+        );
+        reg.register(
+            "backend_healthy",
+            "1 if the backend passes its health checks, 0 if not (checked backends only)",
+            be_healthy,
+        );
+        reg.register(
+            "backend_state",
+            "The backend's state in the kernel (1 for the current one)",
+            be_state,
+        );
+
+        let mut out = String::new();
+        encode_registry(&mut out, &reg).context("encoding metrics")?;
+        let mut kept = Registry::with_prefix("xlb");
+        kept.register(
+            "health_check_duration_seconds",
+            "Latency of successful health checks",
+            self.check_seconds.clone(),
+        );
+        kept.register(
+            "health_check_failures",
+            "Failed health checks",
+            self.check_failures.clone(),
+        );
+        encode_registry(&mut out, &kept).context("encoding metrics")?;
+        encode_eof(&mut out).context("encoding metrics")?;
+        Ok(out)
+    }
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {addr}"))
+}
+
+/// Serves `/metrics` until the task is aborted.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("accepting a metrics connection: {e}");
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, &shared).await {
+                tracing::debug!("metrics connection: {e:#}");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, shared: &Shared) -> Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    // A bounded read of the request head: slow or huge requests are dropped.
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        std::io::Result::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .context("request head not complete within 5 s")??;
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next(), parts.next());
+    let (status, ctype, body) = if method == Some("GET") && path == Some("/metrics") {
+        let text = {
+            let lb = shared.lock();
+            shared.metrics.render(&lb)
+        };
+        match text {
+            Ok(t) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", t),
+            Err(e) => (
+                "500 Internal Server Error",
+                "text/plain",
+                format!("{e:#}\n"),
+            ),
+        }
+    } else {
+        ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await?;
+    Ok(())
+}

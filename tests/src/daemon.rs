@@ -1,0 +1,198 @@
+//! Driving `xlb daemon` inside a lab: a config with health checks, the
+//! daemon process (socket and state file in the lab's private directory),
+//! and `xlb --json` control calls decoded for assertions.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    Lab, NsChild,
+    driver::{self, Mode},
+};
+
+/// How long a daemon gets to answer on its socket after starting.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Health-check settings written into every service of a daemon config.
+#[derive(Clone, Debug)]
+pub struct HealthOptions {
+    /// `interval`, e.g. "500ms".
+    pub interval: &'static str,
+    /// `timeout`.
+    pub timeout: &'static str,
+    /// `rise`.
+    pub rise: u32,
+    /// `fall`.
+    pub fall: u32,
+}
+
+impl Default for HealthOptions {
+    fn default() -> Self {
+        // Fast enough for tests; the logic is the same as with HAProxy's defaults.
+        Self {
+            interval: "500ms",
+            timeout: "300ms",
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// The lab config (both VIPs, HTTP and UDP, the first `backends` lab backends) with
+/// HTTP/UDP health checks, a small Maglev table and the state file in the work dir.
+pub fn daemon_config(lab: &Lab, mode: Mode, backends: usize, health: &HealthOptions) -> String {
+    let mut text = driver::lab_config(lab, mode);
+    // Only the first `backends`: drop [[service.backend]] blocks of the others.
+    for b in lab.backends.iter().skip(backends) {
+        for vip in lab.vips() {
+            let block = format!(
+                "[[service.backend]]\nname = \"{}\"\naddress = \"{}\"\nmac = \"{}\"\n",
+                b.name,
+                b.addr_like(vip),
+                b.mac
+            );
+            text = text.replace(&block, "");
+        }
+    }
+    let mut out = format!(
+        "state_file = \"{}\"\nmaglev_table_size = 4099\n",
+        lab.work_dir().join("state.json").display()
+    );
+    let mut parts = text.split("\n[[service]]\n");
+    out.push_str(parts.next().unwrap_or_default());
+    for block in parts {
+        out.push_str("\n[[service]]\n");
+        out.push_str(block);
+        let kind = if block.contains("protocol = \"tcp\"") {
+            "kind = \"http\"\nhttp_path = \"/\"\n"
+        } else {
+            "kind = \"udp\"\n"
+        };
+        // After the backends: [service.health] belongs to the last [[service]].
+        out.push_str(&format!(
+            "\n[service.health]\n{kind}interval = \"{}\"\ntimeout = \"{}\"\nrise = {}\nfall = {}\n",
+            health.interval, health.timeout, health.rise, health.fall
+        ));
+    }
+    out
+}
+
+/// A running `xlb daemon` in the lab's LB namespace; killed when dropped.
+pub struct Daemon {
+    /// The process (its log is in `child.log()`).
+    pub child: NsChild,
+    /// Control socket.
+    pub socket: PathBuf,
+    /// Config file.
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    /// Writes nothing; starts `xlb daemon --config CONFIG --socket <work dir>/xlb.sock` and
+    /// waits until it answers `status`.
+    pub fn start(lab: &Lab, config: &Path) -> Result<Self> {
+        let socket = lab.work_dir().join("xlb.sock");
+        let bin = driver::xlb_bin()?;
+        let argv = [
+            bin.to_str().context("xlb path is not UTF-8")?,
+            "--socket",
+            socket.to_str().context("socket path is not UTF-8")?,
+            "daemon",
+            "--config",
+            config.to_str().context("config path is not UTF-8")?,
+        ];
+        let mut child = lab.spawn_in_lb(&argv)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "xlb daemon exited ({status}) while starting:\n{}",
+                    child.log()
+                );
+            }
+            if socket.exists() {
+                let out = ctl_output(lab, &socket, &["status"])?;
+                if out.status.success() {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "xlb daemon did not answer within {START_TIMEOUT:?}:\n{}",
+                    child.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self {
+            child,
+            socket,
+            config: config.to_path_buf(),
+        })
+    }
+
+    /// Runs `xlb --socket S --json ARGS` and parses its JSON; fails with the output if it fails.
+    pub fn ctl(&self, lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
+        let out = ctl_output(lab, &self.socket, args)?;
+        if !out.status.success() {
+            bail!(
+                "xlb {} failed ({}): {}{}\ndaemon log:\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                crate::cmd::tail(self.child.log().as_bytes())
+            );
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("xlb {} --json printed no JSON", args.join(" ")))
+    }
+
+    /// `xlb backend list --json` as (service, backend) -> the backend's JSON object.
+    pub fn backend(&self, lab: &Lab, service: &str, backend: &str) -> Result<serde_json::Value> {
+        let list = self.ctl(lab, &["backend", "list", service])?;
+        list.as_array()
+            .and_then(|l| l.iter().find(|b| b["name"] == backend))
+            .cloned()
+            .with_context(|| format!("backend {service}/{backend} not listed: {list}"))
+    }
+
+    /// Polls until `pred` holds for backend `service/backend`, at most `timeout`; returns
+    /// how long it took.
+    pub fn wait_backend(
+        &self,
+        lab: &Lab,
+        service: &str,
+        backend: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let b = self.backend(lab, service, backend)?;
+            if pred(&b) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!("{service}/{backend} not as expected within {timeout:?}: {b}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Runs `xlb --socket S --json ARGS` in the LB namespace; the status is not checked.
+pub fn ctl_output(lab: &Lab, socket: &Path, args: &[&str]) -> Result<Output> {
+    let bin = driver::xlb_bin()?;
+    let mut argv = vec![
+        bin.to_str().context("xlb path is not UTF-8")?,
+        "--socket",
+        socket.to_str().context("socket path is not UTF-8")?,
+        "--json",
+    ];
+    argv.extend_from_slice(args);
+    lab.run_in_lb(&argv)
+}
