@@ -3,6 +3,7 @@
 //! and noisy; every figure is a median with its min–max and a ratio to a
 //! baseline measured in the same run.
 
+pub mod peers;
 pub mod prog_cost;
 pub mod report;
 pub mod traffic;
@@ -22,6 +23,10 @@ pub struct Budget {
     pub scale_sizes: &'static [u32],
     /// Frames per contender and round in the packet-rate part.
     pub gen_frames: u32,
+    /// Interleaved rounds of the peers part (each contender, both connection modes).
+    pub peer_rounds: usize,
+    /// Seconds of one wrk run in the peers part.
+    pub peer_secs: u32,
 }
 
 impl Budget {
@@ -32,6 +37,8 @@ impl Budget {
         miss_frames: 5_000,
         scale_sizes: &[1_000, 100_000],
         gen_frames: 1_000_000,
+        peer_rounds: 2,
+        peer_secs: 2,
     };
     /// The full run.
     pub const FULL: Budget = Budget {
@@ -40,6 +47,8 @@ impl Budget {
         miss_frames: 20_000,
         scale_sizes: &[1_000, 100_000, 1_000_000, 10_000_000],
         gen_frames: 5_000_000,
+        peer_rounds: 5,
+        peer_secs: 5,
     };
     /// The smallest configuration, for the test that keeps the bench from rotting.
     pub const SMOKE: Budget = Budget {
@@ -48,6 +57,8 @@ impl Budget {
         miss_frames: 200,
         scale_sizes: &[1_000],
         gen_frames: 20_000,
+        peer_rounds: 1,
+        peer_secs: 1,
     };
 }
 
@@ -127,6 +138,8 @@ pub struct Report {
     pub scale: Vec<ScalePoint>,
     /// Parts that could not run, with the reason.
     pub skipped: Vec<(String, String)>,
+    /// Every wrk run of the peers part, raw.
+    pub peer_runs: Vec<peers::PeerRun>,
 }
 
 /// Cost and memory at one affinity map size.
@@ -134,6 +147,8 @@ pub struct Report {
 pub struct ScalePoint {
     /// Entries pre-filled in the affinity map.
     pub entries: u32,
+    /// The map's capacity: the entries plus room for every miss frame.
+    pub capacity: u32,
     /// Hit-path ns/packet (median).
     pub hit_ns: f64,
     /// Miss-path ns/packet (median).

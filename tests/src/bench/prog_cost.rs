@@ -342,6 +342,7 @@ pub fn part2(budget: Budget) -> Result<Vec<ScalePoint>> {
         }
         points.push(ScalePoint {
             entries: size,
+            capacity,
             hit_ns: Series::new("hit", "ns", hits).median,
             miss_ns: Series::new("miss", "ns", misses).median,
             affinity_bytes,

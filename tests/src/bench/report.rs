@@ -84,16 +84,18 @@ pub fn markdown(report: &Report) -> String {
         s.push_str("### Scale: affinity map size\n\n");
         s.push_str(
             "Hit path (`repeat`) and miss path (each new client once) with the affinity map \
-             pre-filled from userspace, and the kernel memory the maps take (fdinfo `memlock`). \
-             Plot: `scale.svg`.\n\n",
+             pre-filled from userspace, and the kernel memory the maps take (fdinfo `memlock`; \
+             an LRU map allocates its whole capacity up front, and the capacity leaves room for \
+             every miss frame). Plot: `scale.svg`.\n\n",
         );
-        s.push_str("| entries | hit ns | miss ns | affinity map MiB | all maps MiB |\n");
-        s.push_str("|---:|---:|---:|---:|---:|\n");
+        s.push_str("| entries | capacity | hit ns | miss ns | affinity map MiB | all maps MiB |\n");
+        s.push_str("|---:|---:|---:|---:|---:|---:|\n");
         for p in &report.scale {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} | {:.1} | {:.1} |",
                 p.entries,
+                p.capacity,
                 fmt_num(p.hit_ns),
                 fmt_num(p.miss_ns),
                 p.affinity_bytes as f64 / 1048576.0,
