@@ -1179,6 +1179,15 @@ mod example_tests {
 
     /// The example shipped next to the crate must stay valid.
     #[test]
+    fn demo_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/demo.toml");
+        let config = Config::load(&path).expect("tests/demo.toml is valid");
+        assert_eq!(config.services.len(), 4);
+        assert!(config.services.iter().all(|s| s.backends.len() == 3));
+        assert!(config.services.iter().all(|s| s.health.is_some()));
+    }
+
+    #[test]
     fn shipped_example_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("xlb.example.toml");
         let config = Config::load(&path).expect("xlb.example.toml is valid");

@@ -10,11 +10,55 @@ use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use xlb_tests::{
     Lab, LabOptions, Proto, Servers,
-    daemon::{Daemon, HealthOptions, daemon_config},
+    daemon::Daemon,
     driver::{self, Mode},
 };
 
 const ROUNDS: usize = 5;
+
+/// The config the demo runs, checked in as the project's full example.
+const DEMO_CONFIG: &str = include_str!("../../demo.toml");
+
+/// Writes `tests/demo.toml` into the lab's work directory with its pin
+/// directory, state file and XDP mode pointed at this lab, after checking
+/// that every VIP, backend address and MAC in it is the lab's.
+fn demo_config(lab: &Lab, mode: Mode) -> Result<std::path::PathBuf> {
+    for vip in lab.vips() {
+        if !DEMO_CONFIG.contains(&format!("vip = \"{vip}\"")) {
+            bail!("tests/demo.toml has no service on the lab's VIP {vip}");
+        }
+        for b in &lab.backends {
+            let entry = format!("address = \"{}\"\nmac = \"{}\"", b.addr_like(vip), b.mac);
+            if !DEMO_CONFIG.contains(&entry) {
+                bail!(
+                    "tests/demo.toml does not match the lab: missing {}",
+                    entry.replace('\n', " ")
+                );
+            }
+        }
+    }
+    let text: Vec<String> = DEMO_CONFIG
+        .lines()
+        .map(|l| {
+            if l.starts_with("pin_dir = ") {
+                format!("pin_dir = \"{}\"", lab.bpffs_dir().display())
+            } else if l.starts_with("state_file = ") {
+                format!(
+                    "state_file = \"{}\"",
+                    lab.work_dir().join("state.json").display()
+                )
+            } else if l.starts_with("xdp_mode = ") {
+                format!("xdp_mode = \"{}\"", mode.as_str())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    let path = lab.work_dir().join("xlb.toml");
+    std::fs::write(&path, text.join("\n") + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
 
 fn main() -> ExitCode {
     match demo() {
@@ -66,8 +110,9 @@ fn demo() -> Result<()> {
         3,
         &format!("xlb run ({} XDP on {})", mode.as_str(), lab.lb_if),
     );
-    let config = driver::write_lab_config(&lab, mode)?;
+    let config = demo_config(&lab, mode)?;
     let config_arg = config.to_str().context("config path")?;
+    println!("      config: tests/demo.toml (pins and state file in the lab's own directories)");
     let out = driver::xlb(&lab, &["run", "--config", config_arg])?;
     print!("{}", indent(&String::from_utf8_lossy(&out.stderr)));
 
@@ -97,18 +142,12 @@ fn demo() -> Result<()> {
     }
 
     driver::xlb(&lab, &["detach", "--config", config_arg])?;
-    let _ = std::fs::remove_file(&config);
 
     step(
         6,
         "xlb daemon with health checks (500ms, fall 3); b2's servers stop",
     );
-    let daemon_cfg = lab.work_dir().join("xlb.toml");
-    std::fs::write(
-        &daemon_cfg,
-        daemon_config(&lab, mode, 3, &HealthOptions::default()),
-    )
-    .context("writing the daemon config")?;
+    let daemon_cfg = config.clone();
     let d = Daemon::start(&lab, &daemon_cfg)?;
     let before = driver::observe(&lab, &protos, 1)?;
     servers.stop_backend("b2")?;
