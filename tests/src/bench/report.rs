@@ -138,6 +138,7 @@ pub fn scale_plot(report: &Report, path: &Path) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc("affinity map entries")
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .y_desc("ns/packet")
         .draw()
         .context("drawing the mesh")?;
@@ -172,6 +173,87 @@ pub fn scale_plot(report: &Report, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Draws the medians of every table measured in `unit` as horizontal bars
+/// with min–max whiskers, one panel per table, as SVG.
+pub fn throughput_plot(report: &Report, unit: &str, path: &Path) -> Result<bool> {
+    let tables: Vec<&Table> = report
+        .tables
+        .iter()
+        .filter(|t| t.rows.first().is_some_and(|r| r.unit == unit))
+        .collect();
+    if tables.is_empty() {
+        return Ok(false);
+    }
+    let rows: usize = tables.iter().map(|t| t.rows.len()).sum();
+    let height = 60 * tables.len() as u32 + 34 * rows as u32;
+    let root = SVGBackend::new(path, (860, height)).into_drawing_area();
+    root.fill(&WHITE).context("drawing")?;
+    let heights: Vec<u32> = tables
+        .iter()
+        .map(|t| 60 + 34 * t.rows.len() as u32)
+        .collect();
+    let mut rest = root;
+    for (t, h) in tables.iter().zip(heights) {
+        let (area, below) = rest.split_vertically(h);
+        rest = below;
+        let max = t.rows.iter().map(|r| r.max).fold(0.0, f64::max) * 1.1;
+        let n = t.rows.len();
+        let mut chart = ChartBuilder::on(&area)
+            .caption(&t.title, ("sans-serif", 15))
+            .margin(8)
+            .x_label_area_size(24)
+            .y_label_area_size(300)
+            .build_cartesian_2d(0.0..max.max(1e-9), (0..n).into_segmented())
+            .context("building the chart")?;
+        let names: Vec<String> = t.rows.iter().map(|r| r.name.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .x_desc(unit)
+            .x_label_formatter(&|v| {
+                if max >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            })
+            .y_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .draw()
+            .context("drawing the mesh")?;
+        chart
+            .draw_series(t.rows.iter().enumerate().map(|(i, r)| {
+                let color = if r.name == t.baseline { &BLACK } else { &BLUE };
+                let mut bar = Rectangle::new(
+                    [
+                        (0.0, SegmentValue::Exact(i)),
+                        (r.median, SegmentValue::Exact(i + 1)),
+                    ],
+                    color.mix(0.6).filled(),
+                );
+                bar.set_margin(5, 5, 0, 0);
+                bar
+            }))
+            .context("drawing bars")?;
+        chart
+            .draw_series(t.rows.iter().enumerate().map(|(i, r)| {
+                PathElement::new(
+                    vec![
+                        (r.min, SegmentValue::CenterOf(i)),
+                        (r.max, SegmentValue::CenterOf(i)),
+                    ],
+                    RED.stroke_width(2),
+                )
+            }))
+            .context("drawing whiskers")?;
+    }
+    // Every area shares the one backend: presenting any of them writes the file.
+    rest.present().context("writing the plot")?;
+    Ok(true)
+}
+
 /// Writes report.md, report.json and the plots into `dir`.
 pub fn write(report: &Report, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -179,5 +261,7 @@ pub fn write(report: &Report, dir: &Path) -> Result<()> {
     let json = serde_json::to_string_pretty(report).context("encoding report.json")?;
     std::fs::write(dir.join("report.json"), json).context("writing report.json")?;
     scale_plot(report, &dir.join("scale.svg"))?;
+    throughput_plot(report, "Mpps", &dir.join("rate.svg"))?;
+    throughput_plot(report, "req/s", &dir.join("peers.svg"))?;
     Ok(())
 }
