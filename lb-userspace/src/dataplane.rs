@@ -18,9 +18,9 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_EMPTY, Backend, FAMILY_V4, FAMILY_V6, FORWARD_DSR_L2, GLOBAL_DEBUG, GLOBAL_IFACE_MAC,
-    MAP_AFFINITY, MAP_MAGLEV, MAX_BACKENDS, NO_BACKEND, SERVICE_F_FRAGMENTS, Service, ServiceKey,
-    prefix_mask, words_from_bytes,
+    Backend, FAMILY_V4, FAMILY_V6, FORWARD_DSR_L2, GLOBAL_DEBUG, GLOBAL_IFACE_MAC, MAP_AFFINITY,
+    MAP_MAGLEV, MAX_BACKENDS, NO_BACKEND, SERVICE_F_FRAGMENTS, Service, ServiceKey, prefix_mask,
+    words_from_bytes,
 };
 
 use crate::{
@@ -175,6 +175,29 @@ impl Dataplane {
     }
 }
 
+/// Loads (or adopts) and attaches the dataplane for `config`, logging which
+/// happened: the start of both `xlb run` and `xlb daemon`.
+pub fn bring_up(config: &Config, debug: bool) -> Result<(Dataplane, Attachment)> {
+    let mac = interface_mac(&config.interface)?;
+    let mut dp = Dataplane::load(LoadOptions::from_config(config, mac, debug))?;
+    let attachment = dp.attach(&config.interface, config.xdp_mode)?;
+    match attachment {
+        Attachment::New => tracing::info!(
+            interface = %config.interface,
+            mode = ?config.xdp_mode,
+            mac = %crate::config::format_mac(&mac),
+            pins = %config.pin_path().display(),
+            "attached xlb"
+        ),
+        Attachment::Adopted => tracing::info!(
+            interface = %config.interface,
+            pins = %config.pin_path().display(),
+            "adopted the existing xlb dataplane (sessions kept, program replaced)"
+        ),
+    }
+    Ok((dp, attachment))
+}
+
 /// What `apply` changed, for the operator.
 #[derive(Debug, Default, Clone)]
 pub struct ApplyReport {
@@ -239,16 +262,11 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
             current.insert(ServiceKeyOrd(key), svc);
         }
     }
-    let mut current_backends: StdHashMap<(u32, [u32; 4]), u32> = StdHashMap::new();
-    for id in 0..MAX_BACKENDS {
-        let be = maps
-            .backends
-            .get(&id, 0)
-            .with_context(|| format!("reading backend {id}"))?;
-        if be.state != BACKEND_EMPTY {
-            current_backends.insert((u32::from(be.service_id), be.addr), id);
-        }
-    }
+    let current_backends: StdHashMap<(u32, [u32; 4]), u32> = maps
+        .live_backends()?
+        .into_iter()
+        .map(|(key, (id, _))| (key, id))
+        .collect();
 
     // Service ids: keep existing, give new services the lowest free id.
     let wanted: Vec<(ServiceKey, &ServiceConfig)> = config

@@ -126,6 +126,9 @@ pub fn check_pinned(dir: &Path, specs: &[MapSpec]) -> Result<()> {
     Ok(())
 }
 
+/// Used backend slots by (service id, address in key layout): (backend id, record).
+pub type LiveBackends = std::collections::HashMap<(u32, [u32; 4]), (u32, Backend)>;
+
 /// Typed handles on every pinned map of one interface.
 pub struct PinnedMaps {
     /// The pin directory they were opened from.
@@ -185,6 +188,22 @@ impl PinnedMaps {
             service_stats: typed!(dir, MAP_SERVICE_STATS),
             backend_stats: typed!(dir, MAP_BACKEND_STATS),
         })
+    }
+
+    /// Every used backend slot, keyed by (service id, backend address in key
+    /// layout), with its id and record: how ids are found again after a restart.
+    pub fn live_backends(&self) -> Result<LiveBackends> {
+        let mut out = std::collections::HashMap::new();
+        for id in 0..MAX_BACKENDS {
+            let be = self
+                .backends
+                .get(&id, 0)
+                .with_context(|| format!("reading backend {id}"))?;
+            if be.state != lb_common::BACKEND_EMPTY {
+                out.insert((u32::from(be.service_id), be.addr), (id, be));
+            }
+        }
+        Ok(out)
     }
 
     /// Maglev capacity of the pinned map, which fixes how many service

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::Args;
 use xlb::{
-    config::{Config, XdpMode, format_mac},
-    dataplane::{self, Attachment, Dataplane, LoadOptions},
+    config::{Config, XdpMode},
+    dataplane,
     pins::PinnedMaps,
 };
 
@@ -30,24 +30,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(mode) = args.xdp_mode {
         config.xdp_mode = mode;
     }
-    let mac = dataplane::interface_mac(&config.interface)?;
-    let opts = LoadOptions::from_config(&config, mac, args.debug);
-    let mut dp = Dataplane::load(opts)?;
-    let attachment = dp.attach(&config.interface, config.xdp_mode)?;
-    match attachment {
-        Attachment::New => tracing::info!(
-            interface = %config.interface,
-            mode = ?config.xdp_mode,
-            mac = %format_mac(&mac),
-            pins = %config.pin_path().display(),
-            "attached xlb"
-        ),
-        Attachment::Adopted => tracing::info!(
-            interface = %config.interface,
-            pins = %config.pin_path().display(),
-            "adopted the existing xlb dataplane (sessions kept, program replaced)"
-        ),
-    }
+    let (mut dp, _) = dataplane::bring_up(&config, args.debug)?;
     let mut maps = PinnedMaps::open(&config.pin_path())?;
     let report = dataplane::apply(&mut maps, &config)?;
     tracing::info!(

@@ -159,17 +159,7 @@ impl Lb {
 
     /// Backends whose pinned state is DOWN (set by a previous daemon).
     fn pinned_down(&self) -> Result<HashSet<BackendRef>> {
-        let mut by_addr: HashMap<(u32, [u32; 4]), u8> = HashMap::new();
-        for id in 0..MAX_BACKENDS {
-            let be = self
-                .maps
-                .backends
-                .get(&id, 0)
-                .with_context(|| format!("reading backend {id}"))?;
-            if be.state != BACKEND_EMPTY {
-                by_addr.insert((u32::from(be.service_id), be.addr), be.state);
-            }
-        }
+        let by_addr = self.maps.live_backends()?;
         let mut down = HashSet::new();
         let cfg = self.effective_config()?;
         for svc in &cfg.services {
@@ -177,7 +167,8 @@ impl Lb {
                 continue;
             };
             for be in &svc.backends {
-                if by_addr.get(&(record.id, addr_words(be.address))) == Some(&BACKEND_DOWN) {
+                let pinned = by_addr.get(&(record.id, addr_words(be.address)));
+                if pinned.map(|(_, b)| b.state) == Some(BACKEND_DOWN) {
                     down.insert(BackendRef {
                         service: svc.name.clone(),
                         backend: be.name.clone(),
@@ -391,17 +382,7 @@ impl Lb {
     fn refresh_ids(&mut self) -> Result<()> {
         let mut service_ids = BTreeMap::new();
         let mut backend_ids = HashMap::new();
-        let mut by_addr: HashMap<(u32, [u32; 4]), u32> = HashMap::new();
-        for id in 0..MAX_BACKENDS {
-            let be = self
-                .maps
-                .backends
-                .get(&id, 0)
-                .with_context(|| format!("reading backend {id}"))?;
-            if be.state != BACKEND_EMPTY {
-                by_addr.insert((u32::from(be.service_id), be.addr), id);
-            }
-        }
+        let by_addr = self.maps.live_backends()?;
         for svc in &self.effective.services {
             let record = self
                 .maps
@@ -412,7 +393,7 @@ impl Lb {
                 })?;
             service_ids.insert(svc.name.clone(), record.id);
             for be in &svc.backends {
-                if let Some(id) = by_addr.get(&(record.id, addr_words(be.address))) {
+                if let Some((id, _)) = by_addr.get(&(record.id, addr_words(be.address))) {
                     backend_ids.insert(
                         BackendRef {
                             service: svc.name.clone(),

@@ -22,8 +22,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::api::{MAX_REQUEST_BYTES, Request, Response};
-use crate::config::{Config, format_mac};
-use crate::dataplane::{self, Attachment, Dataplane, LoadOptions};
+use crate::config::Config;
+use crate::dataplane::{self, Attachment};
 use crate::pins::PinnedMaps;
 use health::Checks;
 use lb::Lb;
@@ -71,23 +71,7 @@ fn sync_checks(shared: &Arc<Shared>) {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: DaemonOptions) -> Result<()> {
     let config = Config::load(&opts.config)?;
-    let mac = dataplane::interface_mac(&config.interface)?;
-    let mut dp = Dataplane::load(LoadOptions::from_config(&config, mac, false))?;
-    let attachment = dp.attach(&config.interface, config.xdp_mode)?;
-    match attachment {
-        Attachment::New => tracing::info!(
-            interface = %config.interface,
-            mode = ?config.xdp_mode,
-            mac = %format_mac(&mac),
-            pins = %config.pin_path().display(),
-            "attached xlb"
-        ),
-        Attachment::Adopted => tracing::info!(
-            interface = %config.interface,
-            pins = %config.pin_path().display(),
-            "adopted the existing xlb dataplane (sessions kept, program replaced)"
-        ),
-    }
+    let (dp, attachment) = dataplane::bring_up(&config, false)?;
     let maps = PinnedMaps::open(&config.pin_path())?;
     let state = State::load(&config.state_file)?;
     let metrics_address = config.metrics_address;
