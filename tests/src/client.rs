@@ -43,12 +43,22 @@ pub fn http_get(src: IpAddr, dst: IpAddr, port: u16) -> Result<String> {
 /// HTTP GET `/` from exactly `src` (a fixed port keeps the same 5-tuple) to `dst`.
 pub fn http_get_from(src: SocketAddr, dst: SocketAddr) -> Result<String> {
     let what = || format!("HTTP GET {src} -> {dst}");
-    let stream = connect(src, dst).with_context(what)?;
-    exchange(stream, dst).with_context(what)
+    let stream = connect(src, dst, CONNECT_TIMEOUT).with_context(what)?;
+    exchange(stream, dst, IO_TIMEOUT, Instant::now() + HTTP_DEADLINE).with_context(what)
 }
 
-/// Opens a TCP connection bound to `src`.
-fn connect(src: SocketAddr, dst: SocketAddr) -> Result<TcpStream> {
+/// HTTP GET `/` from `src` (kernel-chosen port) to `dst`, the whole exchange (connect
+/// included) bounded by `limit`: for probes that must fail fast rather than wait out a
+/// dead server.
+pub fn http_get_within(src: IpAddr, dst: SocketAddr, limit: Duration) -> Result<String> {
+    let what = || format!("HTTP GET {src} -> {dst} within {limit:?}");
+    let deadline = Instant::now() + limit;
+    let stream = connect(SocketAddr::new(src, 0), dst, limit).with_context(what)?;
+    exchange(stream, dst, limit, deadline).with_context(what)
+}
+
+/// Opens a TCP connection bound to `src`, waiting at most `timeout` for the handshake.
+fn connect(src: SocketAddr, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
     if src.is_ipv4() != dst.is_ipv4() {
         bail!("source and destination are of different families");
     }
@@ -62,10 +72,8 @@ fn connect(src: SocketAddr, dst: SocketAddr) -> Result<TcpStream> {
     }
     sock.bind(&src.into())
         .context("binding the source address")?;
-    sock.connect_timeout(&dst.into(), CONNECT_TIMEOUT)
+    sock.connect_timeout(&dst.into(), timeout)
         .context("connecting")?;
-    sock.set_read_timeout(Some(IO_TIMEOUT))?;
-    sock.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(sock.into())
 }
 
@@ -89,8 +97,14 @@ fn set_bind_address_no_port(sock: &Socket) -> Result<()> {
     Ok(())
 }
 
-/// Sends the request, reads to EOF and returns the body of a 200 response.
-fn exchange(mut stream: TcpStream, dst: SocketAddr) -> Result<String> {
+/// Sends the request, reads to EOF and returns the body of a 200 response; each read or
+/// write waits at most `io_timeout`, and never past `deadline`.
+fn exchange(
+    mut stream: TcpStream,
+    dst: SocketAddr,
+    io_timeout: Duration,
+    deadline: Instant,
+) -> Result<String> {
     let host = match dst.ip() {
         IpAddr::V4(a) => a.to_string(),
         IpAddr::V6(a) => format!("[{a}]"),
@@ -98,14 +112,23 @@ fn exchange(mut stream: TcpStream, dst: SocketAddr) -> Result<String> {
     let request = format!(
         "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xlb-tests\r\nConnection: close\r\n\r\n"
     );
+    // Both timeouts shrink to what is left before the deadline, so the deadline holds
+    // even for a server that trickles or stays silent (zero would mean "block forever").
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .min(io_timeout)
+            .max(Duration::from_millis(1))
+    };
+    stream.set_write_timeout(Some(left()))?;
     stream.write_all(request.as_bytes()).context("sending")?;
-    let deadline = Instant::now() + HTTP_DEADLINE;
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         if Instant::now() > deadline {
-            bail!("no complete answer within {HTTP_DEADLINE:?}");
+            bail!("no complete answer before the deadline");
         }
+        stream.set_read_timeout(Some(left()))?;
         let n = stream.read(&mut buf).context("receiving")?;
         if n == 0 {
             break;

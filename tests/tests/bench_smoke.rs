@@ -56,7 +56,10 @@ fn smallest_bench_produces_a_report() {
     let svg = std::fs::read_to_string(dir.join("scale.svg")).expect("scale.svg");
     assert!(svg.contains("<svg") && svg.contains("affinity map entries"));
     let rate = std::fs::read_to_string(dir.join("rate.svg")).expect("rate.svg");
-    assert!(rate.contains("xlb, native XDP"), "throughput plot names the contenders");
+    assert!(
+        rate.contains("xlb, native XDP"),
+        "throughput plot names the contenders"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

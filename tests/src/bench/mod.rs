@@ -3,6 +3,7 @@
 //! and noisy; every figure is a median with its min–max and a ratio to a
 //! baseline measured in the same run.
 
+pub mod failover;
 pub mod peers;
 pub mod prog_cost;
 pub mod report;
@@ -27,6 +28,12 @@ pub struct Budget {
     pub peer_rounds: usize,
     /// Seconds of one wrk run in the peers part.
     pub peer_secs: u32,
+    /// Interleaved rounds of the failover part.
+    pub failover_rounds: usize,
+    /// Probes of the pinned client per failover run (one every 50 ms).
+    pub failover_probes: usize,
+    /// How long the killed backend stays down, in ms.
+    pub failover_down_ms: u64,
 }
 
 impl Budget {
@@ -39,6 +46,9 @@ impl Budget {
         gen_frames: 1_000_000,
         peer_rounds: 2,
         peer_secs: 2,
+        failover_rounds: 1,
+        failover_probes: 120,
+        failover_down_ms: 2_750,
     };
     /// The full run.
     pub const FULL: Budget = Budget {
@@ -49,6 +59,9 @@ impl Budget {
         gen_frames: 5_000_000,
         peer_rounds: 5,
         peer_secs: 5,
+        failover_rounds: 3,
+        failover_probes: 300,
+        failover_down_ms: 6_000,
     };
     /// The smallest configuration, for the test that keeps the bench from rotting.
     pub const SMOKE: Budget = Budget {
@@ -59,6 +72,9 @@ impl Budget {
         gen_frames: 20_000,
         peer_rounds: 1,
         peer_secs: 1,
+        failover_rounds: 1,
+        failover_probes: 80,
+        failover_down_ms: 2_000,
     };
 }
 
@@ -140,6 +156,10 @@ pub struct Report {
     pub skipped: Vec<(String, String)>,
     /// Every wrk run of the peers part, raw.
     pub peer_runs: Vec<peers::PeerRun>,
+    /// The failover table, if that part ran.
+    pub failover: Option<failover::FailoverTable>,
+    /// Every failover run, raw (with every probe).
+    pub failover_runs: Vec<failover::FailoverRun>,
 }
 
 /// Cost and memory at one affinity map size.

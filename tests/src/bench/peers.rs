@@ -44,6 +44,8 @@ const CLIENT_TABLE: &str = "xlb_bench_clients";
 const LB_TABLE: &str = "xlb_bench_dnat";
 /// How long a contender gets to answer its first request.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// HAProxy's per-server health checks in this part (no failures happen here).
+const HAPROXY_CHECK: &str = "check inter 500ms fall 2 rise 2";
 /// HAProxy's `maxconn`: well below `ulimit -n` (20000 here), which it must fit under.
 const HAPROXY_MAXCONN: usize = 4000;
 /// Where Debian's nginx keeps the stream module.
@@ -59,7 +61,7 @@ const PACKAGES: &[(&str, &str)] = &[
 
 /// The contenders, in the order they run within a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Contender {
+pub(super) enum Contender {
     NoLb,
     Xlb,
     Nft,
@@ -87,7 +89,7 @@ impl Contender {
     }
 
     /// Programs it needs besides wrk and nft (which every contender needs).
-    fn needs(self) -> &'static [&'static str] {
+    pub(super) fn needs(self) -> &'static [&'static str] {
         match self {
             Contender::Haproxy => &["haproxy"],
             Contender::Nginx => &["nginx", NGINX_STREAM_MODULE],
@@ -185,14 +187,7 @@ pub fn part4(budget: Budget) -> Result<PeersOutcome> {
             clients_v6: 0,
         },
     )?;
-    // The backends close first, so each request leaves a TIME_WAIT socket there for 60 s.
-    // Behind SNAT (nftables; also HAProxy's and nginx's own connections) the same
-    // LB-address:port tuples come back with another sender's TCP timestamps, PAWS rejects the
-    // SYN, and the client stalls a second per retry: the run measures leftovers of earlier
-    // contenders. Without TIME_WAIT on the backends every contender starts clean.
-    for b in &lab.backends {
-        b.netns.sysctls(&[("net.ipv4.tcp_max_tw_buckets", "0")])?;
-    }
+    no_time_wait_on_backends(&lab)?;
     let servers = Servers::start(&lab)?;
     // xlb's native XDP_TX needs XDP on lb0's peer; it stays for every contender so lb0 has
     // the same offloads (that program turns TSO off on lb0) whoever runs.
@@ -291,8 +286,22 @@ fn measure(
     Ok((runs, offloads))
 }
 
+/// Turns TIME_WAIT off on every backend of `lab`.
+///
+/// The backends close first, so each request leaves a TIME_WAIT socket there for 60 s.
+/// Behind SNAT (nftables; also HAProxy's and nginx's own connections) the same
+/// LB-address:port tuples come back with another sender's TCP timestamps, PAWS rejects the
+/// SYN, and the client stalls a second per retry: a run would measure leftovers of earlier
+/// contenders. Without TIME_WAIT on the backends every contender starts clean.
+pub(super) fn no_time_wait_on_backends(lab: &Lab) -> Result<()> {
+    for b in &lab.backends {
+        b.netns.sysctls(&[("net.ipv4.tcp_max_tw_buckets", "0")])?;
+    }
+    Ok(())
+}
+
 /// Polls one HTTP GET from the client namespace until it is answered.
-fn wait_served(lab: &Lab, target: IpAddr) -> Result<()> {
+pub(super) fn wait_served(lab: &Lab, target: IpAddr) -> Result<()> {
     let src = IpAddr::V4(*lab.client_v4.first().context("no client address")?);
     cmd::wait_until(
         &format!("an answer from {target}"),
@@ -335,7 +344,7 @@ impl<'a> Running<'a> {
             Contender::NoLb => Running::Nothing,
             Contender::Xlb => Running::Xlb(XlbAttached::attach(lab, xlb_config)?),
             Contender::Nft => Running::Nft(NftDnat::load(lab)?),
-            Contender::Haproxy => Running::Proc(Proxy::haproxy(lab)?),
+            Contender::Haproxy => Running::Proc(Proxy::haproxy(lab, HAPROXY_CHECK)?),
             Contender::Nginx => Running::Proc(Proxy::nginx(lab)?),
         })
     }
@@ -352,7 +361,7 @@ impl<'a> Running<'a> {
 }
 
 /// xlb attached to `lb0` with the lab config; detached on drop.
-struct XlbAttached<'a> {
+pub(super) struct XlbAttached<'a> {
     lab: &'a Lab,
     config: String,
     attached: bool,
@@ -360,21 +369,28 @@ struct XlbAttached<'a> {
 
 impl<'a> XlbAttached<'a> {
     fn attach(lab: &'a Lab, config: &Path) -> Result<Self> {
-        let config = config
-            .to_str()
-            .context("config path is not UTF-8")?
-            .to_owned();
         // The guard exists before `run`, so a half-done attach is detached too.
-        let me = Self {
-            lab,
-            config,
-            attached: true,
-        };
+        let me = Self::guard(lab, config)?;
         driver::xlb(lab, &["run", "--config", &me.config])?;
         Ok(me)
     }
 
-    fn detach(&mut self) -> Result<()> {
+    /// A guard that detaches whatever xlb attaches with `config` (by `xlb run` or by a
+    /// daemon, which leaves the dataplane attached when it exits); takes it before starting.
+    pub(super) fn guard(lab: &'a Lab, config: &Path) -> Result<Self> {
+        let config = config
+            .to_str()
+            .context("config path is not UTF-8")?
+            .to_owned();
+        Ok(Self {
+            lab,
+            config,
+            attached: true,
+        })
+    }
+
+    /// Detaches xlb and removes its pins; idempotent.
+    pub(super) fn detach(&mut self) -> Result<()> {
         if !std::mem::take(&mut self.attached) {
             return Ok(());
         }
@@ -455,13 +471,14 @@ fn map_list(addrs: &[Ipv4Addr]) -> String {
 /// The nftables contender: DNAT by `jhash ip saddr` in the LB namespace, SNAT to the LB's
 /// own address (clients and backends share the bridge: without it replies would go straight
 /// back and miss the reverse NAT), forwarding on; undone on drop.
-struct NftDnat<'a> {
+pub(super) struct NftDnat<'a> {
     lab: &'a Lab,
     loaded: bool,
 }
 
 impl<'a> NftDnat<'a> {
-    fn load(lab: &'a Lab) -> Result<Self> {
+    /// Loads the DNAT and SNAT rules and turns forwarding on in the LB namespace.
+    pub(super) fn load(lab: &'a Lab) -> Result<Self> {
         let backends: Vec<Ipv4Addr> = lab.backends.iter().map(|b| b.ipv4).collect();
         let list = backends
             .iter()
@@ -492,7 +509,8 @@ impl<'a> NftDnat<'a> {
         Ok(me)
     }
 
-    fn unload(&mut self) -> Result<()> {
+    /// Deletes the rules and turns forwarding off again; idempotent.
+    pub(super) fn unload(&mut self) -> Result<()> {
         if !std::mem::take(&mut self.loaded) {
             return Ok(());
         }
@@ -513,17 +531,19 @@ impl Drop for NftDnat<'_> {
 
 /// A proxy process (HAProxy or nginx) in the LB namespace, its config files, and the worker
 /// processes it forked; all stopped (by PID) and removed on drop.
-struct Proxy {
+pub(super) struct Proxy {
     child: Option<NsChild>,
     files: Vec<PathBuf>,
 }
 
 impl Proxy {
-    fn haproxy(lab: &Lab) -> Result<Self> {
+    /// HAProxy in TCP mode, sticky on the source address, each server with the health-check
+    /// arguments `check` (e.g. `check inter 500ms fall 2 rise 2`).
+    pub(super) fn haproxy(lab: &Lab, check: &str) -> Result<Self> {
         let mut servers = String::new();
         for b in &lab.backends {
             servers.push_str(&format!(
-                "    server {} {}:{HTTP_PORT} check inter 500ms fall 2 rise 2\n",
+                "    server {} {}:{HTTP_PORT} {check}\n",
                 b.name, b.ipv4
             ));
         }
@@ -547,7 +567,8 @@ impl Proxy {
         Ok(me)
     }
 
-    fn nginx(lab: &Lab) -> Result<Self> {
+    /// nginx stream with `hash $remote_addr consistent` and passive checks only.
+    pub(super) fn nginx(lab: &Lab) -> Result<Self> {
         let base = std::env::temp_dir().join(format!("{}-nginx", lab.id));
         let conf = base.with_extension("conf");
         let pid = base.with_extension("pid");
@@ -598,7 +619,8 @@ impl Proxy {
         Ok(())
     }
 
-    fn stop(mut self) -> Result<()> {
+    /// Stops the proxy and its workers, reporting an error that dropping would only print.
+    pub(super) fn stop(mut self) -> Result<()> {
         self.shutdown()
     }
 
@@ -913,7 +935,7 @@ fn version(argv: &[&str]) -> String {
 }
 
 /// Whether `tool` is a program on PATH, or (given as an absolute path) an existing file.
-fn have(tool: &str) -> bool {
+pub(super) fn have(tool: &str) -> bool {
     if tool.starts_with('/') {
         return Path::new(tool).exists();
     }
@@ -926,7 +948,7 @@ fn have(tool: &str) -> bool {
 }
 
 /// Installs the Debian packages whose program is missing; returns why that failed, if it did.
-fn ensure_packages() -> Option<String> {
+pub(super) fn ensure_packages() -> Option<String> {
     let missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(_, tool)| !have(tool))
@@ -935,7 +957,7 @@ fn ensure_packages() -> Option<String> {
     if missing.is_empty() {
         return None;
     }
-    progress(&format!("part 4: installing {}", missing.join(" ")));
+    progress(&format!("installing {}", missing.join(" ")));
     // Installing must not start host-wide nginx/HAProxy services listening on port 80:
     // a policy-rc.d that refuses starts, present only for the install.
     let policy = Path::new("/usr/sbin/policy-rc.d");
@@ -961,7 +983,7 @@ fn ensure_packages() -> Option<String> {
     let mut status = install();
     if !matches!(status, Ok(s) if s.success()) {
         // A stale or absent package list is the usual cause.
-        progress("part 4: apt-get install failed; apt-get update and one retry");
+        progress("apt-get install failed; apt-get update and one retry");
         let _ = Command::new("apt-get")
             .args(["update", "-q"])
             .stdin(Stdio::null())

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
-use super::{Report, Table};
+use super::{Report, Series, Table, failover::FailoverTable};
 
 fn fmt_num(v: f64) -> String {
     if v >= 100.0 {
@@ -67,6 +67,71 @@ fn table_md(t: &Table) -> String {
     s
 }
 
+/// `median (min–max)` of a series, just the value for one sample, `–` for none.
+fn span(s: &Series, digits: usize) -> String {
+    match s.samples.len() {
+        0 => "–".to_owned(),
+        1 => format!("{:.digits$}", s.median),
+        _ => format!(
+            "{:.digits$} ({:.digits$}–{:.digits$})",
+            s.median, s.min, s.max
+        ),
+    }
+}
+
+/// The failover table (part 5).
+fn failover_md(t: &FailoverTable) -> String {
+    let mut s = format!("### Failover under load\n\n{}\n\n", t.about);
+    let ideal = 100.0 / t.backends.max(1) as f64 + 1.0;
+    let _ = writeln!(
+        s,
+        "| contender | health checks | errors (failed probes) | served again after kill, ms | \
+         moved back after restore | backend changes | moved during, % (ideal ≤ {ideal:.1}) | dead held, % | \
+         from healthy | unserved during, % | moved after restore, % |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+    for r in &t.rows {
+        let served = if r.served_again_ms.samples.is_empty() {
+            "never".to_owned()
+        } else if r.failed_over == r.rounds {
+            span(&r.served_again_ms, 0)
+        } else if r.failed_over == 0 {
+            format!(
+                "{}, only after the restore (no failover)",
+                span(&r.served_again_ms, 0)
+            )
+        } else {
+            format!(
+                "{}; failed over in {}/{} rounds",
+                span(&r.served_again_ms, 0),
+                r.failed_over,
+                r.rounds
+            )
+        };
+        let back = match (r.failed_over, r.moved_back) {
+            (0, _) => "– (never left)".to_owned(),
+            (n, 0) => format!("no ({n}/{n} rounds stayed)"),
+            (n, k) if k == n => format!("yes ({n}/{n} rounds)"),
+            (n, k) => format!("in {k}/{n} rounds"),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {served} | {back} | {} | {} | {} | {} | {} | {} |",
+            r.contender,
+            r.health_checks,
+            span(&r.errors, 0),
+            span(&r.backend_changes, 0),
+            span(&r.moved_during_pct, 1),
+            span(&r.dead_share_pct, 1),
+            r.moved_from_healthy,
+            span(&r.unserved_during_pct, 1),
+            span(&r.moved_after_pct, 1),
+        );
+    }
+    s.push('\n');
+    s
+}
+
 /// Renders the Markdown report.
 pub fn markdown(report: &Report) -> String {
     let mut s = String::from("# xlb benchmark report\n\n");
@@ -103,6 +168,9 @@ pub fn markdown(report: &Report) -> String {
             );
         }
         s.push('\n');
+    }
+    if let Some(f) = &report.failover {
+        s.push_str(&failover_md(f));
     }
     if !report.skipped.is_empty() {
         s.push_str("### Not measured\n\n");

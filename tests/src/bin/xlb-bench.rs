@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
-use xlb_tests::bench::{Budget, Report, peers, prog_cost, progress, report, traffic};
+use xlb_tests::bench::{Budget, Report, failover, peers, prog_cost, progress, report, traffic};
 
 fn main() -> ExitCode {
     match run() {
@@ -74,18 +74,18 @@ fn run() -> Result<()> {
         quick,
         ..Default::default()
     };
-    progress("part 1/4: per-packet cost through BPF_PROG_TEST_RUN");
+    progress("part 1/5: per-packet cost through BPF_PROG_TEST_RUN");
     report.tables.extend(prog_cost::part1(budget)?);
-    progress("part 2/4: cost and memory against affinity map size");
+    progress("part 2/5: cost and memory against affinity map size");
     report.scale = prog_cost::part2(budget)?;
-    progress("part 3/4: packet rate with the live-frames traffic generator");
+    progress("part 3/5: packet rate with the live-frames traffic generator");
     match traffic::part3(budget) {
         Ok(table) => report.tables.push(table),
         Err(e) => report
             .skipped
             .push(("packet rate (live frames)".into(), format!("{e:#}"))),
     }
-    progress("part 4/4: peers (nftables, HAProxy, nginx) on the same namespaces, with wrk");
+    progress("part 4/5: peers (nftables, HAProxy, nginx) on the same namespaces, with wrk");
     match peers::part4(budget) {
         Ok(p) => {
             report.tables.extend(p.tables);
@@ -96,10 +96,17 @@ fn run() -> Result<()> {
             .skipped
             .push(("peers on the same namespaces".into(), format!("{e:#}"))),
     }
-    report.skipped.push((
-        "failover under load".into(),
-        "not implemented yet (issue 4 part 5)".into(),
-    ));
+    progress("part 5/5: failover under load (xlb daemon, nftables, HAProxy, nginx)");
+    match failover::part5(budget) {
+        Ok(f) => {
+            report.failover = f.table;
+            report.failover_runs = f.runs;
+            report.skipped.extend(f.skipped);
+        }
+        Err(e) => report
+            .skipped
+            .push(("failover under load".into(), format!("{e:#}"))),
+    }
     report::write(&report, &out)?;
     print!("{}", report::markdown(&report));
     progress(&format!(
