@@ -71,3 +71,72 @@ fn ip_netns_empty_of(tag: &str) -> bool {
         .expect("ip netns list");
     !String::from_utf8_lossy(&out.stdout).contains(tag)
 }
+
+/// Parts 4 and 5 at their smallest: xlb and the no-LB ceiling must produce
+/// numbers; a peer may instead be reported as not measured, with a reason
+/// (the report's own contract when a package cannot be installed).
+#[test]
+fn peers_and_failover_smallest_configuration() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the bench loads XDP: run as root"
+    );
+    use xlb_tests::bench::{failover, peers};
+
+    let p = peers::part4(Budget::SMOKE).expect("part 4 (peers)");
+    assert_eq!(
+        p.tables.len(),
+        2,
+        "keep-alive and connection-per-request tables"
+    );
+    for table in &p.tables {
+        for must in ["no load balancer", "xlb"] {
+            let row = table
+                .rows
+                .iter()
+                .find(|r| r.name.starts_with(must))
+                .unwrap_or_else(|| panic!("{}: no row for {must}", table.title));
+            assert!(
+                row.median > 0.0,
+                "{}: {} measured nothing",
+                table.title,
+                row.name
+            );
+        }
+        for peer in ["nftables", "HAProxy", "nginx"] {
+            let measured = table
+                .rows
+                .iter()
+                .any(|r| r.name.starts_with(peer) && r.median > 0.0);
+            let explained = p
+                .skipped
+                .iter()
+                .any(|(what, why)| what.contains(peer) && !why.is_empty());
+            assert!(
+                measured || explained,
+                "{}: {peer} neither measured nor explained",
+                table.title
+            );
+        }
+    }
+
+    let f = failover::part5(Budget::SMOKE).expect("part 5 (failover)");
+    let table = f.table.expect("a failover table");
+    let xlb = table
+        .rows
+        .iter()
+        .find(|r| r.contender.starts_with("xlb"))
+        .expect("xlb in the failover table");
+    assert_eq!(xlb.rounds, 1);
+    assert_eq!(
+        xlb.failed_over, 1,
+        "xlb's client must be served by another backend"
+    );
+    assert!(xlb.served_again_ms.median > 0.0);
+    assert!(
+        ip_netns_empty_of("xlb-"),
+        "parts 4 and 5 left namespaces behind"
+    );
+}
