@@ -170,3 +170,74 @@ async fn check_loop(target: CheckTarget, offset: Duration, shared: Arc<Shared>) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HealthConfig, HealthKind};
+
+    fn spec(kind: HealthKind) -> HealthConfig {
+        HealthConfig {
+            kind,
+            port: 0,
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(300),
+            rise: 2,
+            fall: 3,
+        }
+    }
+
+    /// Each kind against real sockets on loopback: up when answered, down
+    /// with a reason when refused or answered wrongly.
+    #[tokio::test]
+    async fn every_kind_tells_up_from_down() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let tcp_addr = tcp.local_addr().expect("addr");
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            while let Ok((mut s, _)) = tcp.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        assert!(check(tcp_addr, &spec(HealthKind::Tcp)).await.is_ok());
+        let http = |status| HealthKind::Http {
+            path: "/".into(),
+            status,
+        };
+        assert!(check(tcp_addr, &spec(http(503))).await.is_ok());
+        let wrong = check(tcp_addr, &spec(http(200)))
+            .await
+            .expect_err("503 is not 200");
+        assert!(wrong.contains("503"), "{wrong}");
+
+        // A port nobody listens on: refused.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        assert!(check(closed, &spec(HealthKind::Tcp)).await.is_err());
+
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let udp_addr = udp.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok((_, from)) = udp.recv_from(&mut buf).await {
+                let _ = udp.send_to(b"pong b1", from).await;
+            }
+        });
+        let udp_kind = |expect: &str| HealthKind::Udp {
+            send: "ping".into(),
+            expect: expect.into(),
+        };
+        assert!(check(udp_addr, &spec(udp_kind("b1"))).await.is_ok());
+        assert!(check(udp_addr, &spec(udp_kind("b9"))).await.is_err());
+    }
+}
