@@ -494,21 +494,16 @@ impl Lb {
         r: &BackendRef,
         result: Result<Duration, String>,
     ) -> Result<()> {
-        let Some(spec) = self
-            .effective
-            .services
-            .iter()
-            .find(|s| s.name == r.service)
-            .and_then(|s| s.health.clone())
-        else {
+        let Some(svc) = self.effective_service(&r.service) else {
             return Ok(());
         };
-        let addr = self
-            .effective
-            .services
+        let Some(spec) = svc.health.clone() else {
+            return Ok(());
+        };
+        let addr = svc
+            .backends
             .iter()
-            .find(|s| s.name == r.service)
-            .and_then(|s| s.backends.iter().find(|b| b.name == r.backend))
+            .find(|b| b.name == r.backend)
             .map(|b| SocketAddr::new(b.address, spec.port));
         let Some(h) = self.health.get_mut(r) else {
             // A check of a backend removed meanwhile.
@@ -604,13 +599,19 @@ impl Lb {
         self.state.save(&self.base.state_file)
     }
 
+    /// Service `name` as currently in effect (config plus runtime changes).
+    fn effective_service(&self, name: &str) -> Option<&crate::config::ServiceConfig> {
+        self.effective.services.iter().find(|s| s.name == name)
+    }
+
+    /// Like [`Self::effective_service`], failing with a message naming it.
+    fn service(&self, name: &str) -> Result<&crate::config::ServiceConfig> {
+        self.effective_service(name)
+            .with_context(|| format!("no service named {name:?}"))
+    }
+
     fn find(&self, service: &str, backend: &str) -> Result<BackendRef> {
-        let svc = self
-            .effective
-            .services
-            .iter()
-            .find(|s| s.name == service)
-            .with_context(|| format!("no service named {service:?}"))?;
+        let svc = self.service(service)?;
         if !svc.backends.iter().any(|b| b.name == backend) {
             bail!("service {service:?} has no backend named {backend:?}");
         }
@@ -648,12 +649,7 @@ impl Lb {
         mac: &str,
         weight: Option<u16>,
     ) -> Result<String> {
-        let svc = self
-            .effective
-            .services
-            .iter()
-            .find(|s| s.name == service)
-            .with_context(|| format!("no service named {service:?}"))?;
+        let svc = self.service(service)?;
         let name = name.unwrap_or_else(|| address.to_string());
         if !valid_backend_name(&name) {
             bail!("backend name {name:?} is not valid (1 to 64 of A-Z a-z 0-9 _ . : -)");
@@ -712,10 +708,7 @@ impl Lb {
     pub fn backend_remove(&mut self, service: &str, backend: &str) -> Result<String> {
         let r = self.find(service, backend)?;
         let svc_len = self
-            .effective
-            .services
-            .iter()
-            .find(|s| s.name == service)
+            .effective_service(service)
             .map_or(0, |s| s.backends.len());
         if svc_len <= 1 {
             bail!("{r} is the last backend of {service}; a service needs at least one");
