@@ -53,6 +53,8 @@ pub struct MapSpec {
     pub value_size: u32,
     /// Capacity.
     pub max_entries: u32,
+    /// Creation flags (e.g. `BPF_F_NO_COMMON_LRU` changes how an LRU evicts).
+    pub map_flags: u32,
 }
 
 /// The expected spec of every pinned map, given the sizes chosen at load time.
@@ -64,6 +66,8 @@ pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 7
             key_size: size_of::<K>() as u32,
             value_size: size_of::<V>() as u32,
             max_entries,
+            // Every xlb map is created without flags (lb-ebpf/src/maps.rs).
+            map_flags: 0,
         }
     }
     [
@@ -110,6 +114,11 @@ pub fn check_pinned(dir: &Path, specs: &[MapSpec]) -> Result<()> {
                 "max entries",
                 info.max_entries().to_string(),
                 spec.max_entries.to_string(),
+            ),
+            (
+                "flags",
+                format!("{:#x}", info.map_flags()),
+                format!("{:#x}", spec.map_flags),
             ),
         ];
         for (what, got, want) in found {

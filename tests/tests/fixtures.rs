@@ -874,3 +874,74 @@ fn two_instances_agree_without_talking() {
     }
     assert_eq!(seen.len(), 3, "all backends should get clients");
 }
+
+/// Creates a map with the raw `bpf(2)` syscall and pins it at `path`: the
+/// only way to plant a map whose flags no xlb build would choose.
+fn pin_raw_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, max: u32, flags: u32) {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    // union bpf_attr, map-create part: type, key size, value size, max entries, flags.
+    let mut create = [0u32; 32];
+    create[..5].copy_from_slice(&[map_type, key, value, max, flags]);
+    // SAFETY: a valid bpf_attr buffer of the size we pass.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_ptr(),
+            size_of_val(&create),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // union bpf_attr, obj-pin part: u64 pathname, u32 bpf_fd, u32 file_flags.
+    let mut pin = [0u64; 16];
+    pin[0] = cpath.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: as above; cpath outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), size_of_val(&pin)) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: fd is ours; the pin keeps the map alive.
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {err}", path.display());
+}
+
+#[test]
+fn pinned_map_with_other_flags_is_refused() {
+    assert_root();
+    // The affinity map as an older or foreign build might have pinned it:
+    // same type and sizes, but a per-CPU LRU (BPF_F_NO_COMMON_LRU).
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/xlb-fixture-{}-flags",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("pin dir");
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    const BPF_F_NO_COMMON_LRU: u32 = 2;
+    pin_raw_map(
+        &dir.join(lb_common::MAP_AFFINITY),
+        BPF_MAP_TYPE_LRU_HASH,
+        size_of::<AffinityKey>() as u32,
+        size_of::<Affinity>() as u32,
+        4096,
+        BPF_F_NO_COMMON_LRU,
+    );
+    let config = Config::parse(CONFIG).expect("config");
+    let mut opts = LoadOptions::from_config(&config, LB_MAC, false);
+    opts.pin_dir = dir.clone();
+    let result = Dataplane::load(opts);
+    let _ = pins::remove_all(&dir);
+    let msg = format!(
+        "{:#}",
+        result.err().expect("load must refuse the pinned map")
+    );
+    assert!(
+        msg.contains("XLB_AFFINITY_V1") && msg.contains("flags 0x2"),
+        "{msg}"
+    );
+}
