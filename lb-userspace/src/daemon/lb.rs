@@ -599,6 +599,24 @@ impl Lb {
         self.state.save(&self.base.state_file)
     }
 
+    /// Backends of every service currently in effect.
+    fn backend_count(&self) -> usize {
+        self.effective
+            .services
+            .iter()
+            .map(|s| s.backends.len())
+            .sum()
+    }
+
+    /// After a failed change the previous `what` (state or config) is back
+    /// in `self`: writes it to the kernel again, logging if even that fails.
+    fn reapply_restored(&mut self, what: &str) {
+        let _ = self.sync_health(&HashSet::new());
+        if let Err(e) = self.apply() {
+            tracing::error!("restoring the previous {what} failed too: {e:#}");
+        }
+    }
+
     /// Service `name` as currently in effect (config plus runtime changes).
     fn effective_service(&self, name: &str) -> Option<&crate::config::ServiceConfig> {
         self.effective.services.iter().find(|s| s.name == name)
@@ -631,10 +649,7 @@ impl Lb {
             .and_then(|()| self.apply());
         if let Err(e) = result {
             self.state = old;
-            let _ = self.sync_health(&HashSet::new());
-            if let Err(e2) = self.apply() {
-                tracing::error!("restoring the previous state failed too: {e2:#}");
-            }
+            self.reapply_restored("state");
             return Err(e);
         }
         self.save_state()
@@ -679,13 +694,7 @@ impl Lb {
                 b.address
             );
         }
-        let total: usize = self
-            .effective
-            .services
-            .iter()
-            .map(|s| s.backends.len())
-            .sum();
-        if total >= MAX_BACKENDS as usize {
+        if self.backend_count() >= MAX_BACKENDS as usize {
             bail!("xlb supports at most {MAX_BACKENDS} backends in total");
         }
         let added = AddedBackend {
@@ -826,23 +835,15 @@ impl Lb {
         if let Err(e) = result {
             self.base = old_base;
             self.state = old_state;
-            let _ = self.sync_health(&HashSet::new());
-            if let Err(e2) = self.apply() {
-                tracing::error!("restoring the previous config failed too: {e2:#}");
-            }
+            self.reapply_restored("config");
             return Err(e.context("applying the new config failed; the previous one is back"));
         }
         self.save_state()?;
-        let backends: usize = self
-            .effective
-            .services
-            .iter()
-            .map(|s| s.backends.len())
-            .sum();
         Ok(format!(
-            "reloaded {}: {} services, {backends} backends",
+            "reloaded {}: {} services, {} backends",
             self.config_path.display(),
-            self.effective.services.len()
+            self.effective.services.len(),
+            self.backend_count()
         ))
     }
 
