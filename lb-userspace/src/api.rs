@@ -154,6 +154,15 @@ pub struct StatusInfo {
     pub panic_services: Vec<String>,
     /// Affinity entries in the map.
     pub sessions: usize,
+    /// Whether the kernel holds the desired state (false after a failed write, until reconcile repairs it).
+    #[serde(default)]
+    pub in_sync: bool,
+    /// Why the last write to the kernel failed, while it is not repaired.
+    #[serde(default)]
+    pub last_write_error: Option<String>,
+    /// Differences between the kernel and the desired state repaired since start.
+    #[serde(default)]
+    pub reconcile_repairs: u64,
 }
 
 /// One service.

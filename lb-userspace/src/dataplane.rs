@@ -213,6 +213,16 @@ pub struct ApplyReport {
     pub backends_removed: usize,
     /// Affinity entries deleted because their service or backend was removed.
     pub sessions_removed: usize,
+    /// Service id per service name.
+    pub service_ids: BTreeMap<String, u32>,
+    /// Backend id per (service name, backend name).
+    pub backend_ids: BTreeMap<(String, String), u32>,
+    /// Services whose Maglev table was written (swapped).
+    pub tables_written: Vec<String>,
+    /// Backend records written (new or changed).
+    pub backends_written: usize,
+    /// Service records written (new or changed).
+    pub services_written: usize,
 }
 
 /// Address in key layout.
@@ -296,6 +306,9 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
         }
     }
     let service_ids: Vec<u32> = service_ids.into_iter().flatten().collect();
+    for (si, (_, svc)) in wanted.iter().enumerate() {
+        report.service_ids.insert(svc.name.clone(), service_ids[si]);
+    }
     for id in &service_ids {
         let end = (u64::from(*id) * 2 + 2) * u64::from(table_size);
         if end > u64::from(capacity) {
@@ -339,6 +352,14 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
             .ok_or_else(|| anyhow!("more than {MAX_BACKENDS} backends in total"))?;
         backend_ids[si][bi] = id;
         taken.insert(id);
+    }
+
+    for (si, (_, svc)) in wanted.iter().enumerate() {
+        for (bi, be) in svc.backends.iter().enumerate() {
+            report
+                .backend_ids
+                .insert((svc.name.clone(), be.name.clone()), backend_ids[si][bi]);
+        }
     }
 
     // Backends gone from the config: free their slots, forget their sessions.

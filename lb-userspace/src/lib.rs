@@ -1,9 +1,11 @@
 //! xlb userspace: configuration, Maglev tables, the owner of the pinned dataplane and the daemon.
 
 pub mod api;
+pub mod bpf_obj;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod lock;
 pub mod maglev;
 pub mod objects;
 pub mod pins;

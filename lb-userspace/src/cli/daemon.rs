@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use xlb::daemon::{self, DaemonOptions};
 
@@ -31,12 +31,8 @@ pub struct DaemonArgs {
 
 /// `xlb daemon`: runs until SIGTERM/SIGINT.
 pub fn run(args: DaemonArgs, ctx: &Ctx) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    rt.block_on(daemon::run(DaemonOptions {
+    daemon::run(DaemonOptions {
         config: args.config,
         socket: ctx.socket.clone(),
-    }))
+    })
 }

@@ -7,6 +7,7 @@ use clap::Args;
 use xlb::{
     config::{Config, XdpMode},
     dataplane,
+    lock::PinLock,
     pins::PinnedMaps,
 };
 
@@ -30,6 +31,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(mode) = args.xdp_mode {
         config.xdp_mode = mode;
     }
+    // One writer: refused while a daemon (or another `xlb run`) manages this dataplane.
+    let _lock = PinLock::acquire(&config.pin_path())?;
     let (mut dp, _) = dataplane::bring_up(&config, args.debug)?;
     let mut maps = PinnedMaps::open(&config.pin_path())?;
     let report = dataplane::apply(&mut maps, &config)?;

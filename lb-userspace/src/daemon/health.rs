@@ -1,18 +1,11 @@
-//! Health checks: one tokio task per checked backend, started spread over
-//! the interval so a large pool is not probed all at once. Each result goes
-//! to [`Lb::health_result`](super::lb::Lb::health_result), which owns the
-//! rise/fall counters and the transitions.
+//! Health checks: how one check of one backend runs. The tasks that run
+//! them are in `checks.rs`; the rise/fall state machine in `desired.rs`.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::task::JoinHandle;
 
-use super::Shared;
-use super::lb::{BackendRef, CheckTarget};
 use crate::config::{HealthConfig, HealthKind};
 
 /// Largest HTTP answer head read by a check.
@@ -113,60 +106,6 @@ async fn run(addr: SocketAddr, kind: &HealthKind) -> Result<(), String> {
                 ));
             }
             Ok(())
-        }
-    }
-}
-
-/// The running check tasks, one per checked backend.
-#[derive(Default)]
-pub struct Checks {
-    running: HashMap<BackendRef, (CheckTarget, JoinHandle<()>)>,
-}
-
-impl Checks {
-    /// Starts checks for new targets, stops those of removed or changed ones.
-    pub fn sync(&mut self, targets: Vec<CheckTarget>, shared: &Arc<Shared>) {
-        self.running.retain(|r, (t, handle)| {
-            let keep = targets.iter().any(|n| n == t) && !handle.is_finished();
-            if !keep {
-                tracing::debug!(backend = %r, "stopping health checks");
-                handle.abort();
-            }
-            keep
-        });
-        let new: Vec<CheckTarget> = targets
-            .into_iter()
-            .filter(|t| !self.running.contains_key(&t.backend))
-            .collect();
-        let n = new.len() as u32;
-        for (i, target) in new.into_iter().enumerate() {
-            // Spread the first checks evenly over one interval.
-            let offset = target.spec.interval * i as u32 / n.max(1);
-            let handle = tokio::spawn(check_loop(target.clone(), offset, shared.clone()));
-            self.running
-                .insert(target.backend.clone(), (target, handle));
-        }
-    }
-
-    /// Stops every check.
-    pub fn stop_all(&mut self) {
-        for (_, (_, handle)) in self.running.drain() {
-            handle.abort();
-        }
-    }
-}
-
-async fn check_loop(target: CheckTarget, offset: Duration, shared: Arc<Shared>) {
-    let mut ticker =
-        tokio::time::interval_at(tokio::time::Instant::now() + offset, target.spec.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let result = check(target.addr, &target.spec).await;
-        shared.metrics.observe_check(&target.backend, &result);
-        let outcome = shared.lock().health_result(&target.backend, result);
-        if let Err(e) = outcome {
-            tracing::error!(backend = %target.backend, "applying a health transition failed: {e:#}");
         }
     }
 }

@@ -1,33 +1,42 @@
 //! [`Lb`]: the one owner of the pinned maps and of the desired state (the
 //! config file, the runtime changes of the state file, and backend health).
-//! Every control request, health result and drain deadline goes through it,
-//! as everything in Katran goes through `KatranLb`.
+//! It lives on one thread of its own (`owner.rs`); every control request,
+//! health result, tick and reload reaches it as a message, as everything in
+//! Katran goes through `KatranLb`.
 //!
-//! The desired state is always recomputed as a whole ([`Lb::effective`])
-//! and written with `dataplane::apply`, which keeps ids (and so sessions) and
-//! swaps each Maglev table atomically. After that, the affinity entries of
-//! every backend that has just become unusable are rewritten to their new
-//! Maglev choice; entries of other backends are never touched.
+//! The desired state is recomputed from its inputs ([`Lb::desired`], with
+//! the pure decisions of `desired.rs`) and written with `dataplane::apply`,
+//! which writes only what differs from the kernel: ids (and so sessions)
+//! are kept and each changed Maglev table is swapped atomically. After
+//! that, the affinity entries of every backend that has just become
+//! unusable are rewritten to their new Maglev choice; entries of other
+//! backends are never touched. A failed write leaves the daemon "dirty":
+//! [`Lb::reconcile`] retries it with backoff, and also repairs whatever
+//! else differs from the desired state (pins, tables, records).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
     AffinityKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, FAMILY_V4,
-    MAX_BACKENDS, NO_BACKEND, Service, mask_addr,
+    MAX_BACKENDS, NO_BACKEND, PINNED_MAPS, Service, mask_addr,
 };
 
+use super::desired::{Health, Panic, Transition, panic_step};
 use super::state::{AddedBackend, Admin, State};
 use crate::api::{BackendInfo, ServiceInfo, SessionInfo, StatusInfo, WhereInfo};
+use crate::bpf_obj::{self, PinCheck};
 use crate::config::{
     BackendConfig, BackendState, Config, HealthConfig, format_mac, parse_mac, valid_backend_name,
 };
-use crate::dataplane::{self, addr_words, service_key};
+use crate::dataplane::{self, Dataplane, addr_words, service_key};
+use crate::lock::PinLock;
 use crate::maglev;
-use crate::pins::PinnedMaps;
+use crate::pins::{self, PinnedMaps};
 use crate::sessions::{ip_from_words, monotonic_ns};
 use crate::stats;
 
@@ -57,19 +66,21 @@ pub struct CheckTarget {
     pub spec: HealthConfig,
 }
 
-/// Health of one checked backend (HAProxy's rise/fall counters).
-#[derive(Debug, Clone)]
-struct Health {
-    up: bool,
-    successes: u32,
-    failures: u32,
-    reason: Option<String>,
-}
-
 /// A backend of the effective config with its derived states.
 struct Derived {
     admin: Admin,
     health: Option<bool>,
+}
+
+/// What the daemon holds to put the pins back if someone removes them: its
+/// own descriptors of the link and of every map, the lock, the program.
+struct Held {
+    dir: PathBuf,
+    lock: PinLock,
+    link: OwnedFd,
+    maps: Vec<(&'static str, OwnedFd)>,
+    /// Keeps the loaded program (and aya's handles) for the daemon's life.
+    _dataplane: Dataplane,
 }
 
 /// The owner of the dataplane maps and the desired state.
@@ -78,13 +89,23 @@ pub struct Lb {
     base: Config,
     state: State,
     health: BTreeMap<BackendRef, Health>,
-    panic: BTreeSet<String>,
+    panic: BTreeMap<String, Panic>,
+    /// Backends found in the kernel but in neither the config nor the state
+    /// file (a lost state file): kept draining until their clients are idle.
+    orphans: BTreeMap<String, Vec<BackendConfig>>,
     maps: PinnedMaps,
+    held: Held,
     service_ids: BTreeMap<String, u32>,
     backend_ids: HashMap<BackendRef, u32>,
     effective: Config,
     started: Instant,
     adopted: bool,
+    /// The last write to the kernel failed (why): reconcile retries it.
+    dirty: Option<String>,
+    /// Differences reconcile found and repaired, by what.
+    repairs: BTreeMap<&'static str, u64>,
+    /// Writes to the kernel that failed.
+    write_failures: u64,
 }
 
 /// Milliseconds since the Unix epoch (drain deadlines survive restarts, so wall clock).
@@ -113,6 +134,24 @@ fn admin_name(admin: Admin) -> &'static str {
     }
 }
 
+/// Each backend's state in `cfg`, by name.
+fn states(cfg: &Config) -> HashMap<BackendRef, BackendState> {
+    cfg.services
+        .iter()
+        .flat_map(|s| {
+            s.backends.iter().map(|b| {
+                (
+                    BackendRef {
+                        service: s.name.clone(),
+                        backend: b.name.clone(),
+                    },
+                    b.state,
+                )
+            })
+        })
+        .collect()
+}
+
 fn state_name(state: u8) -> &'static str {
     match state {
         BACKEND_ACTIVE => "active",
@@ -123,31 +162,60 @@ fn state_name(state: u8) -> &'static str {
 }
 
 impl Lb {
-    /// Takes over the pinned maps: health starts from what the pins say (a
-    /// backend the previous daemon had marked down stays down until it
-    /// passes `rise` checks), then the desired state is applied.
+    /// Takes over the pinned maps: health starts from what the kernel holds
+    /// (a backend the previous daemon had marked down stays down until it
+    /// passes `rise` checks; one the kernel does not know yet starts down),
+    /// backends found only in the kernel are kept draining, then the desired
+    /// state is applied.
     pub fn new(
         config_path: PathBuf,
         base: Config,
         state: State,
         maps: PinnedMaps,
+        dataplane: Dataplane,
+        lock: PinLock,
         adopted: bool,
     ) -> Result<Self> {
+        let dir = base.pin_path();
+        let link = bpf_obj::get(&pins::link_path(&dir)).with_context(|| {
+            format!(
+                "opening the pinned link {}",
+                pins::link_path(&dir).display()
+            )
+        })?;
+        let mut held_maps = Vec::new();
+        for name in PINNED_MAPS {
+            let fd = bpf_obj::get(&dir.join(name))
+                .with_context(|| format!("opening pinned map {}", dir.join(name).display()))?;
+            held_maps.push((name, fd));
+        }
         let mut lb = Lb {
             config_path,
             effective: base.clone(),
             base,
             state,
             health: BTreeMap::new(),
-            panic: BTreeSet::new(),
+            panic: BTreeMap::new(),
+            orphans: BTreeMap::new(),
             maps,
+            held: Held {
+                dir,
+                lock,
+                link,
+                maps: held_maps,
+                _dataplane: dataplane,
+            },
             service_ids: BTreeMap::new(),
             backend_ids: HashMap::new(),
             started: Instant::now(),
             adopted,
+            dirty: None,
+            repairs: BTreeMap::new(),
+            write_failures: 0,
         };
-        let pinned_down = lb.pinned_down()?;
-        lb.sync_health(&pinned_down)?;
+        let kernel = lb.kernel_backends()?;
+        lb.find_orphans(&kernel)?;
+        lb.sync_health(&kernel)?;
         lb.apply().context("applying the desired state")?;
         Ok(lb)
     }
@@ -157,26 +225,68 @@ impl Lb {
         &self.config_path
     }
 
-    /// Backends whose pinned state is DOWN (set by a previous daemon).
-    fn pinned_down(&self) -> Result<HashSet<BackendRef>> {
+    /// Backends in the kernel now: (service name, address) -> (record state, record).
+    fn kernel_backends(&self) -> Result<HashMap<(String, IpAddr), lb_common::Backend>> {
         let by_addr = self.maps.live_backends()?;
-        let mut down = HashSet::new();
-        let cfg = self.effective_config()?;
-        for svc in &cfg.services {
-            let Ok(record) = self.maps.services.get(&service_key(svc), 0) else {
+        let mut names: HashMap<u32, String> = HashMap::new();
+        for entry in self.maps.services.iter() {
+            let (key, svc) = entry.context("reading the service map")?;
+            if key.port == 0 {
                 continue;
-            };
-            for be in &svc.backends {
-                let pinned = by_addr.get(&(record.id, addr_words(be.address)));
-                if pinned.map(|(_, b)| b.state) == Some(BACKEND_DOWN) {
-                    down.insert(BackendRef {
-                        service: svc.name.clone(),
-                        backend: be.name.clone(),
-                    });
-                }
+            }
+            // The service's name is that of the configured service at the same key.
+            if let Some(cfg) = self.base.services.iter().find(|s| service_key(s) == key) {
+                names.insert(svc.id, cfg.name.clone());
             }
         }
-        Ok(down)
+        let mut out = HashMap::new();
+        for ((sid, _), (_, be)) in by_addr {
+            if let Some(name) = names.get(&sid) {
+                out.insert((name.clone(), ip_from_words(&be.addr, be.family)), be);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Backends the kernel has for a configured service but neither the
+    /// config nor the state file names (the state file was lost or edited):
+    /// dropping them would move their clients, so they are kept draining.
+    fn find_orphans(
+        &mut self,
+        kernel: &HashMap<(String, IpAddr), lb_common::Backend>,
+    ) -> Result<()> {
+        let cfg = self.effective_config()?;
+        self.orphans.clear();
+        for ((service, addr), be) in kernel {
+            let Some(svc) = cfg.services.iter().find(|s| &s.name == service) else {
+                continue;
+            };
+            if svc.backends.iter().any(|b| b.address == *addr) || be.state == BACKEND_DOWN {
+                continue;
+            }
+            let mut name = addr.to_string();
+            if svc.backends.iter().any(|b| b.name == name) {
+                name = format!("orphan-{addr}");
+            }
+            tracing::warn!(
+                service = %service,
+                backend = %addr,
+                "backend {addr} of {service} is in the kernel but in neither the config nor the state file \
+                 (was the state file lost?); keeping it draining so its clients stay until idle \
+                 (`xlb backend remove {service} {name}` drops it now)"
+            );
+            self.orphans
+                .entry(service.clone())
+                .or_default()
+                .push(BackendConfig {
+                    name,
+                    address: *addr,
+                    mac: be.mac,
+                    weight: be.weight.max(1),
+                    state: BackendState::Draining,
+                });
+        }
+        Ok(())
     }
 
     /// The config with the runtime changes applied (states not yet derived).
@@ -231,65 +341,89 @@ impl Lb {
         }
     }
 
-    /// The config as the kernel should see it: every backend's state derived
-    /// from its admin state and health, with panic mode applied.
-    fn effective(&self) -> Result<(Config, BTreeSet<String>)> {
+    /// The config as the kernel should see it at `now`: every backend's state
+    /// derived from its admin state and health, panic mode decided, orphans
+    /// added as draining. Returns the panic memory to keep with it.
+    fn desired(&self, now: Instant) -> Result<(Config, BTreeMap<String, Panic>)> {
         let mut cfg = self.effective_config()?;
-        let mut panic = BTreeSet::new();
+        let mut panics = BTreeMap::new();
         for svc in &mut cfg.services {
             let derived: Vec<Derived> = svc
                 .backends
                 .iter()
                 .map(|b| self.derived(&svc.name, b))
                 .collect();
-            let in_service: Vec<&Derived> =
-                derived.iter().filter(|d| d.admin != Admin::Maint).collect();
-            // Panic mode: when every backend in service fails its checks,
-            // black-holing the VIP helps nobody; use them all as if healthy.
-            let all_failing = svc.health.is_some()
-                && !in_service.is_empty()
-                && in_service.iter().all(|d| d.health == Some(false));
-            if all_failing {
-                panic.insert(svc.name.clone());
-            }
+            let panic = match &svc.health {
+                Some(spec) => {
+                    let in_service: Vec<Option<bool>> = derived
+                        .iter()
+                        .filter(|d| d.admin != Admin::Maint)
+                        .map(|d| d.health)
+                        .collect();
+                    let grace = spec.interval.saturating_mul(spec.rise + spec.fall);
+                    let prev = self.panic.get(&svc.name).copied().unwrap_or_default();
+                    panic_step(prev, &in_service, now, grace)
+                }
+                None => Panic::default(),
+            };
             for (be, d) in svc.backends.iter_mut().zip(&derived) {
                 be.state = match d.admin {
                     Admin::Maint => BackendState::Down,
-                    _ if d.health == Some(false) && !all_failing => BackendState::Down,
+                    // In panic mode black-holing the VIP helps nobody: all are used.
+                    _ if d.health == Some(false) && !panic.active => BackendState::Down,
                     Admin::Draining { .. } => BackendState::Draining,
                     Admin::Active => BackendState::Active,
                 };
             }
+            if let Some(orphans) = self.orphans.get(&svc.name) {
+                svc.backends.extend(orphans.iter().cloned());
+            }
+            if panic != Panic::default() {
+                panics.insert(svc.name.clone(), panic);
+            }
         }
-        Ok((cfg, panic))
+        Ok((cfg, panics))
     }
 
-    /// Creates health records for checked backends (up unless `down`), drops stale ones.
-    fn sync_health(&mut self, down: &HashSet<BackendRef>) -> Result<()> {
+    /// Creates health records for checked backends, drops stale ones. A new
+    /// record starts as the kernel has the backend: down if it is DOWN there
+    /// (a previous daemon marked it), up if it serves there, and down until
+    /// it passes `rise` checks if the kernel does not know it yet but knows
+    /// other backends of its service (added at runtime or by a reload).
+    fn sync_health(
+        &mut self,
+        kernel: &HashMap<(String, IpAddr), lb_common::Backend>,
+    ) -> Result<()> {
         let cfg = self.effective_config()?;
         let mut keep = BTreeSet::new();
         for svc in &cfg.services {
-            if svc.health.is_none() {
-                continue;
-            }
+            let Some(spec) = &svc.health else { continue };
+            let known = kernel.keys().any(|(s, _)| *s == svc.name);
             for be in &svc.backends {
                 let r = BackendRef {
                     service: svc.name.clone(),
                     backend: be.name.clone(),
                 };
                 keep.insert(r.clone());
-                self.health.entry(r.clone()).or_insert_with(|| {
-                    let up = !down.contains(&r);
-                    if !up {
+                if self.health.contains_key(&r) {
+                    continue;
+                }
+                let health = match kernel.get(&(svc.name.clone(), be.address)) {
+                    Some(k) if k.state == BACKEND_DOWN => {
                         tracing::warn!(backend = %r, "backend starts down: the previous daemon had marked it down");
+                        Health::down("down before the daemon (re)started")
                     }
-                    Health {
-                        up,
-                        successes: 0,
-                        failures: 0,
-                        reason: (!up).then(|| "down before the daemon (re)started".to_string()),
+                    Some(_) => Health::up(),
+                    None if !known => Health::up(),
+                    None => {
+                        tracing::info!(backend = %r, "new backend starts down until {} successful checks", spec.rise);
+                        Health::down(format!(
+                            "new: waiting for {} successful {} checks",
+                            spec.rise, spec.kind
+                        ))
                     }
-                });
+                };
+                self.health.insert(r, health);
             }
         }
         self.health.retain(|r, _| keep.contains(r));
@@ -318,44 +452,68 @@ impl Lb {
         out
     }
 
-    /// Backend states as the kernel sees them now, by id.
-    fn kernel_states(&self) -> Result<HashMap<u32, u8>> {
-        let mut out = HashMap::new();
-        for id in self.backend_ids.values() {
-            let be = self
-                .maps
-                .backends
-                .get(id, 0)
-                .with_context(|| format!("reading backend {id}"))?;
-            out.insert(*id, be.state);
-        }
-        Ok(out)
-    }
-
-    /// Writes the desired state; rewrites the sessions of backends that just became unusable.
+    /// Writes the desired state; rewrites the sessions of backends that just
+    /// became unusable. On failure the daemon is dirty and reconcile retries.
     pub fn apply(&mut self) -> Result<()> {
-        let (cfg, panic) = self.effective()?;
-        let before = self.kernel_states()?;
-        let report = dataplane::apply(&mut self.maps, &cfg)?;
-        self.effective = cfg;
-        self.refresh_ids()?;
-        for svc in panic.difference(&self.panic) {
+        let started = Instant::now();
+        let (cfg, panic) = self.desired(started)?;
+        let before: HashMap<BackendRef, BackendState> = states(&self.effective);
+        let report = match dataplane::apply(&mut self.maps, &cfg) {
+            Ok(r) => r,
+            Err(e) => {
+                self.write_failures += 1;
+                self.dirty = Some(format!("{e:#}"));
+                return Err(e.context("writing the dataplane (reconcile will retry)"));
+            }
+        };
+        if self.dirty.take().is_some() {
+            tracing::info!("the kernel matches the desired state again");
+        }
+        self.service_ids = report.service_ids.clone();
+        self.backend_ids = report
+            .backend_ids
+            .iter()
+            .map(|((s, b), id)| {
+                (
+                    BackendRef {
+                        service: s.clone(),
+                        backend: b.clone(),
+                    },
+                    *id,
+                )
+            })
+            .collect();
+        let was_panic: BTreeSet<&String> = self
+            .panic
+            .iter()
+            .filter(|(_, p)| p.active)
+            .map(|(s, _)| s)
+            .collect();
+        let is_panic: BTreeSet<&String> = panic
+            .iter()
+            .filter(|(_, p)| p.active)
+            .map(|(s, _)| s)
+            .collect();
+        for svc in is_panic.difference(&was_panic) {
             tracing::error!(
                 service = %svc,
                 "PANIC MODE: every backend of service {svc} fails its health checks; forwarding to all of them as if healthy rather than dropping the traffic"
             );
         }
-        for svc in self.panic.difference(&panic) {
-            tracing::warn!(service = %svc, "service {svc} left panic mode: a backend passes its checks again");
+        for svc in was_panic.difference(&is_panic) {
+            tracing::warn!(service = %svc, "service {svc} left panic mode: its backends pass their checks again (or the grace period for the rest passed)");
         }
+        drop((was_panic, is_panic));
         self.panic = panic;
-        let after = self.kernel_states()?;
+        let after = states(&cfg);
+        self.effective = cfg;
         let newly_down: HashSet<u32> = after
             .iter()
-            .filter(|(id, s)| {
-                **s == BACKEND_DOWN && before.get(id).is_some_and(|b| *b != BACKEND_DOWN)
+            .filter(|(r, s)| {
+                **s == BackendState::Down
+                    && before.get(*r).is_some_and(|b| *b != BackendState::Down)
             })
-            .map(|(id, _)| *id)
+            .filter_map(|(r, _)| self.backend_ids.get(r).copied())
             .collect();
         if report.backends_removed > 0 || report.services_removed > 0 {
             tracing::info!(
@@ -365,6 +523,12 @@ impl Lb {
                 "removed from the dataplane"
             );
         }
+        tracing::debug!(
+            tables = ?report.tables_written,
+            backends_written = report.backends_written,
+            took = ?started.elapsed(),
+            "applied"
+        );
         if !newly_down.is_empty() {
             let moved = self.rewrite_sessions(&newly_down)?;
             for id in &newly_down {
@@ -379,34 +543,136 @@ impl Lb {
         Ok(())
     }
 
-    fn refresh_ids(&mut self) -> Result<()> {
-        let mut service_ids = BTreeMap::new();
-        let mut backend_ids = HashMap::new();
-        let by_addr = self.maps.live_backends()?;
-        for svc in &self.effective.services {
-            let record = self
-                .maps
-                .services
-                .get(&service_key(svc), 0)
-                .with_context(|| {
-                    format!("service {} missing from the map after apply", svc.name)
-                })?;
-            service_ids.insert(svc.name.clone(), record.id);
-            for be in &svc.backends {
-                if let Some((id, _)) = by_addr.get(&(record.id, addr_words(be.address))) {
-                    backend_ids.insert(
-                        BackendRef {
-                            service: svc.name.clone(),
-                            backend: be.name.clone(),
-                        },
-                        *id,
+    /// Compares the kernel with the desired state and repairs what differs:
+    /// missing pins (re-pinned from the descriptors this daemon holds), a
+    /// write that failed earlier (retried), and records or tables someone
+    /// else changed. Returns the number of repairs.
+    pub fn reconcile(&mut self) -> Result<u64> {
+        let mut fixed = self.repair_pins()?;
+        if let Some(why) = self.dirty.clone() {
+            tracing::info!("retrying the write that failed: {why}");
+            self.apply()?;
+            self.count_repair("retried_write", 1);
+            fixed += 1;
+        } else {
+            let report = match dataplane::apply(&mut self.maps, &self.effective) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.write_failures += 1;
+                    self.dirty = Some(format!("{e:#}"));
+                    return Err(e.context("reconcile: writing the dataplane"));
+                }
+            };
+            let found = [
+                ("backend", report.backends_written as u64),
+                ("table", report.tables_written.len() as u64),
+                ("service", report.services_written as u64),
+                (
+                    "stale",
+                    (report.backends_removed + report.services_removed) as u64,
+                ),
+            ];
+            for (what, n) in found {
+                if n > 0 {
+                    tracing::warn!(
+                        repaired = n,
+                        "reconcile: {n} {what} entries in the kernel differed from the desired state \
+                         (written by another program?) and were rewritten"
+                    );
+                    self.count_repair(what, n);
+                    fixed += n;
+                }
+            }
+        }
+        Ok(fixed)
+    }
+
+    fn count_repair(&mut self, what: &'static str, n: u64) {
+        *self.repairs.entry(what).or_default() += n;
+    }
+
+    /// Re-creates the pin directory, its lock, and the pins of the link and
+    /// maps from this daemon's own descriptors. Without the link pin the
+    /// program would be detached when the daemon exits.
+    fn repair_pins(&mut self) -> Result<u64> {
+        let dir = self.held.dir.clone();
+        let mut fixed = 0;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("re-creating pin directory {}", dir.display()))?;
+            tracing::warn!(dir = %dir.display(), "reconcile: the pin directory was removed; re-created it");
+            self.count_repair("pin_dir", 1);
+            fixed += 1;
+        }
+        if !self.held.lock.still_current() {
+            match PinLock::acquire(&dir) {
+                Ok(lock) => self.held.lock = lock,
+                Err(e) => tracing::error!("reconcile: re-locking {}: {e:#}", dir.display()),
+            }
+        }
+        let mut objects: Vec<(String, &OwnedFd)> =
+            vec![(pins::LINK_PIN.to_string(), &self.held.link)];
+        objects.extend(self.held.maps.iter().map(|(n, fd)| (n.to_string(), fd)));
+        let mut repinned = Vec::new();
+        for (name, fd) in objects {
+            let path = dir.join(&name);
+            match bpf_obj::check(fd.as_fd(), &path)
+                .with_context(|| format!("checking pin {}", path.display()))?
+            {
+                PinCheck::Ours => {}
+                PinCheck::Missing => {
+                    bpf_obj::pin(fd.as_fd(), &path)
+                        .with_context(|| format!("re-pinning {}", path.display()))?;
+                    tracing::warn!(pin = %path.display(), "reconcile: pin was removed; re-pinned it from the daemon's descriptor");
+                    repinned.push(name);
+                }
+                PinCheck::Other(id) => {
+                    tracing::error!(
+                        pin = %path.display(),
+                        "reconcile: {} holds another object (id {id}), not this daemon's; leaving it",
+                        path.display()
                     );
                 }
             }
         }
-        self.service_ids = service_ids;
-        self.backend_ids = backend_ids;
-        Ok(())
+        for name in &repinned {
+            self.count_repair(
+                if name == pins::LINK_PIN {
+                    "link_pin"
+                } else {
+                    "map_pin"
+                },
+                1,
+            );
+        }
+        Ok(fixed + repinned.len() as u64)
+    }
+
+    /// Before exiting: make sure the link stays pinned, so the dataplane
+    /// keeps forwarding without the daemon.
+    pub fn shutdown(&mut self) {
+        match self.repair_pins() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!("re-created {n} missing pins before exiting"),
+            Err(e) => tracing::error!(
+                "could not make sure the XDP link stays pinned ({e:#}); the program may be detached when this process exits"
+            ),
+        }
+    }
+
+    /// Whether the last write to the kernel failed (reconcile should come soon).
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.is_some()
+    }
+
+    /// Repairs made by reconcile, by what.
+    pub fn repairs(&self) -> &BTreeMap<&'static str, u64> {
+        &self.repairs
+    }
+
+    /// Writes to the kernel that failed since start.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures
     }
 
     fn backend_name(&self, id: u32) -> String {
@@ -500,53 +766,38 @@ impl Lb {
         let Some(spec) = svc.health.clone() else {
             return Ok(());
         };
-        let addr = svc
+        let target = svc
             .backends
             .iter()
             .find(|b| b.name == r.backend)
-            .map(|b| SocketAddr::new(b.address, spec.port));
+            .map_or_else(
+                || r.to_string(),
+                |b| SocketAddr::new(b.address, spec.port).to_string(),
+            );
         let Some(h) = self.health.get_mut(r) else {
             // A check of a backend removed meanwhile.
             return Ok(());
         };
-        let target = addr.map_or_else(|| r.to_string(), |a| a.to_string());
-        let mut changed = false;
-        match result {
-            Ok(latency) => {
-                h.failures = 0;
-                h.successes = h.successes.saturating_add(1);
-                if !h.up && h.successes >= spec.rise {
-                    h.up = true;
-                    let reason = format!(
-                        "{} consecutive successful {} checks (last took {latency:?})",
-                        spec.rise, spec.kind
-                    );
-                    tracing::info!(backend = %r, "backend {target} up: {reason}");
-                    h.reason = Some(reason);
-                    changed = true;
-                }
-            }
-            Err(why) => {
-                h.successes = 0;
-                h.failures = h.failures.saturating_add(1);
-                if h.up && h.failures >= spec.fall {
-                    h.up = false;
-                    let reason = format!("{} consecutive failures, last: {why}", spec.fall);
-                    tracing::warn!(backend = %r, "backend {target} down: {reason}");
-                    h.reason = Some(reason);
-                    changed = true;
-                } else if h.up {
-                    tracing::debug!(backend = %r, failures = h.failures, "check failed: {why}");
-                }
+        if let Err(why) = &result {
+            if h.up {
+                tracing::debug!(backend = %r, failures = h.failures + 1, "check failed: {why}");
             }
         }
-        if changed {
-            self.apply()?;
+        match h.feed(&result, spec.rise, spec.fall, &spec.kind.to_string()) {
+            Some(Transition::Up(why)) => {
+                tracing::info!(backend = %r, "backend {target} up: {why}");
+            }
+            Some(Transition::Down(why)) => {
+                tracing::warn!(backend = %r, "backend {target} down: {why}");
+            }
+            None => return Ok(()),
         }
-        Ok(())
+        self.apply()
     }
 
-    /// Finishes drains whose backend has no sessions left or whose deadline passed.
+    /// Once a second: finishes drains whose backend has no sessions left or
+    /// whose deadline passed, lets go of idle orphans, and ends panic modes
+    /// whose grace period passed.
     pub fn tick(&mut self) -> Result<()> {
         let now = unix_ms();
         let mut draining = Vec::new();
@@ -563,40 +814,79 @@ impl Lb {
                 }
             }
         }
-        if draining.is_empty() {
-            return Ok(());
-        }
-        let counts = self.session_counts()?;
         let mut changed = false;
-        for (r, deadline) in draining {
-            let Some(id) = self.backend_ids.get(&r) else {
-                continue;
-            };
-            let left = counts.get(id).copied().unwrap_or(0);
-            let why = if left == 0 {
-                "no sessions left".to_string()
-            } else if deadline.is_some_and(|d| now >= d) {
-                format!("drain deadline passed with {left} sessions left; moving them")
-            } else {
-                continue;
-            };
-            tracing::info!(backend = %r, "drain of {r} finished: {why}; now maint");
-            self.state
-                .service_mut(&r.service)
-                .admin
-                .insert(r.backend.clone(), Admin::Maint);
-            changed = true;
+        if !draining.is_empty() || !self.orphans.is_empty() {
+            let counts = self.session_counts()?;
+            let mut finished = Vec::new();
+            for (r, deadline) in draining {
+                let Some(id) = self.backend_ids.get(&r) else {
+                    continue;
+                };
+                let left = counts.get(id).copied().unwrap_or(0);
+                let why = if left == 0 {
+                    "no sessions left".to_string()
+                } else if deadline.is_some_and(|d| now >= d) {
+                    format!("drain deadline passed with {left} sessions left; moving them")
+                } else {
+                    continue;
+                };
+                finished.push((r, why));
+            }
+            if !finished.is_empty() {
+                let mut new = self.state.clone();
+                for (r, _) in &finished {
+                    new.service_mut(&r.service)
+                        .admin
+                        .insert(r.backend.clone(), Admin::Maint);
+                }
+                // Saved first: a drain that cannot be recorded is retried next tick.
+                self.save(&mut new)
+                    .context("finishing a drain: nothing changed, retrying next tick")?;
+                for (r, why) in finished {
+                    tracing::info!(backend = %r, "drain of {r} finished: {why}; now maint");
+                }
+                self.state = new;
+                changed = true;
+            }
+            let ids = &self.backend_ids;
+            for (service, list) in &mut self.orphans {
+                list.retain(|b| {
+                    let r = BackendRef {
+                        service: service.clone(),
+                        backend: b.name.clone(),
+                    };
+                    let left = ids.get(&r).and_then(|id| counts.get(id)).copied().unwrap_or(0);
+                    if left == 0 {
+                        tracing::info!(backend = %r, "orphan backend {r} has no sessions left; removing it");
+                        changed = true;
+                    }
+                    left > 0
+                });
+            }
+            self.orphans.retain(|_, l| !l.is_empty());
+        }
+        if !changed {
+            // A panic mode waiting for its grace period to pass.
+            let waiting = self
+                .panic
+                .values()
+                .any(|p| p.active && p.first_up.is_some());
+            if waiting {
+                let (_, next) = self.desired(Instant::now())?;
+                changed = next.values().filter(|p| p.active).count()
+                    != self.panic.values().filter(|p| p.active).count();
+            }
         }
         if changed {
-            self.save_state()?;
             self.apply()?;
         }
         Ok(())
     }
 
-    fn save_state(&mut self) -> Result<()> {
-        self.state.prune();
-        self.state.save(&self.base.state_file)
+    /// Writes `state` to the state file (pruned), atomically.
+    fn save(&self, state: &mut State) -> Result<()> {
+        state.prune();
+        state.save(&self.base.state_file)
     }
 
     /// Backends of every service currently in effect.
@@ -609,10 +899,14 @@ impl Lb {
     }
 
     /// After a failed change the previous `what` (state or config) is back
-    /// in `self`: writes it to the kernel again, logging if even that fails.
+    /// in `self`: writes it to the kernel again, logging if even that fails
+    /// (reconcile keeps retrying).
     fn reapply_restored(&mut self, what: &str) {
-        let _ = self.sync_health(&HashSet::new());
-        if let Err(e) = self.apply() {
+        if let Err(e) = self
+            .kernel_backends()
+            .and_then(|k| self.sync_health(&k))
+            .and_then(|()| self.apply())
+        {
             tracing::error!("restoring the previous {what} failed too: {e:#}");
         }
     }
@@ -639,20 +933,31 @@ impl Lb {
         })
     }
 
-    /// Makes a runtime change: `change` edits the state, which is saved and applied; on a
-    /// failure to apply, the previous state is restored.
+    /// Makes a runtime change as a transaction: `change` edits a copy of the
+    /// state, which is written to the state file first (a change that cannot
+    /// be recorded is not made, so a restart never silently undoes it), then
+    /// to the kernel; if that fails, the previous state is restored on disk
+    /// and in the kernel.
     fn change(&mut self, change: impl FnOnce(&mut State)) -> Result<()> {
-        let old = self.state.clone();
-        change(&mut self.state);
+        let mut new = self.state.clone();
+        change(&mut new);
+        self.save(&mut new)
+            .context("the change was not applied: the state file could not be written")?;
+        let old = std::mem::replace(&mut self.state, new);
         let result = self
-            .sync_health(&HashSet::new())
+            .kernel_backends()
+            .and_then(|k| self.sync_health(&k))
             .and_then(|()| self.apply());
         if let Err(e) = result {
             self.state = old;
+            let mut restore = self.state.clone();
+            if let Err(se) = self.save(&mut restore) {
+                tracing::error!("restoring the previous state file failed: {se:#}");
+            }
             self.reapply_restored("state");
-            return Err(e);
+            return Err(e.context("the change was rolled back"));
         }
-        self.save_state()
+        Ok(())
     }
 
     /// `xlb backend add`.
@@ -716,6 +1021,16 @@ impl Lb {
     /// `xlb backend remove`.
     pub fn backend_remove(&mut self, service: &str, backend: &str) -> Result<String> {
         let r = self.find(service, backend)?;
+        if let Some(list) = self.orphans.get_mut(service) {
+            if let Some(i) = list.iter().position(|b| b.name == backend) {
+                list.remove(i);
+                self.orphans.retain(|_, l| !l.is_empty());
+                self.apply()?;
+                return Ok(format!(
+                    "removed orphan backend {r}; its clients move to their Maglev choice"
+                ));
+            }
+        }
         let svc_len = self
             .effective_service(service)
             .map_or(0, |s| s.backends.len());
@@ -817,11 +1132,10 @@ impl Lb {
                 "{field} changed: it cannot change while the daemon runs (restart it); nothing applied"
             );
         }
-        let old_base = std::mem::replace(&mut self.base, new);
-        let old_state = self.state.clone();
         // A backend the config now names itself is the config's from here on.
-        for svc in &self.base.services {
-            if let Some(over) = self.state.services.get_mut(&svc.name) {
+        let mut state = self.state.clone();
+        for svc in &new.services {
+            if let Some(over) = state.services.get_mut(&svc.name) {
                 over.added.retain(|a| {
                     !svc.backends
                         .iter()
@@ -829,16 +1143,26 @@ impl Lb {
                 });
             }
         }
+        if state != self.state {
+            self.save(&mut state)
+                .context("reload not applied: the state file could not be written")?;
+        }
+        let old_base = std::mem::replace(&mut self.base, new);
+        let old_state = std::mem::replace(&mut self.state, state);
         let result = self
-            .sync_health(&HashSet::new())
+            .kernel_backends()
+            .and_then(|k| self.sync_health(&k))
             .and_then(|()| self.apply());
         if let Err(e) = result {
             self.base = old_base;
             self.state = old_state;
+            let mut restore = self.state.clone();
+            if let Err(se) = self.save(&mut restore) {
+                tracing::error!("restoring the previous state file failed: {se:#}");
+            }
             self.reapply_restored("config");
             return Err(e.context("applying the new config failed; the previous one is back"));
         }
-        self.save_state()?;
         Ok(format!(
             "reloaded {}: {} services, {} backends",
             self.config_path.display(),
@@ -878,8 +1202,16 @@ impl Lb {
             services: self.effective.services.len(),
             backends,
             backends_up: up,
-            panic_services: self.panic.iter().cloned().collect(),
+            panic_services: self
+                .panic
+                .iter()
+                .filter(|(_, p)| p.active)
+                .map(|(s, _)| s.clone())
+                .collect(),
             sessions,
+            in_sync: self.dirty.is_none(),
+            last_write_error: self.dirty.clone(),
+            reconcile_repairs: self.repairs.values().sum(),
         })
     }
 
@@ -900,7 +1232,7 @@ impl Lb {
                     .iter()
                     .filter(|b| b.state == BackendState::Active)
                     .count(),
-                panic: self.panic.contains(&s.name),
+                panic: self.panic.get(&s.name).is_some_and(|p| p.active),
                 health: s.health.as_ref().map(|h| {
                     format!(
                         "{} port {} every {} (timeout {}, rise {}, fall {})",
@@ -952,7 +1284,13 @@ impl Lb {
                         Some(_) => "down",
                     }
                     .to_string(),
-                    state: state_name(be.state.to_abi()).to_string(),
+                    // What the kernel really holds, not what this daemon meant to write.
+                    state: self
+                        .maps
+                        .backends
+                        .get(&id, 0)
+                        .map_or("unknown", |k| state_name(k.state))
+                        .to_string(),
                     sessions: counts.get(&id).copied().unwrap_or(0),
                     drain_left_ms: match d.admin {
                         Admin::Draining {

@@ -6,7 +6,6 @@
 //! between scrapes. Encoding is prometheus-client's.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -19,8 +18,8 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Shared;
 use super::lb::{BackendRef, Lb};
+use super::owner::Handle;
 use lb_common::stat;
 
 type Labels = Vec<(String, String)>;
@@ -213,6 +212,32 @@ impl Metrics {
             be_state,
         );
 
+        let repairs = Family::<Labels, Counter>::default();
+        for (what, n) in lb.repairs() {
+            repairs
+                .get_or_create(&vec![("what".to_string(), (*what).to_string())])
+                .inc_by(*n);
+        }
+        reg.register(
+            "reconcile_repairs",
+            "Differences between the kernel and the desired state that reconcile repaired, by what",
+            repairs,
+        );
+        let write_failures = Counter::<u64>::default();
+        write_failures.inc_by(lb.write_failures());
+        reg.register(
+            "dataplane_write_failures",
+            "Writes to the kernel that failed (each is retried by reconcile)",
+            write_failures,
+        );
+        let in_sync = Gauge::<i64>::default();
+        in_sync.set(i64::from(!lb.is_dirty()));
+        reg.register(
+            "dataplane_in_sync",
+            "1 when the kernel holds the desired state, 0 while a failed write waits for its retry",
+            in_sync,
+        );
+
         let mut out = String::new();
         encode_registry(&mut out, &reg).context("encoding metrics")?;
         let mut kept = Registry::with_prefix("xlb");
@@ -240,7 +265,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Serves `/metrics` until the task is aborted.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, owner: Handle) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -249,16 +274,16 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let shared = shared.clone();
+        let owner = owner.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &shared).await {
+            if let Err(e) = answer(stream, &owner).await {
                 tracing::debug!("metrics connection: {e:#}");
             }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, shared: &Shared) -> Result<()> {
+async fn answer(mut stream: TcpStream, owner: &Handle) -> Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     // A bounded read of the request head: slow or huge requests are dropped.
@@ -279,10 +304,7 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> Result<()> {
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next(), parts.next());
     let (status, ctype, body) = if method == Some("GET") && path == Some("/metrics") {
-        let text = {
-            let lb = shared.lock();
-            shared.metrics.render(&lb)
-        };
+        let text = owner.metrics().await;
         match text {
             Ok(t) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", t),
             Err(e) => (

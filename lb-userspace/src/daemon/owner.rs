@@ -1,0 +1,239 @@
+//! The owner thread: [`Lb`] lives on one OS thread of its own and is
+//! reached only by messages, so no lock is ever held across an `.await` and
+//! no blocking map syscall runs on a tokio worker. Health checks, the
+//! control socket, the metrics endpoint and signals all send [`Msg`]s; the
+//! thread also runs the once-a-second tick and the periodic reconcile
+//! (sooner, with backoff, after a failed write).
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow};
+use tokio::sync::{oneshot, watch};
+
+use super::lb::{BackendRef, CheckTarget, Lb};
+use super::metrics::Metrics;
+use crate::api::{Request, Response};
+
+/// How often drain deadlines, idle orphans and panic grace periods are looked at.
+const TICK: Duration = Duration::from_secs(1);
+/// How often the kernel is compared with the desired state when all is well.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// First retry after a failed write; doubled up to [`RECONCILE_EVERY`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// A message to the owner thread.
+pub enum Msg {
+    /// A control request and where to send its answer.
+    Request(Request, oneshot::Sender<Response>),
+    /// One health-check result (`Ok(latency)` or `Err(why)`).
+    Check(BackendRef, Result<Duration, String>),
+    /// A metrics scrape.
+    Metrics(oneshot::Sender<Result<String>>),
+    /// Exit after making sure the dataplane stays pinned.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A cheap, cloneable way to reach the owner thread.
+#[derive(Clone)]
+pub struct Handle {
+    tx: Sender<Msg>,
+}
+
+impl Handle {
+    /// Sends a control request and waits for its answer.
+    pub async fn request(&self, req: Request) -> Response {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Request(req, tx)).is_err() {
+            return Response::Error("the daemon is shutting down".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Response::Error("the daemon is shutting down".into()))
+    }
+
+    /// Renders the metrics on the owner thread (the kernel counters are read there).
+    pub async fn metrics(&self) -> Result<String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Metrics(tx))
+            .map_err(|_| anyhow!("the daemon is shutting down"))?;
+        rx.await.context("the daemon is shutting down")?
+    }
+
+    /// Hands over one health-check result; never waits.
+    pub fn check(&self, backend: BackendRef, result: Result<Duration, String>) {
+        let _ = self.tx.send(Msg::Check(backend, result));
+    }
+
+    /// Asks the owner to stop, and waits until it has.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Starts the owner thread with `lb`; check targets are published on `targets`.
+pub fn spawn(
+    lb: Lb,
+    metrics: Arc<Metrics>,
+    targets: watch::Sender<Vec<CheckTarget>>,
+) -> Result<(Handle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("xlb-owner".into())
+        .spawn(move || run(lb, rx, &metrics, &targets))
+        .context("starting the owner thread")?;
+    Ok((Handle { tx }, thread))
+}
+
+fn run(
+    mut lb: Lb,
+    rx: Receiver<Msg>,
+    metrics: &Metrics,
+    targets: &watch::Sender<Vec<CheckTarget>>,
+) {
+    let mut published = lb.check_targets();
+    targets.send_replace(published.clone());
+    let now = Instant::now();
+    let mut next_tick = now + TICK;
+    let mut next_reconcile = now + RECONCILE_EVERY;
+    let mut retry = RETRY_MIN;
+    loop {
+        let wait = next_tick
+            .min(next_reconcile)
+            .saturating_duration_since(Instant::now());
+        let mut targets_may_change = false;
+        match rx.recv_timeout(wait) {
+            Ok(Msg::Shutdown(done)) => {
+                lb.shutdown();
+                let _ = done.send(());
+                return;
+            }
+            Ok(Msg::Request(req, reply)) => {
+                targets_may_change = changes_targets(&req);
+                let _ = reply.send(handle(&mut lb, req));
+            }
+            Ok(Msg::Check(backend, result)) => {
+                if let Err(e) = lb.health_result(&backend, result) {
+                    tracing::error!(backend = %backend, "applying a health transition failed: {e:#}");
+                }
+            }
+            Ok(Msg::Metrics(reply)) => {
+                let _ = reply.send(metrics.render(&lb));
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                lb.shutdown();
+                return;
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            if let Err(e) = lb.tick() {
+                tracing::error!("tick (drains, orphans, panic grace) failed: {e:#}");
+            }
+            next_tick = now + TICK;
+            targets_may_change = true;
+        }
+        if lb.is_dirty() {
+            next_reconcile = next_reconcile.min(now + retry);
+        }
+        if now >= next_reconcile {
+            match lb.reconcile() {
+                Ok(_) => {
+                    retry = RETRY_MIN;
+                    next_reconcile = now + RECONCILE_EVERY;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "reconcile failed, retrying in {}: {e:#}",
+                        humantime::format_duration(retry)
+                    );
+                    next_reconcile = now + retry;
+                    retry = (retry * 2).min(RECONCILE_EVERY);
+                }
+            }
+        }
+        if targets_may_change {
+            let now_targets = lb.check_targets();
+            if now_targets != published {
+                targets.send_replace(now_targets.clone());
+                published = now_targets;
+            }
+        }
+    }
+}
+
+/// Whether a request can change which backends are checked.
+fn changes_targets(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::BackendAdd { .. } | Request::BackendRemove { .. } | Request::Reload
+    )
+}
+
+/// Answers one control request against the owner's state.
+pub fn handle(lb: &mut Lb, req: Request) -> Response {
+    let result: Result<Response> = (|| {
+        Ok(match req {
+            Request::Status => Response::Status(lb.status()?),
+            Request::ServiceList => Response::Services(lb.services()),
+            Request::BackendList { service } => {
+                Response::Backends(lb.backends(service.as_deref())?)
+            }
+            Request::BackendAdd {
+                service,
+                name,
+                address,
+                mac,
+                weight,
+            } => Response::Done(lb.backend_add(&service, name, address, &mac, weight)?),
+            Request::BackendRemove { service, backend } => {
+                Response::Done(lb.backend_remove(&service, &backend)?)
+            }
+            Request::BackendDrain {
+                service,
+                backend,
+                deadline_ms,
+            } => Response::Done(lb.backend_drain(
+                &service,
+                &backend,
+                deadline_ms.map(Duration::from_millis),
+            )?),
+            Request::BackendUndrain { service, backend } => {
+                Response::Done(lb.backend_undrain(&service, &backend)?)
+            }
+            Request::BackendWeight {
+                service,
+                backend,
+                weight,
+            } => Response::Done(lb.backend_weight(&service, &backend, weight)?),
+            Request::SessionsList { service, backend } => {
+                Response::Sessions(lb.sessions(service.as_deref(), backend.as_deref())?)
+            }
+            Request::SessionsWhere { client, service } => {
+                Response::Where(lb.where_is(client, service.as_deref())?)
+            }
+            Request::SessionsFlush { service, backend } => {
+                Response::Done(lb.flush(service.as_deref(), backend.as_deref())?)
+            }
+            Request::Stats => Response::Stats(lb.stats()?),
+            Request::Reload => Response::Done(lb.reload()?),
+        })
+    })();
+    match result {
+        Ok(r) => {
+            if let Response::Done(msg) = &r {
+                tracing::info!("{msg}");
+            }
+            r
+        }
+        Err(e) => {
+            tracing::warn!("control request refused: {e:#}");
+            Response::Error(format!("{e:#}"))
+        }
+    }
+}
