@@ -135,6 +135,18 @@ fn peers_and_failover_smallest_configuration() {
         "xlb's client must be served by another backend"
     );
     assert!(xlb.served_again_ms.median > 0.0);
+    // The dead backend must reach the kernel as DOWN in each of the four services.
+    assert_eq!(table.xlb_kernel_down_ms.len(), 4, "{table:?}");
+    for (svc, s) in &table.xlb_kernel_down_ms {
+        assert!(
+            s.samples.iter().all(|t| t.is_finite()),
+            "{svc}: never DOWN in the kernel"
+        );
+        eprintln!(
+            "{svc}: kill -> DOWN in the kernel {:?} ms (bound {} ms)",
+            s.samples, table.xlb_kernel_down_bound_ms
+        );
+    }
     assert!(
         ip_netns_empty_of("xlb-"),
         "parts 4 and 5 left namespaces behind"

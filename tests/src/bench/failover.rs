@@ -10,6 +10,7 @@
 //! one lab, interleaved round by round, started before and stopped after their round.
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::{IpAddr, SocketAddr},
     path::Path,
@@ -173,6 +174,9 @@ pub struct FailoverRun {
     pub during: ClientShift,
     /// All clients: before the kill against after the restore.
     pub after_restore: ClientShift,
+    /// xlb only: from the kill until the killed backend was DOWN in the kernel's own
+    /// backend map, per service, ms (`None`: not within the failure).
+    pub kernel_down_ms: BTreeMap<String, Option<f64>>,
     /// Every probe, in order.
     pub probe_log: Vec<Probe>,
 }
@@ -217,6 +221,10 @@ pub struct FailoverTable {
     pub backends: usize,
     /// One row per contender.
     pub rows: Vec<FailoverRow>,
+    /// xlb: kill to DOWN in the kernel per service, ms, over the rounds.
+    pub xlb_kernel_down_ms: BTreeMap<String, Series>,
+    /// The bound for it: fall × interval + 100 ms.
+    pub xlb_kernel_down_bound_ms: f64,
 }
 
 /// What part 5 produced.
@@ -322,6 +330,8 @@ pub fn part5(budget: Budget) -> Result<FailoverOutcome> {
             about: about(budget),
             backends: BACKENDS,
             rows,
+            xlb_kernel_down_ms: kernel_down(&out.runs),
+            xlb_kernel_down_bound_ms: kernel_down_bound_ms(),
         });
     }
     Ok(out)
@@ -336,6 +346,12 @@ fn measure(
     budget: Budget,
 ) -> Result<FailoverRun> {
     let started = Started::start(lab, c)?;
+    let watch = match &started {
+        Started::Xlb {
+            daemon: Some(d), ..
+        } => Some(KernelWatch::new(lab, d)?),
+        _ => None,
+    };
     let vip = IpAddr::V4(lab.vip4);
     peers::wait_served(lab, vip)?;
     let pinned = IpAddr::V4(*lab.client_v4.first().context("the lab has no client")?);
@@ -360,7 +376,17 @@ fn measure(
             )
         });
         // On an error the scope still waits for the prober, whose probes are bounded.
-        kill_and_restore(lab, servers, probes, t0, down, &clients, &before, pinned)
+        kill_and_restore(
+            lab,
+            servers,
+            probes,
+            t0,
+            down,
+            &clients,
+            &before,
+            pinned,
+            watch.as_ref(),
+        )
     })?;
     let after = ask_all(lab, &clients);
     started.stop()?;
@@ -385,8 +411,58 @@ fn measure(
         moved_back: summary.moved_back,
         final_backend: summary.final_backend,
         backend_changes: summary.backend_changes,
+        kernel_down_ms: control.kernel_down_ms,
         probe_log,
     })
+}
+
+/// Reads the killed backend's record of every service straight from xlb's pinned
+/// backend map: when it is DOWN in the kernel, not when a CLI call notices.
+struct KernelWatch {
+    maps: xlb::pins::PinnedMaps,
+    /// (service, backend name, backend id) of every backend of every service.
+    ids: Vec<(String, String, u32)>,
+}
+
+impl KernelWatch {
+    fn new(lab: &Lab, d: &Daemon) -> Result<Self> {
+        let status = d.ctl(lab, &["status"])?;
+        let pins = status["pins"].as_str().context("status without pins")?;
+        let maps = xlb::pins::PinnedMaps::open(Path::new(pins))?;
+        let list = d.ctl(lab, &["backend", "list"])?;
+        let ids = list
+            .as_array()
+            .context("backend list is not an array")?
+            .iter()
+            .filter_map(|b| {
+                Some((
+                    b["service"].as_str()?.to_owned(),
+                    b["name"].as_str()?.to_owned(),
+                    u32::try_from(b["id"].as_u64()?).ok()?,
+                ))
+            })
+            .collect();
+        Ok(Self { maps, ids })
+    }
+
+    /// Records in `seen` each service whose `dead` backend is DOWN now.
+    fn poll(&self, dead: &str, kill_at: Instant, seen: &mut BTreeMap<String, Option<f64>>) {
+        for (svc, name, id) in &self.ids {
+            if name != dead || seen.get(svc).is_some_and(Option::is_some) {
+                continue;
+            }
+            let down = self
+                .maps
+                .backends
+                .get(id, 0)
+                .is_ok_and(|b| b.state == lb_common::BACKEND_DOWN);
+            seen.insert(svc.clone(), down.then(|| ms(kill_at.elapsed())));
+        }
+    }
+
+    fn all_seen(seen: &BTreeMap<String, Option<f64>>) -> bool {
+        !seen.is_empty() && seen.values().all(Option::is_some)
+    }
 }
 
 /// What the control thread did and saw.
@@ -395,6 +471,7 @@ struct Control {
     kill_ms: f64,
     restore_ms: f64,
     during: Vec<Option<String>>,
+    kernel_down_ms: BTreeMap<String, Option<f64>>,
 }
 
 /// Kills the pinned client's backend after [`KILL_AFTER`], asks every client once the
@@ -409,6 +486,7 @@ fn kill_and_restore(
     clients: &[IpAddr],
     before: &[Option<String>],
     pinned: IpAddr,
+    watch: Option<&KernelWatch>,
 ) -> Result<Control> {
     sleep_until(t0 + KILL_AFTER);
     let seen = lock(probes).clone();
@@ -428,14 +506,27 @@ fn kill_and_restore(
     let ask_by = restore_at
         .checked_sub(ASK_BEFORE_RESTORE)
         .unwrap_or(kill_at);
+    let mut kernel_down_ms = BTreeMap::new();
     while Instant::now() < ask_by {
         let moved = lock(probes)
             .iter()
             .any(|p| p.at_ms >= kill_ms && p.backend.as_deref().is_some_and(|b| b != dead));
-        if moved {
+        let watched = match watch {
+            Some(w) => {
+                w.poll(&dead, kill_at, &mut kernel_down_ms);
+                KernelWatch::all_seen(&kernel_down_ms)
+            }
+            None => true,
+        };
+        if moved && watched {
             break;
         }
-        thread::sleep(POLL);
+        // Fine-grained while the kernel is watched, so the figure is not the poll's.
+        thread::sleep(if watched {
+            POLL
+        } else {
+            Duration::from_millis(2)
+        });
     }
     let during = ask_all(lab, clients);
     sleep_until(restore_at);
@@ -445,6 +536,7 @@ fn kill_and_restore(
         kill_ms,
         restore_ms: ms(t0.elapsed()),
         during,
+        kernel_down_ms,
     })
 }
 
@@ -620,6 +712,43 @@ fn row(c: Contender, runs: &[FailoverRun]) -> Option<FailoverRow> {
             pct(r.after_restore.moved, r.after_restore.clients)
         }),
     })
+}
+
+/// fall × interval + 100 ms of the daemon's checks: how soon a dead backend must be
+/// DOWN in the kernel, in every service.
+fn kernel_down_bound_ms() -> f64 {
+    let h = HealthOptions::default();
+    let interval = humantime_ms(h.interval);
+    f64::from(h.fall) * interval + 100.0
+}
+
+/// "500ms" / "2s" -> ms (the lab's check intervals are written that way).
+fn humantime_ms(text: &str) -> f64 {
+    if let Some(ms) = text.strip_suffix("ms") {
+        ms.parse().unwrap_or(f64::NAN)
+    } else if let Some(s) = text.strip_suffix('s') {
+        s.parse::<f64>().map_or(f64::NAN, |s| s * 1000.0)
+    } else {
+        f64::NAN
+    }
+}
+
+/// Per service, xlb's kill-to-kernel-DOWN times over the rounds.
+fn kernel_down(runs: &[FailoverRun]) -> BTreeMap<String, Series> {
+    let mut per: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in runs.iter().filter(|r| r.contender == Contender::Xlb.name()) {
+        for (svc, t) in &r.kernel_down_ms {
+            per.entry(svc.clone())
+                .or_default()
+                .push(t.unwrap_or(f64::INFINITY));
+        }
+    }
+    per.into_iter()
+        .map(|(svc, v)| {
+            let s = Series::new(Contender::Xlb.name(), "ms", v);
+            (svc, s)
+        })
+        .collect()
 }
 
 /// The paragraph under the table.
@@ -862,6 +991,7 @@ mod tests {
                 unserved: 0,
             },
             after_restore: ClientShift::default(),
+            kernel_down_ms: BTreeMap::new(),
             probe_log: Vec::new(),
         };
         let runs = vec![run(0, false), run(1, false), run(2, true)];
@@ -875,12 +1005,18 @@ mod tests {
                 about: about(Budget::QUICK),
                 backends: BACKENDS,
                 rows: vec![r],
+                xlb_kernel_down_ms: BTreeMap::from([(
+                    "http-v4".to_string(),
+                    Series::new("xlb", "ms", vec![1200.0, 1300.0]),
+                )]),
+                xlb_kernel_down_bound_ms: 1600.0,
             }),
             ..Default::default()
         };
         let md = crate::bench::report::markdown(&report);
         assert!(md.contains("### Failover under load"), "{md}");
         assert!(md.contains("| xlb daemon (native XDP) |"), "{md}");
+        assert!(md.contains("| http-v4 | 1250 (1200–1300) | 1600 |"), "{md}");
         assert!(
             md.contains("| 21 (20–22) | 1010 (1000–1020) | in 1/3 rounds |"),
             "{md}"

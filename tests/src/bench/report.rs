@@ -129,6 +129,25 @@ fn failover_md(t: &FailoverTable) -> String {
         );
     }
     s.push('\n');
+    if !t.xlb_kernel_down_ms.is_empty() {
+        let _ = writeln!(
+            s,
+            "xlb: from the kill until the dead backend was DOWN in the kernel's backend map (read \
+             from the pins every 2 ms), per service; bound fall × interval + 100 ms. ∞: not DOWN \
+             before the restore.\n"
+        );
+        let _ = writeln!(s, "| service | kill → DOWN in kernel, ms | bound, ms |");
+        let _ = writeln!(s, "|---|---:|---:|");
+        for (svc, series) in &t.xlb_kernel_down_ms {
+            let _ = writeln!(
+                s,
+                "| {svc} | {} | {:.0} |",
+                span(series, 0),
+                t.xlb_kernel_down_bound_ms
+            );
+        }
+        s.push('\n');
+    }
     s
 }
 
