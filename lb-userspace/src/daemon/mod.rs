@@ -2,26 +2,26 @@
 //! run health checks and drain deadlines and to serve the control socket.
 //!
 //! Shape (after bpfman and mini-redis): [`run`] binds the socket and hands it
-//! with a shutdown future to [`serve`]; all state lives in one [`Lb`] behind
-//! a mutex. SIGTERM/SIGINT end the daemon and leave the dataplane attached
+//! to [`control::serve_control`] on its own task; all state lives in one
+//! [`Lb`] behind a mutex. SIGTERM/SIGINT end the daemon and leave the dataplane attached
 //! (`xlb detach` is the explicit way to stop forwarding); SIGHUP reloads.
 
+pub mod accept;
+pub mod control;
 pub mod health;
+pub mod http;
 pub mod lb;
 pub mod metrics;
 pub mod state;
 
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use anyhow::{Context as _, Result};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::api::{MAX_REQUEST_BYTES, Request, Response};
+use crate::api::{Request, Response};
 use crate::config::Config;
 use crate::dataplane::{self, Attachment};
 use crate::pins::PinnedMaps;
@@ -31,8 +31,6 @@ use state::State;
 
 /// How often drain deadlines and session counts are looked at.
 const TICK: Duration = Duration::from_secs(1);
-/// Most control connections served at once.
-const MAX_CONNECTIONS: usize = 64;
 
 /// What `xlb daemon` was asked to do.
 #[derive(Debug, Clone)]
@@ -89,17 +87,51 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
         metrics: metrics::Metrics::default(),
     });
     sync_checks(&shared);
+    match accept::raise_open_file_limit() {
+        Ok(n) => tracing::info!("open-file limit (RLIMIT_NOFILE): {n}"),
+        Err(e) => tracing::warn!(
+            "raising the open-file limit: {e}; keeping {}",
+            accept::open_file_limit()
+        ),
+    }
+    let (control_max, metrics_max) = accept::connection_budget(accept::open_file_limit());
     let metrics_task = match metrics_address {
         Some(addr) => {
             let listener = metrics::bind(addr).await?;
-            tracing::info!(address = %addr, "serving Prometheus metrics at /metrics");
-            Some(tokio::spawn(metrics::serve(listener, shared.clone())))
+            tracing::info!(address = %addr, max_connections = metrics_max, "serving Prometheus metrics at /metrics");
+            let limits = http::HttpLimits {
+                max_connections: metrics_max,
+                ..http::HttpLimits::default()
+            };
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                shared.clone(),
+                limits,
+            )))
         }
         None => None,
     };
 
-    let listener = bind_socket(&opts.socket)?;
-    tracing::info!(socket = %opts.socket.display(), "serving the control socket");
+    let listener = control::bind_socket(&opts.socket)?;
+    tracing::info!(socket = %opts.socket.display(), max_connections = control_max, "serving the control socket");
+    let limits = control::ControlLimits {
+        max_connections: control_max,
+        ..control::ControlLimits::default()
+    };
+    let handler = {
+        let shared = shared.clone();
+        move |req: Request| {
+            let shared = shared.clone();
+            async move {
+                // The owner's lock and map syscalls block: off the async workers.
+                tokio::task::spawn_blocking(move || handle(req, &shared))
+                    .await
+                    .unwrap_or_else(|e| Response::Error(format!("request handler failed: {e}")))
+            }
+        }
+    };
+    // Its own task: accepting control connections never delays the signals below.
+    let control_task = tokio::spawn(control::serve_control(listener, handler, limits));
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -131,8 +163,9 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
             }
         }
     };
-    serve(listener, shared.clone(), shutdown).await;
+    shutdown.await;
 
+    control_task.abort();
     ticker.abort();
     if let Some(task) = metrics_task {
         task.abort();
@@ -159,97 +192,6 @@ fn reload(shared: &Arc<Shared>) -> Response {
             Response::Error(format!("{e:#}"))
         }
     }
-}
-
-/// Binds the control socket with mode 0600, replacing a stale socket file
-/// but refusing to steal one a live daemon answers on.
-pub fn bind_socket(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating socket directory {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("setting the mode of {}", dir.display()))?;
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) => {
-            use std::os::unix::fs::FileTypeExt as _;
-            if !meta.file_type().is_socket() {
-                bail!(
-                    "{} exists and is not a socket; refusing to replace it",
-                    path.display()
-                );
-            }
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!(
-                    "another xlb daemon is serving {} (stop it first, or use --socket)",
-                    path.display()
-                );
-            }
-            tracing::info!(socket = %path.display(), "replacing a stale socket");
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing stale socket {}", path.display()))?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
-    Ok(listener)
-}
-
-/// Serves control requests on `listener` until `shutdown` completes.
-pub async fn serve(
-    listener: UnixListener,
-    shared: Arc<Shared>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!("accepting a control connection: {e}");
-                        continue;
-                    }
-                };
-                let Ok(permit) = limit.clone().acquire_owned().await else { return };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = connection(stream, &shared).await {
-                        tracing::debug!("control connection: {e:#}");
-                    }
-                    drop(permit);
-                });
-            }
-        }
-    }
-}
-
-async fn connection(stream: UnixStream, shared: &Arc<Shared>) -> Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64);
-    let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
-        .await
-        .context("no request within 10 s")?
-        .context("reading the request")?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handle(req, shared),
-        Err(e) => Response::Error(format!("bad request: {e}")),
-    };
-    let mut out = serde_json::to_vec(&response).context("encoding the answer")?;
-    out.push(b'\n');
-    write.write_all(&out).await.context("sending the answer")?;
-    write.shutdown().await.context("closing")?;
-    Ok(())
 }
 
 fn handle(req: Request, shared: &Arc<Shared>) -> Response {
