@@ -105,6 +105,64 @@ pub enum Request {
     Reload,
 }
 
+/// Fields each op takes besides `op`, so unknown fields are refused for every
+/// op (serde's `deny_unknown_fields` lets them through on ops without fields).
+const OP_FIELDS: &[(&str, &[&str])] = &[
+    ("status", &[]),
+    ("service_list", &[]),
+    ("backend_list", &["service"]),
+    (
+        "backend_add",
+        &["service", "name", "address", "mac", "weight"],
+    ),
+    ("backend_remove", &["service", "backend"]),
+    ("backend_drain", &["service", "backend", "deadline_ms"]),
+    ("backend_undrain", &["service", "backend"]),
+    ("backend_weight", &["service", "backend", "weight"]),
+    ("sessions_list", &["service", "backend"]),
+    ("sessions_where", &["client", "service"]),
+    ("sessions_flush", &["service", "backend"]),
+    ("stats", &[]),
+    ("reload", &[]),
+];
+
+/// Decodes one request line (trailing newline allowed), refusing invalid
+/// UTF-8, bad JSON, unknown ops and unknown fields with a message that names
+/// the problem.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    let text = std::str::from_utf8(line).map_err(|e| format!("request is not UTF-8: {e}"))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty request: send one JSON object on one line".to_string());
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("request is not valid JSON: {e}"))?;
+    let serde_json::Value::Object(fields) = &value else {
+        return Err("request must be a JSON object with an \"op\" field".to_string());
+    };
+    let op = match fields.get("op") {
+        Some(serde_json::Value::String(op)) => op.clone(),
+        Some(_) => return Err("\"op\" must be a string".to_string()),
+        None => return Err("request has no \"op\" field".to_string()),
+    };
+    let Some((_, allowed)) = OP_FIELDS.iter().find(|(name, _)| *name == op.as_str()) else {
+        let ops: Vec<&str> = OP_FIELDS.iter().map(|(name, _)| *name).collect();
+        return Err(format!("unknown op \"{op}\" (known: {})", ops.join(", ")));
+    };
+    if let Some(bad) = fields
+        .keys()
+        .find(|k| k.as_str() != "op" && !allowed.contains(&k.as_str()))
+    {
+        let takes = if allowed.is_empty() {
+            "it takes no fields".to_string()
+        } else {
+            format!("it takes {}", allowed.join(", "))
+        };
+        return Err(format!("unknown field \"{bad}\" for op \"{op}\": {takes}"));
+    }
+    serde_json::from_value(value).map_err(|e| format!("bad request for op \"{op}\": {e}"))
+}
+
 /// The daemon's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "data", rename_all = "snake_case")]
@@ -294,4 +352,185 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
         bail!("the daemon closed the connection without answering");
     }
     serde_json::from_str(&answer).context("decoding the daemon's answer")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One request of every op with every optional field set, so a new op or
+    /// field that [`OP_FIELDS`] misses fails here.
+    fn every_request() -> Vec<Request> {
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        let s = || Some("x".to_string());
+        let all = vec![
+            Request::Status,
+            Request::ServiceList,
+            Request::BackendList { service: s() },
+            Request::BackendAdd {
+                service: "web".into(),
+                name: s(),
+                address: ip,
+                mac: "02:00:00:00:00:01".into(),
+                weight: Some(2),
+            },
+            Request::BackendRemove {
+                service: "web".into(),
+                backend: "b".into(),
+            },
+            Request::BackendDrain {
+                service: "web".into(),
+                backend: "b".into(),
+                deadline_ms: Some(5),
+            },
+            Request::BackendUndrain {
+                service: "web".into(),
+                backend: "b".into(),
+            },
+            Request::BackendWeight {
+                service: "web".into(),
+                backend: "b".into(),
+                weight: 3,
+            },
+            Request::SessionsList {
+                service: s(),
+                backend: s(),
+            },
+            Request::SessionsWhere {
+                client: ip,
+                service: s(),
+            },
+            Request::SessionsFlush {
+                service: s(),
+                backend: s(),
+            },
+            Request::Stats,
+            Request::Reload,
+        ];
+        // Exhaustive: a new variant does not compile until it is listed above.
+        for r in &all {
+            match r {
+                Request::Status
+                | Request::ServiceList
+                | Request::BackendList { .. }
+                | Request::BackendAdd { .. }
+                | Request::BackendRemove { .. }
+                | Request::BackendDrain { .. }
+                | Request::BackendUndrain { .. }
+                | Request::BackendWeight { .. }
+                | Request::SessionsList { .. }
+                | Request::SessionsWhere { .. }
+                | Request::SessionsFlush { .. }
+                | Request::Stats
+                | Request::Reload => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn field_table_matches_the_request_type() {
+        let all = every_request();
+        assert_eq!(all.len(), OP_FIELDS.len(), "one table row per op");
+        for r in all {
+            let value = serde_json::to_value(&r).expect("encode");
+            let obj = value.as_object().expect("object");
+            let op = obj["op"].as_str().expect("op");
+            let (_, allowed) = OP_FIELDS
+                .iter()
+                .find(|(name, _)| *name == op)
+                .unwrap_or_else(|| panic!("op {op} missing from OP_FIELDS"));
+            let mut keys: Vec<&str> = obj
+                .keys()
+                .map(String::as_str)
+                .filter(|k| *k != "op")
+                .collect();
+            let mut want = allowed.to_vec();
+            keys.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(keys, want, "fields of {op}");
+            let line = serde_json::to_vec(&r).expect("encode");
+            assert_eq!(decode_request(&line), Ok(r), "round trip of {op}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_on_an_op_without_fields() {
+        let e = decode_request(br#"{"op":"status","bogus":1}"#).expect_err("refused");
+        assert_eq!(
+            e,
+            r#"unknown field "bogus" for op "status": it takes no fields"#
+        );
+        assert!(decode_request(b"{\"op\":\"reload\",\"x\":null}\n").is_err());
+        assert_eq!(
+            decode_request(b"{\"op\":\"status\"}\n"),
+            Ok(Request::Status)
+        );
+    }
+
+    #[test]
+    fn unknown_field_on_an_op_with_fields() {
+        let e = decode_request(
+            br#"{"op":"backend_add","service":"web","address":"10.0.0.9","mac":"02:00:00:00:00:09","wieght":2}"#,
+        )
+        .expect_err("refused");
+        assert_eq!(
+            e,
+            r#"unknown field "wieght" for op "backend_add": it takes service, name, address, mac, weight"#
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_named() {
+        let e = decode_request(b"{\"op\":\"st\xffatus\"}").expect_err("refused");
+        assert!(e.starts_with("request is not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn missing_or_unknown_op() {
+        assert_eq!(
+            decode_request(br#"{"service":"web"}"#),
+            Err(r#"request has no "op" field"#.to_string())
+        );
+        assert_eq!(
+            decode_request(br#"{"op":7}"#),
+            Err(r#""op" must be a string"#.to_string())
+        );
+        let e = decode_request(br#"{"op":"explode"}"#).expect_err("refused");
+        assert!(
+            e.starts_with(r#"unknown op "explode" (known: status, "#),
+            "{e}"
+        );
+        let e = decode_request(b"[1,2]").expect_err("refused");
+        assert!(e.contains("JSON object"), "{e}");
+        let e = decode_request(b"  \n").expect_err("refused");
+        assert!(e.starts_with("empty request"), "{e}");
+        let e = decode_request(b"{\"op\":").expect_err("refused");
+        assert!(e.starts_with("request is not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn bad_types_and_missing_fields() {
+        let e = decode_request(
+            br#"{"op":"backend_weight","service":"web","backend":"b","weight":"heavy"}"#,
+        )
+        .expect_err("refused");
+        assert!(
+            e.starts_with(r#"bad request for op "backend_weight": invalid type"#),
+            "{e}"
+        );
+        let e = decode_request(
+            br#"{"op":"backend_weight","service":"web","backend":"b","weight":70000}"#,
+        )
+        .expect_err("refused");
+        assert!(e.contains("70000"), "{e}");
+        let e = decode_request(br#"{"op":"sessions_where","client":"not-an-ip"}"#)
+            .expect_err("refused");
+        assert!(
+            e.starts_with(r#"bad request for op "sessions_where""#),
+            "{e}"
+        );
+        let e = decode_request(br#"{"op":"backend_remove","service":"web"}"#).expect_err("refused");
+        assert!(e.contains("missing field `backend`"), "{e}");
+    }
 }

@@ -3,7 +3,8 @@
 //! Kernel counters are read at scrape time (they live in per-CPU maps, so
 //! there is nothing to keep in userspace) into a fresh registry; only the
 //! health-check latency histograms, which exist nowhere else, are kept
-//! between scrapes. Encoding is prometheus-client's.
+//! between scrapes. Encoding is prometheus-client's; the HTTP side is
+//! [`super::http`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,9 +16,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
+use super::http::{self, HttpLimits};
 use super::lb::{BackendRef, Lb};
 use super::owner::Handle;
 use lb_common::stat;
@@ -264,63 +265,12 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding the metrics endpoint {addr}"))
 }
 
-/// Serves `/metrics` until the task is aborted.
-pub async fn serve(listener: TcpListener, owner: Handle) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("accepting a metrics connection: {e}");
-                continue;
-            }
-        };
+/// Serves `/metrics` (see [`super::http`]) until the task is aborted; the
+/// text is rendered on the owner thread, where the kernel counters are read.
+pub async fn serve(listener: TcpListener, owner: Handle, limits: HttpLimits) {
+    let render = move || {
         let owner = owner.clone();
-        tokio::spawn(async move {
-            if let Err(e) = answer(stream, &owner).await {
-                tracing::debug!("metrics connection: {e:#}");
-            }
-        });
-    }
-}
-
-async fn answer(mut stream: TcpStream, owner: &Handle) -> Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    // A bounded read of the request head: slow or huge requests are dropped.
-    let read = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        std::io::Result::Ok(())
+        async move { owner.metrics().await }
     };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .context("request head not complete within 5 s")??;
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next(), parts.next());
-    let (status, ctype, body) = if method == Some("GET") && path == Some("/metrics") {
-        let text = owner.metrics().await;
-        match text {
-            Ok(t) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", t),
-            Err(e) => (
-                "500 Internal Server Error",
-                "text/plain",
-                format!("{e:#}\n"),
-            ),
-        }
-    } else {
-        ("404 Not Found", "text/plain", "try /metrics\n".to_string())
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await?;
-    Ok(())
+    http::serve_metrics(listener, render, limits).await;
 }

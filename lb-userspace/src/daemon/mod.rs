@@ -9,25 +9,25 @@
 //! the daemon and leave the dataplane attached (`xlb detach` is the
 //! explicit way to stop forwarding); SIGHUP reloads.
 
+pub mod accept;
 pub mod checks;
+pub mod control;
 pub mod desired;
 pub mod health;
+pub mod http;
 pub mod lb;
 pub mod metrics;
 pub mod owner;
 pub mod state;
 
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use anyhow::{Context as _, Result};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::api::{MAX_REQUEST_BYTES, Request, Response};
+use crate::api::Request;
 use crate::config::Config;
 use crate::dataplane::{self, Attachment};
 use crate::lock::PinLock;
@@ -48,6 +48,15 @@ pub struct DaemonOptions {
 /// Runs the daemon until SIGTERM or SIGINT. Everything that blocks on the
 /// kernel happens here, before the runtime starts, or on the owner thread.
 pub fn run(opts: DaemonOptions) -> Result<()> {
+    // Before anything opens descriptors: under systemd's soft LimitNOFILE=1024 an
+    // idle-connection flood would otherwise starve health checks and map opens.
+    match accept::raise_open_file_limit() {
+        Ok(n) => tracing::info!("open-file limit (RLIMIT_NOFILE): {n}"),
+        Err(e) => tracing::warn!(
+            "raising the open-file limit: {e}; keeping {}",
+            accept::open_file_limit()
+        ),
+    }
     let config = Config::load(&opts.config)?;
     let lock = PinLock::acquire(&config.pin_path())?;
     let (dp, attachment) = dataplane::bring_up(&config, false)?;
@@ -106,14 +115,37 @@ async fn serve_until_signal(
         owner.clone(),
         metrics.clone(),
     )));
+    let (control_max, metrics_max) = accept::connection_budget(accept::open_file_limit());
     if let Some(addr) = metrics_address {
         let listener = metrics::bind(addr).await?;
-        tracing::info!(address = %addr, "serving Prometheus metrics at /metrics");
-        tasks.push(tokio::spawn(metrics::serve(listener, owner.clone())));
+        tracing::info!(address = %addr, max_connections = metrics_max, "serving Prometheus metrics at /metrics");
+        let limits = http::HttpLimits {
+            max_connections: metrics_max,
+            ..http::HttpLimits::default()
+        };
+        tasks.push(tokio::spawn(metrics::serve(
+            listener,
+            owner.clone(),
+            limits,
+        )));
     }
-    let listener = bind_socket(&opts.socket)?;
-    tracing::info!(socket = %opts.socket.display(), "serving the control socket");
-    tasks.push(tokio::spawn(serve(listener, owner.clone())));
+    let listener = control::bind_socket(&opts.socket)?;
+    tracing::info!(socket = %opts.socket.display(), max_connections = control_max, "serving the control socket");
+    let limits = control::ControlLimits {
+        max_connections: control_max,
+        ..control::ControlLimits::default()
+    };
+    let handler = {
+        let owner = owner.clone();
+        move |req: Request| {
+            let owner = owner.clone();
+            async move { owner.request(req).await }
+        }
+    };
+    // Its own task: accepting control connections never delays the signals below.
+    tasks.push(tokio::spawn(control::serve_control(
+        listener, handler, limits,
+    )));
 
     loop {
         tokio::select! {
@@ -133,93 +165,5 @@ async fn serve_until_signal(
     if let Err(e) = std::fs::remove_file(&opts.socket) {
         tracing::warn!("removing {}: {e}", opts.socket.display());
     }
-    Ok(())
-}
-
-/// Binds the control socket with mode 0600, replacing a stale socket file
-/// but refusing to steal one a live daemon answers on.
-pub fn bind_socket(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating socket directory {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("setting the mode of {}", dir.display()))?;
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) => {
-            use std::os::unix::fs::FileTypeExt as _;
-            if !meta.file_type().is_socket() {
-                bail!(
-                    "{} exists and is not a socket; refusing to replace it",
-                    path.display()
-                );
-            }
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!(
-                    "another xlb daemon is serving {} (stop it first, or use --socket)",
-                    path.display()
-                );
-            }
-            tracing::info!(socket = %path.display(), "replacing a stale socket");
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing stale socket {}", path.display()))?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
-    Ok(listener)
-}
-
-/// Most control connections served at once; beyond, new ones are closed at once.
-const MAX_CONNECTIONS: usize = 4096;
-
-/// Serves control requests on `listener` (until the task is aborted).
-pub async fn serve(listener: UnixListener, owner: Handle) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("accepting a control connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let owner = owner.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection(stream, &owner).await {
-                tracing::debug!("control connection: {e:#}");
-            }
-            drop(permit);
-        });
-    }
-}
-
-async fn connection(stream: UnixStream, owner: &Handle) -> Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64);
-    let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
-        .await
-        .context("no request within 10 s")?
-        .context("reading the request")?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => owner.request(req).await,
-        Err(e) => Response::Error(format!("bad request: {e}")),
-    };
-    let mut out = serde_json::to_vec(&response).context("encoding the answer")?;
-    out.push(b'\n');
-    write.write_all(&out).await.context("sending the answer")?;
-    write.shutdown().await.context("closing")?;
     Ok(())
 }
