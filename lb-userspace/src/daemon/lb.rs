@@ -23,7 +23,8 @@ use lb_common::{
 use super::state::{AddedBackend, Admin, State};
 use crate::api::{BackendInfo, ServiceInfo, SessionInfo, StatusInfo, WhereInfo};
 use crate::config::{
-    BackendConfig, BackendState, Config, HealthConfig, format_mac, parse_mac, valid_backend_name,
+    BackendConfig, BackendState, Config, HealthConfig, check_not_own_mac, format_mac, parse_mac,
+    valid_backend_name, validate_backend_address, validate_deadline, validate_mac, validate_weight,
 };
 use crate::dataplane::{self, addr_words, service_key};
 use crate::maglev;
@@ -669,20 +670,13 @@ impl Lb {
         if !valid_backend_name(&name) {
             bail!("backend name {name:?} is not valid (1 to 64 of A-Z a-z 0-9 _ . : -)");
         }
-        if address.is_ipv4() != svc.vip.is_ipv4() {
-            bail!(
-                "address {address} is not of the family of the service vip {}",
-                svc.vip
-            );
-        }
-        if address == svc.vip || address.is_unspecified() || address.is_multicast() {
-            bail!("address {address} cannot be a backend of {service}");
-        }
-        let mac = format_mac(&parse_mac(mac)?);
+        validate_backend_address("address", address, svc.vip, &self.base.vips())?;
+        let mac_bytes = validate_mac("mac", mac)?;
+        let own_mac = dataplane::interface_mac(&self.base.interface)?;
+        check_not_own_mac("mac", mac_bytes, own_mac, &self.base.interface)?;
+        let mac = format_mac(&mac_bytes);
         let weight = weight.unwrap_or(1);
-        if weight == 0 {
-            bail!("weight 0 is out of range 1..=65535");
-        }
+        validate_weight("weight", weight)?;
         if let Some(b) = svc
             .backends
             .iter()
@@ -750,6 +744,9 @@ impl Lb {
         deadline: Option<Duration>,
     ) -> Result<String> {
         let r = self.find(service, backend)?;
+        if let Some(d) = deadline {
+            validate_deadline(d)?;
+        }
         let deadline_unix_ms = deadline.map(|d| unix_ms().saturating_add(d.as_millis() as u64));
         self.change(|st| {
             st.service_mut(service)
@@ -779,9 +776,7 @@ impl Lb {
     /// `xlb backend weight`.
     pub fn backend_weight(&mut self, service: &str, backend: &str, weight: u16) -> Result<String> {
         let r = self.find(service, backend)?;
-        if weight == 0 {
-            bail!("weight 0 is out of range 1..=65535");
-        }
+        validate_weight("weight", weight)?;
         self.change(|st| {
             st.service_mut(service)
                 .weights
