@@ -920,6 +920,8 @@ impl Lb {
         }
         let counts = self.session_counts()?;
         let now = unix_ms();
+        // Admin comes from the configured state: `effective` already holds the derived kernel state.
+        let configured = self.effective_config()?;
         let mut out = Vec::new();
         for svc in &self.effective.services {
             if service.is_some_and(|n| n != svc.name) {
@@ -930,7 +932,12 @@ impl Lb {
                     service: svc.name.clone(),
                     backend: be.name.clone(),
                 };
-                let d = self.derived(&svc.name, be);
+                let as_configured = configured
+                    .services
+                    .iter()
+                    .find(|s| s.name == svc.name)
+                    .and_then(|s| s.backends.iter().find(|b| b.name == be.name));
+                let d = self.derived(&svc.name, as_configured.unwrap_or(be));
                 let id = self.backend_ids.get(&r).copied().unwrap_or(u32::MAX);
                 let health = self.health.get(&r);
                 out.push(BackendInfo {
@@ -1053,6 +1060,7 @@ impl Lb {
                 service_id: record.id,
                 addr: masked,
             };
+            let maglev = self.maglev_choice(record, &masked)?;
             let (id, source, idle_ms, expired) = match self.maps.affinity.get(&key, 0) {
                 Ok(v) => {
                     let idle = now.saturating_sub(v.last_seen_ns);
@@ -1063,28 +1071,33 @@ impl Lb {
                         idle >= record.timeout_ns,
                     )
                 }
-                Err(_) => (self.maglev_choice(record, &masked)?, "maglev", None, false),
+                Err(_) => (maglev, "maglev", None, false),
             };
-            let be = names.get(&id);
-            let address = self
-                .maps
-                .backends
-                .get(&id, 0)
-                .ok()
-                .filter(|b| b.state != BACKEND_EMPTY)
-                .map(|b| ip_from_words(&b.addr, b.family));
+            let name = |id: u32| {
+                (id != NO_BACKEND).then(|| {
+                    names
+                        .get(&id)
+                        .map_or_else(|| format!("#{id}"), |r| r.backend.clone())
+                })
+            };
+            let address = |id: u32| {
+                self.maps
+                    .backends
+                    .get(&id, 0)
+                    .ok()
+                    .filter(|b| b.state != BACKEND_EMPTY)
+                    .map(|b| ip_from_words(&b.addr, b.family))
+            };
             out.push(WhereInfo {
                 service: svc.name.clone(),
                 client: ip_from_words(&masked, family),
-                backend: if id == NO_BACKEND {
-                    None
-                } else {
-                    Some(be.map_or_else(|| format!("#{id}"), |r| r.backend.clone()))
-                },
-                backend_address: address,
+                backend: name(id),
+                backend_address: address(id),
                 source: source.to_string(),
                 idle_ms,
                 expired,
+                maglev_backend: name(maglev),
+                maglev_backend_address: address(maglev),
             });
         }
         if out.is_empty() {
@@ -1122,6 +1135,13 @@ impl Lb {
 
     /// `xlb stats`.
     pub fn stats(&self) -> Result<stats::Snapshot> {
-        stats::snapshot(&self.maps)
+        let mut snap = stats::snapshot(&self.maps)?;
+        snap.name(
+            self.service_ids.iter().map(|(n, id)| (*id, n.clone())),
+            self.backend_ids
+                .iter()
+                .map(|(r, id)| (*id, r.service.clone(), r.backend.clone())),
+        );
+        Ok(snap)
     }
 }
