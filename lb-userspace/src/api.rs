@@ -299,7 +299,7 @@ pub struct WhereInfo {
     pub service: String,
     /// Client address masked to the service prefix.
     pub client: IpAddr,
-    /// Backend name, if any is usable.
+    /// Backend name, if any is usable: the session's, else the Maglev answer.
     pub backend: Option<String>,
     /// Backend address.
     pub backend_address: Option<IpAddr>,
@@ -309,6 +309,13 @@ pub struct WhereInfo {
     pub idle_ms: Option<u64>,
     /// Whether the entry is past the affinity timeout (the next packet re-selects).
     pub expired: bool,
+    /// What the live Maglev table answers for this client, session or not:
+    /// a client whose session differs depends on its affinity entry.
+    #[serde(default)]
+    pub maglev_backend: Option<String>,
+    /// Address of [`WhereInfo::maglev_backend`].
+    #[serde(default)]
+    pub maglev_backend_address: Option<IpAddr>,
 }
 
 /// Sends one request to the daemon at `socket` and returns its answer.

@@ -8,7 +8,8 @@
 //! ```toml
 //! interface = "eth0"              # required
 //! xdp_mode = "native"             # "native" (default) | "generic"
-//! pin_dir = "/sys/fs/bpf/xlb"     # default; pins go to <pin_dir>/<interface>/
+//! pin_dir = "/sys/fs/bpf/xlb"     # default; pins go to <pin_dir>/<interface>/; absolute, no "..",
+//!                                 # on bpffs (checked when loading: xlb may mount /sys/fs/bpf first)
 //! affinity_max_entries = 262144   # default; 1..=100000000
 //! maglev_table_size = 65537       # default; prime, 3..=1000003
 //! max_services = 16               # default; 1..=256
@@ -29,14 +30,16 @@
 //!
 //! [[service.backend]]
 //! name = "b1"                     # default: the address as text
-//! address = "10.0.0.21"           # required, same family as the vip
-//! mac = "02:00:00:00:00:21"       # required, unicast, not all-zero
+//! address = "10.0.0.21"           # required, same family as the vip; not loopback, unspecified,
+//!                                 # multicast, 255.255.255.255 or the vip of any service
+//! mac = "02:00:00:00:00:21"       # required, unicast, not all-zero, not the interface's own
 //! weight = 1                      # default 1, 1..=65535
 //! state = "active"                # default "active" | "draining" | "down"
 //!
 //! [service.health]                # optional; without it the daemon never marks backends down
 //! kind = "http"                   # default "tcp" for tcp services, "udp" for udp services;
-//!                                 # "tcp" (connect), "http" (GET, expect a status), "udp" (send, expect a reply)
+//!                                 # "tcp" (connect), "http" (GET, expect a status; tcp services
+//!                                 # only), "udp" (send, expect a reply)
 //! port = 80                       # default the service port; checks go to the backend's own address
 //! interval = "2s"                 # default "2s" (HAProxy `inter`); 100ms..=1h; checks are spread over it
 //! timeout = "1s"                  # default "1s" (capped at interval); > 0 and <= interval
@@ -49,8 +52,8 @@
 //! ```
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -79,6 +82,10 @@ pub const DEFAULT_HEALTH_RISE: u32 = 2;
 pub const DEFAULT_HEALTH_FALL: u32 = 3;
 /// Directory of the default state file.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/xlb";
+/// Longest drain deadline (`xlb backend drain --deadline`): a typo must not pin a backend for ever.
+pub const MAX_DRAIN_DEADLINE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Largest Maglev weight (weights are `u16` in the kernel's backend record).
+pub const MAX_WEIGHT: u16 = u16::MAX;
 
 /// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
 const MAX_INTERFACE_LEN: usize = 15;
@@ -272,6 +279,140 @@ impl Config {
     pub fn pin_path(&self) -> PathBuf {
         self.pin_dir.join(&self.interface)
     }
+
+    /// (name, VIP) of every service: no backend may be one of them.
+    pub fn vips(&self) -> Vec<(&str, IpAddr)> {
+        self.services
+            .iter()
+            .map(|s| (s.name.as_str(), s.vip))
+            .collect()
+    }
+
+    /// Refuses backends whose MAC is `own_mac`, the MAC of the interface XDP
+    /// attaches to: frames rewritten to it would come back to the load balancer.
+    pub fn check_against_interface(&self, own_mac: [u8; 6]) -> Result<()> {
+        for (i, svc) in self.services.iter().enumerate() {
+            for (j, be) in svc.backends.iter().enumerate() {
+                check_not_own_mac(
+                    &format!("service[{i}] ({:?}).backend[{j}].mac", svc.name),
+                    be.mac,
+                    own_mac,
+                    &self.interface,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a backend address for a service whose VIP is `vip`: same family,
+/// unicast and routable to a host ([`validate_unicast_backend`]), and not the
+/// VIP of any service in `vips` (name, VIP). `path` names the field in errors.
+pub fn validate_backend_address(
+    path: &str,
+    address: IpAddr,
+    vip: IpAddr,
+    vips: &[(&str, IpAddr)],
+) -> Result<()> {
+    if address.is_ipv4() != vip.is_ipv4() {
+        bail!(
+            "{path}: {address} is {} but the service vip {vip} is {}",
+            family(address),
+            family(vip)
+        );
+    }
+    if address == vip {
+        bail!("{path}: {address} is the service's own vip");
+    }
+    validate_unicast_backend(path, address)?;
+    // Forwarded frames keep the VIP as destination; a backend that is
+    // another service's VIP would be this load balancer again.
+    if let Some((name, _)) = vips.iter().find(|(_, v)| *v == address) {
+        bail!("{path}: {address} is the VIP of service {name:?}");
+    }
+    Ok(())
+}
+
+/// The checks of [`validate_backend_address`] that need no service: refuses
+/// loopback, unspecified, multicast and IPv4 broadcast addresses (also written
+/// as IPv4-mapped IPv6).
+pub fn validate_unicast_backend(path: &str, address: IpAddr) -> Result<()> {
+    let canonical = address.to_canonical();
+    let what = if canonical.is_loopback() {
+        "a loopback address"
+    } else if canonical.is_unspecified() {
+        "the unspecified address"
+    } else if canonical.is_multicast() {
+        "a multicast address"
+    } else if canonical == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        "the IPv4 broadcast address"
+    } else {
+        return Ok(());
+    };
+    bail!("{path}: {address} is {what}, not a backend")
+}
+
+/// Parses a backend MAC ([`parse_mac`]: six octets, unicast, not all-zero), naming `path` in errors.
+pub fn validate_mac(path: &str, text: &str) -> Result<[u8; 6]> {
+    parse_mac(text).map_err(|e| anyhow::anyhow!("{path}: {e}"))
+}
+
+/// Refuses a backend MAC equal to `own_mac`, the MAC of `interface` (the load balancer's own).
+pub fn check_not_own_mac(
+    path: &str,
+    mac: [u8; 6],
+    own_mac: [u8; 6],
+    interface: &str,
+) -> Result<()> {
+    if mac == own_mac {
+        bail!(
+            "{path}: {} is the MAC of {interface}, the load balancer's own interface \
+             (frames forwarded there would come back to it)",
+            format_mac(&mac)
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a Maglev weight outside 1..=[`MAX_WEIGHT`] (0 would take the backend
+/// out of the table while it still looks active).
+pub fn validate_weight(path: &str, weight: u16) -> Result<()> {
+    if weight == 0 {
+        bail!("{path}: 0 is out of range 1..={MAX_WEIGHT}");
+    }
+    Ok(())
+}
+
+/// Refuses a drain deadline of zero (that is `xlb backend remove`) or over [`MAX_DRAIN_DEADLINE`].
+pub fn validate_deadline(d: Duration) -> Result<()> {
+    if d.is_zero() {
+        bail!(
+            "drain deadline 0s: must be more than 0 (use `xlb backend remove` to move clients now)"
+        );
+    }
+    if d > MAX_DRAIN_DEADLINE {
+        bail!(
+            "drain deadline {} is longer than {} (the longest allowed)",
+            humantime::format_duration(d),
+            humantime::format_duration(MAX_DRAIN_DEADLINE)
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a pin directory that is relative or has `..` components (`field`
+/// names it in errors). Whether it is on bpffs is checked when loading
+/// (`pins::check_pin_dir`), since xlb may mount bpffs itself first.
+pub fn validate_pin_dir(field: &str, dir: &Path) -> Result<()> {
+    let text = dir.display().to_string();
+    if !dir.is_absolute() {
+        bail!("{field}: {text:?} is not an absolute path");
+    }
+    // `xlb detach` removes directories below and next to it: never let it walk up.
+    if dir.components().any(|c| c == Component::ParentDir) {
+        bail!("{field}: {text:?} contains \"..\" (write the directory without it)");
+    }
+    Ok(())
 }
 
 /// Parses a unicast MAC written as six hex octets separated by ':'.
@@ -379,12 +520,7 @@ fn validate(raw: RawConfig) -> Result<Config> {
     let pin_dir = raw
         .pin_dir
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
-    if !pin_dir.is_absolute() {
-        bail!(
-            "pin_dir: {:?} is not an absolute path",
-            pin_dir.display().to_string()
-        );
-    }
+    validate_pin_dir("pin_dir", &pin_dir)?;
     let affinity_max_entries = int(
         "affinity_max_entries",
         raw.affinity_max_entries,
@@ -408,10 +544,18 @@ fn validate(raw: RawConfig) -> Result<Config> {
         );
     }
 
+    // Every VIP is known before any backend is checked against them; a VIP
+    // that does not parse fails in its own service below.
+    let vip_names: Vec<(String, IpAddr)> = raw
+        .service
+        .iter()
+        .filter_map(|s| Some((s.name.clone(), s.vip.parse().ok()?)))
+        .collect();
+    let vips: Vec<(&str, IpAddr)> = vip_names.iter().map(|(n, v)| (n.as_str(), *v)).collect();
     let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
     let mut total_backends = 0usize;
     for (i, raw_service) in raw.service.into_iter().enumerate() {
-        let service = validate_service(i, raw_service)?;
+        let service = validate_service(i, raw_service, &vips)?;
         if let Some(j) = services.iter().position(|s| s.name == service.name) {
             bail!(
                 "service[{i}].name: {:?} is already used by service[{j}]",
@@ -508,7 +652,7 @@ fn validate_table_size(raw: Option<i64>) -> Result<u32> {
     Ok(size)
 }
 
-fn validate_service(i: usize, raw: RawService) -> Result<ServiceConfig> {
+fn validate_service(i: usize, raw: RawService, vips: &[(&str, IpAddr)]) -> Result<ServiceConfig> {
     if !valid_name(&raw.name, false) {
         bail!(
             "service[{i}].name: {:?} is not a valid name (expected 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 _ . -)",
@@ -557,7 +701,7 @@ fn validate_service(i: usize, raw: RawService) -> Result<ServiceConfig> {
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
     for (j, raw_backend) in raw.backend.into_iter().enumerate() {
         let bpath = format!("{path}.backend[{j}]");
-        let backend = validate_backend(&bpath, vip, raw_backend)?;
+        let backend = validate_backend(&bpath, vip, vips, raw_backend)?;
         if let Some(k) = backends.iter().position(|b| b.address == backend.address) {
             bail!(
                 "{bpath}.address: {} is already used by backend[{k}]",
@@ -614,6 +758,12 @@ fn validate_health(
     let kind = match kind_name {
         "tcp" => HealthKind::Tcp,
         "http" => {
+            if protocol == Protocol::Udp {
+                bail!(
+                    "{path}.kind: \"http\" needs a TCP service but this one is udp \
+                     (use \"udp\", or \"tcp\" to connect to a TCP health port)"
+                );
+            }
             let path_text = raw.http_path.unwrap_or_else(|| "/".to_string());
             if !path_text.starts_with('/')
                 || path_text.len() > 1024
@@ -713,26 +863,24 @@ fn validate_timeout(path: &str, text: &str) -> Result<Duration> {
     Ok(timeout)
 }
 
-fn validate_backend(path: &str, vip: IpAddr, raw: RawBackend) -> Result<BackendConfig> {
-    let address = parse_ip(&format!("{path}.address"), &raw.address)?;
-    if address.is_ipv4() != vip.is_ipv4() {
-        bail!(
-            "{path}.address: {address} is {} but the service vip {vip} is {}",
-            family(address),
-            family(vip)
-        );
-    }
-    if address == vip {
-        bail!("{path}.address: {address} is the service's own vip");
-    }
+fn validate_backend(
+    path: &str,
+    vip: IpAddr,
+    vips: &[(&str, IpAddr)],
+    raw: RawBackend,
+) -> Result<BackendConfig> {
+    let Ok(address) = raw.address.parse::<IpAddr>() else {
+        bail!("{path}.address: {:?} is not an IP address", raw.address);
+    };
+    validate_backend_address(&format!("{path}.address"), address, vip, vips)?;
     let name = raw.name.unwrap_or_else(|| address.to_string());
     if !valid_name(&name, true) {
         bail!(
             "{path}.name: {name:?} is not a valid name (expected 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 _ . : -)"
         );
     }
-    let mac = parse_mac(&raw.mac).map_err(|e| anyhow::anyhow!("{path}.mac: {e}"))?;
-    let weight = int(&format!("{path}.weight"), raw.weight, 1, 1, u16::MAX)?;
+    let mac = validate_mac(&format!("{path}.mac"), &raw.mac)?;
+    let weight = int(&format!("{path}.weight"), raw.weight, 1, 1, MAX_WEIGHT)?;
     let state = match raw.state.as_deref() {
         None | Some("active") => BackendState::Active,
         Some("draining") => BackendState::Draining,
@@ -1097,6 +1245,140 @@ mac = "02:00:00:00:00:21"
     }
 
     #[test]
+    fn backend_addresses_that_are_no_host() {
+        let be = |to: &str| BASE.replace("\"10.0.0.21\"", to);
+        for (addr, what) in [
+            ("127.0.0.1", "a loopback address"),
+            ("127.8.9.10", "a loopback address"),
+            ("0.0.0.0", "the unspecified address"),
+            ("224.0.0.1", "a multicast address"),
+            ("255.255.255.255", "the IPv4 broadcast address"),
+        ] {
+            rejects(
+                &be(&format!("\"{addr}\"")),
+                &[&format!(
+                    "service[0] (\"web\").backend[0].address: {addr} is {what}, not a backend"
+                )],
+            );
+        }
+        let v6 = |addr: &str| {
+            BASE.replace("\"10.0.0.10\"", "\"2001:db8::10\"")
+                .replace("\"10.0.0.21\"", &format!("\"{addr}\""))
+        };
+        assert!(Config::parse(&v6("2001:db8::21")).is_ok());
+        rejects(
+            &v6("::1"),
+            &["backend[0].address: ::1 is a loopback address"],
+        );
+        rejects(
+            &v6("::"),
+            &["backend[0].address: :: is the unspecified address"],
+        );
+        rejects(
+            &v6("ff02::1"),
+            &["backend[0].address: ff02::1 is a multicast address"],
+        );
+        // The same loopback written as an IPv4-mapped IPv6 address.
+        rejects(
+            &v6("::ffff:127.0.0.1"),
+            &["backend[0].address: ::ffff:127.0.0.1 is a loopback address"],
+        );
+    }
+
+    #[test]
+    fn backend_may_not_be_any_services_vip() {
+        let two = |web_backend: &str, dns_backend: &str| {
+            BASE.replace("\"10.0.0.21\"", &format!("\"{web_backend}\""))
+                + &format!(
+                    "\n[[service]]\nname = \"dns\"\nvip = \"10.0.0.9\"\nport = 53\nprotocol = \"udp\"\n\
+                     [[service.backend]]\naddress = \"{dns_backend}\"\nmac = \"02:00:00:00:00:31\"\n"
+                )
+        };
+        assert!(Config::parse(&two("10.0.0.21", "10.0.0.31")).is_ok());
+        // A later service's VIP, and an earlier one's.
+        rejects(
+            &two("10.0.0.9", "10.0.0.31"),
+            &["service[0] (\"web\").backend[0].address: 10.0.0.9 is the VIP of service \"dns\""],
+        );
+        rejects(
+            &two("10.0.0.21", "10.0.0.10"),
+            &["service[1] (\"dns\").backend[0].address: 10.0.0.10 is the VIP of service \"web\""],
+        );
+    }
+
+    #[test]
+    fn backend_mac_of_the_interface_is_refused() {
+        let c = Config::parse(BASE).expect("valid");
+        c.check_against_interface([2, 0, 0, 0, 0, 0x99])
+            .expect("another MAC is fine");
+        let e = format!(
+            "{:#}",
+            c.check_against_interface([2, 0, 0, 0, 0, 0x21])
+                .expect_err("own MAC")
+        );
+        assert!(
+            e.contains(
+                "service[0] (\"web\").backend[0].mac: 02:00:00:00:00:21 is the MAC of eth0, the load balancer's own interface"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pin_dir_with_dot_dot_is_refused() {
+        let with = |dir: &str| format!("pin_dir = \"{dir}\"\n{BASE}");
+        assert!(Config::parse(&with("/sys/fs/bpf/a..b")).is_ok());
+        rejects(
+            &with("/sys/fs/bpf/../xlb"),
+            &["pin_dir: \"/sys/fs/bpf/../xlb\" contains \"..\""],
+        );
+        rejects(
+            &with("/sys/fs/bpf/xlb/.."),
+            &["pin_dir: \"/sys/fs/bpf/xlb/..\" contains"],
+        );
+    }
+
+    #[test]
+    fn shared_validators() {
+        assert!(validate_weight("w", 1).is_ok());
+        assert!(validate_weight("w", MAX_WEIGHT).is_ok());
+        let e = format!("{:#}", validate_weight("weight", 0).expect_err("zero"));
+        assert_eq!(e, "weight: 0 is out of range 1..=65535");
+
+        assert!(validate_deadline(Duration::from_secs(1)).is_ok());
+        assert!(validate_deadline(MAX_DRAIN_DEADLINE).is_ok());
+        let e = format!("{:#}", validate_deadline(Duration::ZERO).expect_err("zero"));
+        assert!(e.contains("must be more than 0"), "{e}");
+        let e = format!(
+            "{:#}",
+            validate_deadline(MAX_DRAIN_DEADLINE + Duration::from_secs(1)).expect_err("31 days")
+        );
+        assert!(e.contains("is longer than 30days"), "{e}");
+        // The CLI sends milliseconds: u64::MAX of them is 584 million years.
+        assert!(validate_deadline(Duration::from_millis(u64::MAX)).is_err());
+
+        let e = format!(
+            "{:#}",
+            validate_mac("mac", "01:00:5e:00:00:01").expect_err("multicast")
+        );
+        assert!(
+            e.starts_with("mac: \"01:00:5e:00:00:01\" is a multicast MAC"),
+            "{e}"
+        );
+
+        let vip: IpAddr = "10.0.0.10".parse().expect("ip");
+        let other: IpAddr = "10.0.0.9".parse().expect("ip");
+        let vips = [("web", vip), ("dns", other)];
+        let ok: IpAddr = "10.0.0.21".parse().expect("ip");
+        assert!(validate_backend_address("a", ok, vip, &vips).is_ok());
+        let e = format!(
+            "{:#}",
+            validate_backend_address("address", other, vip, &vips).expect_err("vip")
+        );
+        assert_eq!(e, "address: 10.0.0.9 is the VIP of service \"dns\"");
+    }
+
+    #[test]
     fn too_many_backends_in_total() {
         // 17 services of 256 backends (the limit is 4096) with max_services raised.
         let mut text = String::from("interface = \"eth0\"\nmax_services = 17\n");
@@ -1239,6 +1521,21 @@ mod health_tests {
         // The default timeout never exceeds the interval.
         assert_eq!(h.timeout, Duration::from_millis(500));
         assert_eq!(h.port, 8080);
+    }
+
+    #[test]
+    fn http_checks_need_a_tcp_service() {
+        let udp = SVC.replace("\"tcp\"", "\"udp\"");
+        let parse = |h: &str| Config::parse(&format!("{udp}[service.health]\n{h}"));
+        assert!(parse("kind = \"udp\"").is_ok());
+        assert!(parse("kind = \"tcp\"\nport = 8080").is_ok());
+        let e = format!("{:#}", parse("kind = \"http\"").expect_err("http on udp"));
+        assert!(
+            e.contains(
+                "service[0] (\"web\").health.kind: \"http\" needs a TCP service but this one is udp"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -179,6 +179,9 @@ impl Dataplane {
 /// happened: the start of both `xlb run` and `xlb daemon`.
 pub fn bring_up(config: &Config, debug: bool) -> Result<(Dataplane, Attachment)> {
     let mac = interface_mac(&config.interface)?;
+    config.check_against_interface(mac)?;
+    // After ensure_bpffs: xlb may mount the bpffs the pin_dir is on itself.
+    pins::ensure_bpffs().and_then(|()| pins::check_pin_dir(&config.pin_dir))?;
     let mut dp = Dataplane::load(LoadOptions::from_config(config, mac, debug))?;
     let attachment = dp.attach(&config.interface, config.xdp_mode)?;
     match attachment {

@@ -2,6 +2,8 @@
 
 mod cli;
 
+use std::io::Write as _;
+
 use clap::Parser as _;
 
 fn main() {
@@ -23,7 +25,12 @@ fn main() {
             .init();
     }
     if let Err(e) = cli::dispatch(cli) {
-        eprintln!("xlb: error: {e:#}");
+        // `xlb ... | head`: the reader has all it wanted; that is no error.
+        if cli::output::is_stdout_closed(&e) {
+            return;
+        }
+        // eprintln! would panic if stderr is closed too.
+        let _ = writeln!(std::io::stderr(), "xlb: error: {e:#}");
         std::process::exit(1);
     }
 }

@@ -40,6 +40,61 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
+/// `f_type` of a bpf filesystem in statfs(2) (`BPF_FS_MAGIC`, linux/magic.h).
+const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
+
+/// Fails, naming `pin_dir`, unless it is on a bpf filesystem: the nearest
+/// existing ancestor decides, since the rest is created below it. Pinning
+/// elsewhere fails late and obscurely, so this runs before loading (after
+/// [`ensure_bpffs`], which may mount /sys/fs/bpf).
+pub fn check_pin_dir(pin_dir: &Path) -> Result<()> {
+    let mut dir = pin_dir;
+    let f_type = loop {
+        match statfs_type(dir) {
+            Ok(t) => break t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match dir.parent() {
+                Some(parent) => dir = parent,
+                None => {
+                    return Err(e)
+                        .with_context(|| format!("pin_dir: looking at {}", dir.display()));
+                }
+            },
+            Err(e) => {
+                return Err(e).with_context(|| format!("pin_dir: looking at {}", dir.display()));
+            }
+        }
+    };
+    if f_type != BPF_FS_MAGIC {
+        let at = if dir == pin_dir {
+            String::new()
+        } else {
+            format!(" (it would be created in {})", dir.display())
+        };
+        bail!(
+            "pin_dir: {} is not on a bpf filesystem{at}: found filesystem type {f_type:#x}, bpffs is \
+             {BPF_FS_MAGIC:#x}; use a directory under /sys/fs/bpf or mount one with `mount -t bpf bpf DIR`",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The filesystem type (`f_type`) of the filesystem holding `path`.
+fn statfs_type(path: &Path) -> std::io::Result<u32> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statfs is plain data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated and st is a valid statfs to fill.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Magic numbers are 32-bit; f_type's width differs by architecture.
+    Ok(st.f_type as u32)
+}
+
 /// The shape a pinned map must have for this build of xlb to reuse it.
 #[derive(Debug, Clone, Copy)]
 pub struct MapSpec {
@@ -239,9 +294,104 @@ pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     match std::fs::remove_dir(dir) {
-        Ok(()) => {}
+        Ok(()) => remove_parent_if_empty(dir),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing directory {}", dir.display())),
     }
     Ok(removed)
+}
+
+/// After `dir` (`<pin_dir>/<interface>`) is gone, removes `<pin_dir>` too if
+/// it is now empty: it was created with it. rmdir(2) only removes an empty
+/// directory, so pins of other interfaces or anything else keep it; a mount
+/// point (bpffs itself, when `pin_dir` is its root) is never touched.
+fn remove_parent_if_empty(dir: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(parent) = dir.parent() else { return };
+    let Some(grandparent) = parent.parent() else {
+        return;
+    };
+    let (Ok(p), Ok(g)) = (std::fs::metadata(parent), std::fs::metadata(grandparent)) else {
+        return;
+    };
+    if p.dev() != g.dev() {
+        return;
+    }
+    match std::fs::remove_dir(parent) {
+        Ok(()) => tracing::debug!(dir = %parent.display(), "removed the empty pin directory"),
+        Err(e) => tracing::debug!(dir = %parent.display(), "pin directory kept: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xlb-pins-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn pin_dir_off_bpffs_is_refused() {
+        let dir = scratch("statfs");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        // The nearest existing ancestor is a temporary directory, not bpffs.
+        let wanted = dir.join("xlb/sub");
+        let e = format!("{:#}", check_pin_dir(&wanted).expect_err("not bpffs"));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            e.starts_with(&format!(
+                "pin_dir: {} is not on a bpf filesystem (it would be created in {})",
+                wanted.display(),
+                dir.display()
+            )),
+            "{e}"
+        );
+        assert!(e.contains("bpffs is 0xcafe4a11"), "{e}");
+    }
+
+    #[test]
+    fn pin_dir_on_bpffs_passes() {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let bpffs = mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+        if !bpffs {
+            eprintln!("skipped: no bpffs at /sys/fs/bpf");
+            return;
+        }
+        check_pin_dir(Path::new("/sys/fs/bpf")).expect("bpffs root");
+        check_pin_dir(Path::new("/sys/fs/bpf/xlb-test-missing/a/b")).expect("below bpffs");
+    }
+
+    #[test]
+    fn remove_all_takes_the_empty_pin_dir_but_nothing_else() {
+        let root = scratch("remove");
+        let pin_dir = root.join("pins");
+        let iface = pin_dir.join("eth0");
+        std::fs::create_dir_all(&iface).expect("mkdir");
+        std::fs::write(iface.join(LINK_PIN), "").expect("link");
+        std::fs::write(iface.join(MAP_AFFINITY), "").expect("map");
+        let removed = remove_all(&iface).expect("remove");
+        assert_eq!(removed.len(), 2);
+        assert!(!pin_dir.exists(), "the empty pin_dir goes too");
+        assert!(root.exists(), "its parent stays");
+
+        // Another interface's pins keep the pin_dir.
+        let other = pin_dir.join("eth1");
+        std::fs::create_dir_all(&other).expect("mkdir");
+        std::fs::create_dir_all(&iface).expect("mkdir");
+        std::fs::write(iface.join(LINK_PIN), "").expect("link");
+        remove_all(&iface).expect("remove");
+        assert!(!iface.exists());
+        assert!(other.exists() && pin_dir.exists());
+
+        // Nothing was pinned: nothing, not even the empty pin_dir, is removed.
+        std::fs::remove_dir(&other).expect("rmdir");
+        assert!(remove_all(&iface).expect("nothing").is_empty());
+        assert!(pin_dir.exists(), "untouched when nothing was pinned");
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

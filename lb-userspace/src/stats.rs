@@ -4,6 +4,10 @@ use anyhow::{Context as _, Result};
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, TrafficStats, stat};
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
+use crate::config::Config;
+use crate::dataplane::{addr_words, service_key};
 use crate::pins::PinnedMaps;
 
 /// Summed counters of one service or backend.
@@ -26,6 +30,21 @@ pub struct Snapshot {
     pub services: Vec<(u32, Traffic)>,
     /// (backend id, traffic) for backends that saw any.
     pub backends: Vec<(u32, Traffic)>,
+    /// Names of the ids in `services`, where known (from the daemon, or a config).
+    #[serde(default)]
+    pub service_names: BTreeMap<u32, String>,
+    /// Names of the ids in `backends`, where known.
+    #[serde(default)]
+    pub backend_names: BTreeMap<u32, BackendName>,
+}
+
+/// Which backend an id is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendName {
+    /// Service name.
+    pub service: String,
+    /// Backend name.
+    pub backend: String,
 }
 
 impl Snapshot {
@@ -35,6 +54,48 @@ impl Snapshot {
             .get(index as usize)
             .map(|(_, v)| *v)
             .unwrap_or(0)
+    }
+
+    /// Records names for the ids that have counters: services as (id, name),
+    /// backends as (id, service, backend).
+    pub fn name(
+        &mut self,
+        services: impl IntoIterator<Item = (u32, String)>,
+        backends: impl IntoIterator<Item = (u32, String, String)>,
+    ) {
+        for (id, name) in services {
+            if self.services.iter().any(|(i, _)| *i == id) {
+                self.service_names.insert(id, name);
+            }
+        }
+        for (id, service, backend) in backends {
+            if self.backends.iter().any(|(i, _)| *i == id) {
+                self.backend_names
+                    .insert(id, BackendName { service, backend });
+            }
+        }
+    }
+
+    /// Names ids from `config` and the pinned records: services by their
+    /// key, backends by (service id, address). Runtime-added backends the
+    /// config does not list keep their number.
+    pub fn name_from_config(&mut self, maps: &PinnedMaps, config: &Config) -> Result<()> {
+        let live = maps.live_backends()?;
+        let mut services = Vec::new();
+        let mut backends = Vec::new();
+        for svc in &config.services {
+            let Ok(record) = maps.services.get(&service_key(svc), 0) else {
+                continue;
+            };
+            services.push((record.id, svc.name.clone()));
+            for be in &svc.backends {
+                if let Some((id, _)) = live.get(&(record.id, addr_words(be.address))) {
+                    backends.push((*id, svc.name.clone(), be.name.clone()));
+                }
+            }
+        }
+        self.name(services, backends);
+        Ok(())
     }
 }
 
@@ -80,5 +141,6 @@ pub fn snapshot(maps: &PinnedMaps) -> Result<Snapshot> {
         reasons,
         services,
         backends,
+        ..Snapshot::default()
     })
 }

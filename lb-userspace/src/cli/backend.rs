@@ -3,10 +3,10 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Subcommand;
 use xlb::api::{Request, Response};
-use xlb::config::parse_mac;
+use xlb::config::{validate_deadline, validate_mac, validate_unicast_backend};
 
 use super::{Ctx, print_json, print_table, secs, unexpected};
 
@@ -48,8 +48,8 @@ pub enum BackendCmd {
         service: String,
         /// Backend name.
         backend: String,
-        /// Move the leftover clients after this long (e.g. 30s, 5m).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Move the leftover clients after this long (e.g. 30s, 5m; at most 30 days).
+        #[arg(long, value_parser = parse_deadline)]
         deadline: Option<Duration>,
     },
     /// Make a draining or maint backend active again.
@@ -82,8 +82,10 @@ pub fn run(cmd: BackendCmd, ctx: &Ctx) -> Result<()> {
             name,
             weight,
         } => {
-            // Checked here too, so a typo never reaches the daemon.
-            parse_mac(&mac)?;
+            // Checked here too, so a typo never reaches the daemon (which
+            // checks again, with the VIPs and its interface's MAC).
+            validate_unicast_backend("address", address)?;
+            validate_mac("--mac", &mac)?;
             Request::BackendAdd {
                 service,
                 name,
@@ -97,18 +99,12 @@ pub fn run(cmd: BackendCmd, ctx: &Ctx) -> Result<()> {
             service,
             backend,
             deadline,
-        } => {
-            if deadline.is_some_and(|d| d.is_zero()) {
-                bail!(
-                    "--deadline must be more than 0 (use `xlb backend remove` to move clients now)"
-                );
-            }
-            Request::BackendDrain {
-                service,
-                backend,
-                deadline_ms: deadline.map(|d| d.as_millis() as u64),
-            }
-        }
+        } => Request::BackendDrain {
+            service,
+            backend,
+            // parse_deadline bounds it to 30 days: the milliseconds fit.
+            deadline_ms: deadline.map(|d| d.as_millis() as u64),
+        },
         BackendCmd::Undrain { service, backend } => Request::BackendUndrain { service, backend },
         BackendCmd::Weight {
             service,
@@ -121,6 +117,13 @@ pub fn run(cmd: BackendCmd, ctx: &Ctx) -> Result<()> {
         },
     };
     ctx.change(&request)
+}
+
+/// `--deadline`: a humantime duration, more than 0 and at most 30 days.
+fn parse_deadline(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    validate_deadline(d).map_err(|e| format!("{e:#}"))?;
+    Ok(d)
 }
 
 fn list(service: Option<String>, ctx: &Ctx) -> Result<()> {
@@ -162,6 +165,28 @@ fn list(service: Option<String>, ctx: &Ctx) -> Result<()> {
             "LAST CHANGE",
         ],
         &rows,
-    );
-    Ok(())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_are_bounded() {
+        assert_eq!(parse_deadline("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(
+            parse_deadline("30days"),
+            Ok(Duration::from_secs(30 * 24 * 3600))
+        );
+        let e = parse_deadline("31days").expect_err("too long");
+        assert!(e.contains("is longer than 30days"), "{e}");
+        assert!(parse_deadline("584000000years").is_err());
+        assert!(
+            parse_deadline("0s")
+                .expect_err("zero")
+                .contains("more than 0")
+        );
+        assert!(parse_deadline("soon").is_err());
+    }
 }

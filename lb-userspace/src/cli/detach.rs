@@ -16,13 +16,13 @@ pub fn run(target: Target) -> Result<()> {
     };
     let removed = dataplane::detach(&dir)?;
     if removed.is_empty() {
-        println!("nothing pinned at {}", dir.display());
+        outln!("nothing pinned at {}", dir.display())?;
     } else {
-        println!(
+        outln!(
             "detached; removed {} pins from {}",
             removed.len(),
             dir.display()
-        );
+        )?;
     }
     Ok(())
 }

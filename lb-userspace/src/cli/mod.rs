@@ -4,9 +4,18 @@
 //! its control socket; `run`, `detach`, and `sessions`/`stats` given
 //! `--config`/`--interface` work on the pinned dataplane directly.
 
+/// `println!` that returns an error instead of panicking when stdout is
+/// closed (see [`output`]); use as `outln!("...")?`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::output::line(&format!($($arg)*))
+    };
+}
+
 pub mod backend;
 pub mod daemon;
 pub mod detach;
+pub mod output;
 pub mod reload;
 pub mod run;
 pub mod service;
@@ -18,9 +27,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
 use xlb::api::{self, DEFAULT_SOCKET, Request, Response};
-use xlb::config::{Config, DEFAULT_PIN_DIR};
+use xlb::config::{Config, DEFAULT_PIN_DIR, validate_pin_dir};
+
+pub use output::{print_json, print_table};
 
 /// Sticky-session layer-4 load balancer on XDP.
 #[derive(Parser)]
@@ -90,6 +100,7 @@ impl Target {
                 if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
                     bail!("--interface {iface:?} is not an interface name");
                 }
+                validate_pin_dir("--pin-dir", &self.pin_dir)?;
                 Ok(self.pin_dir.join(iface))
             }
             (None, None) => bail!("say which dataplane: --config FILE or --interface IFACE"),
@@ -137,8 +148,7 @@ impl Ctx {
                 if self.json {
                     print_json(&serde_json::json!({ "ok": true, "message": msg }))
                 } else {
-                    println!("{msg}");
-                    Ok(())
+                    outln!("{msg}")
                 }
             }
             other => unexpected(&other),
@@ -161,37 +171,6 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
 /// The error for an answer of the wrong kind (a daemon of another version).
 pub fn unexpected<T>(response: &Response) -> Result<T> {
     bail!("unexpected answer from the daemon: {response:?}")
-}
-
-/// Prints `value` as pretty JSON.
-pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).context("encoding JSON")?
-    );
-    Ok(())
-}
-
-/// Prints rows as a left-aligned table under `header`.
-pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let text: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", text.join("  ").trim_end());
-    };
-    line(header.iter().map(|h| (*h).to_string()).collect());
-    for row in rows {
-        line(row.clone());
-    }
 }
 
 /// Milliseconds as seconds with one decimal.

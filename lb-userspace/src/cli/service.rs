@@ -40,8 +40,7 @@ pub fn run(cmd: ServiceCmd, ctx: &Ctx) -> Result<()> {
             print_table(
                 &["SERVICE", "VIP", "PROTO", "UP/ALL", "MODE", "HEALTH CHECK"],
                 &rows,
-            );
-            Ok(())
+            )
         }
     }
 }

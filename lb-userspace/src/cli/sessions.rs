@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use xlb::api::{Request, Response};
+use xlb::api::{Request, Response, WhereInfo};
 use xlb::pins::PinnedMaps;
 
 use super::{Ctx, Target, print_json, print_table, secs, unexpected};
@@ -80,9 +80,8 @@ pub fn run(args: SessionsArgs, ctx: &Ctx) -> Result<()> {
                     ]
                 })
                 .collect();
-            print_table(&["SERVICE", "CLIENT", "BACKEND", "ADDRESS", "IDLE"], &rows);
-            println!("{} sessions", list.len());
-            Ok(())
+            print_table(&["SERVICE", "CLIENT", "BACKEND", "ADDRESS", "IDLE"], &rows)?;
+            outln!("{} sessions", list.len())
         }
         SessionsCmd::Where { client, service } => {
             let list = match ctx.call(&Request::SessionsWhere { client, service })? {
@@ -92,25 +91,10 @@ pub fn run(args: SessionsArgs, ctx: &Ctx) -> Result<()> {
             if ctx.json {
                 return print_json(&list);
             }
-            for w in &list {
-                let backend = match (&w.backend, w.backend_address) {
-                    (Some(n), Some(a)) => format!("{n} ({a})"),
-                    (Some(n), None) => n.clone(),
-                    (None, _) => "no usable backend".to_string(),
-                };
-                let why = match (w.source.as_str(), w.idle_ms) {
-                    ("session", Some(idle)) if w.expired => {
-                        format!(
-                            "session idle {} (expired: the next packet re-selects)",
-                            secs(idle)
-                        )
-                    }
-                    ("session", Some(idle)) => format!("session, idle {}", secs(idle)),
-                    _ => "no session: Maglev choice".to_string(),
-                };
-                println!("{}: {} -> {backend}: {why}", w.service, w.client);
-            }
-            Ok(())
+            print_table(
+                &["SERVICE", "CLIENT", "SESSION", "IDLE", "MAGLEV", "NOTE"],
+                &where_rows(&list),
+            )
         }
         SessionsCmd::Flush { service, backend } => {
             ctx.change(&Request::SessionsFlush { service, backend })
@@ -140,7 +124,101 @@ fn direct(target: &Target, json: bool) -> Result<()> {
             ]
         })
         .collect();
-    print_table(&["SERVICE", "CLIENT", "BACKEND", "IDLE"], &rows);
-    println!("{} sessions", list.len());
-    Ok(())
+    print_table(&["SERVICE", "CLIENT", "BACKEND", "IDLE"], &rows)?;
+    outln!("{} sessions", list.len())
+}
+
+/// `xlb sessions where` as table rows: the sticky backend (if a session
+/// exists) beside the Maglev answer, and whether the client depends on its
+/// session (the two differ).
+fn where_rows(list: &[WhereInfo]) -> Vec<Vec<String>> {
+    let show = |name: &Option<String>, address: Option<IpAddr>| match (name, address) {
+        (Some(n), Some(a)) if *n != a.to_string() => format!("{n} ({a})"),
+        (Some(n), _) => n.clone(),
+        (None, _) => "no usable backend".to_string(),
+    };
+    list.iter()
+        .map(|w| {
+            let maglev = show(&w.maglev_backend, w.maglev_backend_address);
+            let (session, idle, note) = match (w.source.as_str(), w.idle_ms) {
+                ("session", Some(idle)) => {
+                    let note = if w.expired {
+                        "expired: the next packet takes the Maglev answer"
+                    } else if w.backend == w.maglev_backend {
+                        "same backend"
+                    } else {
+                        "differs: the client depends on its session"
+                    };
+                    (show(&w.backend, w.backend_address), secs(idle), note)
+                }
+                _ => ("-".to_string(), String::new(), "no session: Maglev decides"),
+            };
+            vec![
+                w.service.clone(),
+                w.client.to_string(),
+                session,
+                idle,
+                maglev,
+                note.to_string(),
+            ]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(source: &str, backend: &str, maglev: &str, expired: bool) -> WhereInfo {
+        let addr = |n: &str| match n {
+            "b1" => Some("10.0.0.21".parse().expect("ip")),
+            "b2" => Some("10.0.0.22".parse().expect("ip")),
+            _ => None,
+        };
+        let name = |n: &str| (!n.is_empty()).then(|| n.to_string());
+        WhereInfo {
+            service: "web".into(),
+            client: "10.1.2.3".parse().expect("ip"),
+            backend: name(backend),
+            backend_address: addr(backend),
+            source: source.into(),
+            idle_ms: (source == "session").then_some(1500),
+            expired,
+            maglev_backend: name(maglev),
+            maglev_backend_address: addr(maglev),
+        }
+    }
+
+    #[test]
+    fn where_shows_session_and_maglev_side_by_side() {
+        let rows = where_rows(&[
+            info("session", "b1", "b2", false),
+            info("session", "b2", "b2", false),
+            info("session", "b1", "b2", true),
+            info("maglev", "b2", "b2", false),
+            info("maglev", "", "", false),
+        ]);
+        let cols = |r: &Vec<String>| (r[2].clone(), r[3].clone(), r[4].clone(), r[5].clone());
+        assert_eq!(
+            cols(&rows[0]),
+            (
+                "b1 (10.0.0.21)".into(),
+                "1.5s".into(),
+                "b2 (10.0.0.22)".into(),
+                "differs: the client depends on its session".into()
+            )
+        );
+        assert_eq!(rows[1][5], "same backend");
+        assert!(rows[2][5].starts_with("expired"), "{:?}", rows[2]);
+        assert_eq!(
+            cols(&rows[3]),
+            (
+                "-".into(),
+                String::new(),
+                "b2 (10.0.0.22)".into(),
+                "no session: Maglev decides".into()
+            )
+        );
+        assert_eq!(rows[4][4], "no usable backend");
+    }
 }

@@ -14,10 +14,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     if ctx.json {
         return print_json(&s);
     }
-    println!("daemon      pid {}, up {}s", s.pid, s.uptime_s);
-    println!("config      {}", s.config);
-    println!("state file  {}", s.state_file);
-    println!(
+    outln!("daemon      pid {}, up {}s", s.pid, s.uptime_s)?;
+    outln!("config      {}", s.config)?;
+    outln!("state file  {}", s.state_file)?;
+    outln!(
         "dataplane   {} (pins {}, {})",
         s.interface,
         s.pins,
@@ -26,17 +26,19 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         } else {
             "attached anew"
         }
-    );
-    println!(
+    )?;
+    outln!(
         "services    {}; backends {} ({} taking new clients)",
-        s.services, s.backends, s.backends_up
-    );
-    println!("sessions    {}", s.sessions);
+        s.services,
+        s.backends,
+        s.backends_up
+    )?;
+    outln!("sessions    {}", s.sessions)?;
     if !s.panic_services.is_empty() {
-        println!(
+        outln!(
             "PANIC MODE  {} (every backend failing checks; all used anyway)",
             s.panic_services.join(", ")
-        );
+        )?;
     }
     Ok(())
 }

@@ -31,7 +31,8 @@ use super::state::{AddedBackend, Admin, State};
 use crate::api::{BackendInfo, ServiceInfo, SessionInfo, StatusInfo, WhereInfo};
 use crate::bpf_obj::{self, PinCheck};
 use crate::config::{
-    BackendConfig, BackendState, Config, HealthConfig, format_mac, parse_mac, valid_backend_name,
+    BackendConfig, BackendState, Config, HealthConfig, check_not_own_mac, format_mac, parse_mac,
+    valid_backend_name, validate_backend_address, validate_deadline, validate_mac, validate_weight,
 };
 use crate::dataplane::{self, Dataplane, addr_words, service_key};
 use crate::lock::PinLock;
@@ -974,20 +975,13 @@ impl Lb {
         if !valid_backend_name(&name) {
             bail!("backend name {name:?} is not valid (1 to 64 of A-Z a-z 0-9 _ . : -)");
         }
-        if address.is_ipv4() != svc.vip.is_ipv4() {
-            bail!(
-                "address {address} is not of the family of the service vip {}",
-                svc.vip
-            );
-        }
-        if address == svc.vip || address.is_unspecified() || address.is_multicast() {
-            bail!("address {address} cannot be a backend of {service}");
-        }
-        let mac = format_mac(&parse_mac(mac)?);
+        validate_backend_address("address", address, svc.vip, &self.base.vips())?;
+        let mac_bytes = validate_mac("mac", mac)?;
+        let own_mac = dataplane::interface_mac(&self.base.interface)?;
+        check_not_own_mac("mac", mac_bytes, own_mac, &self.base.interface)?;
+        let mac = format_mac(&mac_bytes);
         let weight = weight.unwrap_or(1);
-        if weight == 0 {
-            bail!("weight 0 is out of range 1..=65535");
-        }
+        validate_weight("weight", weight)?;
         if let Some(b) = svc
             .backends
             .iter()
@@ -1065,6 +1059,9 @@ impl Lb {
         deadline: Option<Duration>,
     ) -> Result<String> {
         let r = self.find(service, backend)?;
+        if let Some(d) = deadline {
+            validate_deadline(d)?;
+        }
         let deadline_unix_ms = deadline.map(|d| unix_ms().saturating_add(d.as_millis() as u64));
         self.change(|st| {
             st.service_mut(service)
@@ -1094,9 +1091,7 @@ impl Lb {
     /// `xlb backend weight`.
     pub fn backend_weight(&mut self, service: &str, backend: &str, weight: u16) -> Result<String> {
         let r = self.find(service, backend)?;
-        if weight == 0 {
-            bail!("weight 0 is out of range 1..=65535");
-        }
+        validate_weight("weight", weight)?;
         self.change(|st| {
             st.service_mut(service)
                 .weights
@@ -1257,6 +1252,8 @@ impl Lb {
         }
         let counts = self.session_counts()?;
         let now = unix_ms();
+        // Admin comes from the configured state: `effective` already holds the derived kernel state.
+        let configured = self.effective_config()?;
         let mut out = Vec::new();
         for svc in &self.effective.services {
             if service.is_some_and(|n| n != svc.name) {
@@ -1267,7 +1264,12 @@ impl Lb {
                     service: svc.name.clone(),
                     backend: be.name.clone(),
                 };
-                let d = self.derived(&svc.name, be);
+                let as_configured = configured
+                    .services
+                    .iter()
+                    .find(|s| s.name == svc.name)
+                    .and_then(|s| s.backends.iter().find(|b| b.name == be.name));
+                let d = self.derived(&svc.name, as_configured.unwrap_or(be));
                 let id = self.backend_ids.get(&r).copied().unwrap_or(u32::MAX);
                 let health = self.health.get(&r);
                 out.push(BackendInfo {
@@ -1396,6 +1398,7 @@ impl Lb {
                 service_id: record.id,
                 addr: masked,
             };
+            let maglev = self.maglev_choice(record, &masked)?;
             let (id, source, idle_ms, expired) = match self.maps.affinity.get(&key, 0) {
                 Ok(v) => {
                     let idle = now.saturating_sub(v.last_seen_ns);
@@ -1406,28 +1409,33 @@ impl Lb {
                         idle >= record.timeout_ns,
                     )
                 }
-                Err(_) => (self.maglev_choice(record, &masked)?, "maglev", None, false),
+                Err(_) => (maglev, "maglev", None, false),
             };
-            let be = names.get(&id);
-            let address = self
-                .maps
-                .backends
-                .get(&id, 0)
-                .ok()
-                .filter(|b| b.state != BACKEND_EMPTY)
-                .map(|b| ip_from_words(&b.addr, b.family));
+            let name = |id: u32| {
+                (id != NO_BACKEND).then(|| {
+                    names
+                        .get(&id)
+                        .map_or_else(|| format!("#{id}"), |r| r.backend.clone())
+                })
+            };
+            let address = |id: u32| {
+                self.maps
+                    .backends
+                    .get(&id, 0)
+                    .ok()
+                    .filter(|b| b.state != BACKEND_EMPTY)
+                    .map(|b| ip_from_words(&b.addr, b.family))
+            };
             out.push(WhereInfo {
                 service: svc.name.clone(),
                 client: ip_from_words(&masked, family),
-                backend: if id == NO_BACKEND {
-                    None
-                } else {
-                    Some(be.map_or_else(|| format!("#{id}"), |r| r.backend.clone()))
-                },
-                backend_address: address,
+                backend: name(id),
+                backend_address: address(id),
                 source: source.to_string(),
                 idle_ms,
                 expired,
+                maglev_backend: name(maglev),
+                maglev_backend_address: address(maglev),
             });
         }
         if out.is_empty() {
@@ -1465,6 +1473,13 @@ impl Lb {
 
     /// `xlb stats`.
     pub fn stats(&self) -> Result<stats::Snapshot> {
-        stats::snapshot(&self.maps)
+        let mut snap = stats::snapshot(&self.maps)?;
+        snap.name(
+            self.service_ids.iter().map(|(n, id)| (*id, n.clone())),
+            self.backend_ids
+                .iter()
+                .map(|(r, id)| (*id, r.service.clone(), r.backend.clone())),
+        );
+        Ok(snap)
     }
 }
