@@ -316,7 +316,7 @@ pub fn validate_backend_address(
 ) -> Result<()> {
     if address.is_ipv4() != vip.is_ipv4() {
         bail!(
-            "{path}: {address} is {} but the service vip {vip} is {}",
+            "{path}: {address} is {} but the service vip {vip} is {} (the address family must match)",
             family(address),
             family(vip)
         );

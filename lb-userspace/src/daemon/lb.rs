@@ -1127,6 +1127,8 @@ impl Lb {
                 "{field} changed: it cannot change while the daemon runs (restart it); nothing applied"
             );
         }
+        let own_mac = dataplane::interface_mac(&new.interface)?;
+        new.check_against_interface(own_mac)?;
         // A backend the config now names itself is the config's from here on.
         let mut state = self.state.clone();
         for svc in &new.services {
@@ -1138,6 +1140,9 @@ impl Lb {
                 });
             }
         }
+        state
+            .validate(&new)
+            .context("the state file does not fit the new config; nothing applied")?;
         if state != self.state {
             self.save(&mut state)
                 .context("reload not applied: the state file could not be written")?;

@@ -58,10 +58,13 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         ),
     }
     let config = Config::load(&opts.config)?;
+    // Checked before anything is attached: an invalid state file changes nothing.
+    let state = State::load(&config.state_file)?;
+    state.validate(&config)?;
+    state.check_against_interface(&config, dataplane::interface_mac(&config.interface)?)?;
     let lock = PinLock::acquire(&config.pin_path())?;
     let (dp, attachment) = dataplane::bring_up(&config, false)?;
     let maps = PinnedMaps::open(&config.pin_path())?;
-    let state = State::load(&config.state_file)?;
     let metrics_address = config.metrics_address;
     let lb = Lb::new(
         opts.config.clone(),
