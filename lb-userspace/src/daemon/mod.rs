@@ -8,7 +8,9 @@
 
 pub mod health;
 pub mod lb;
+pub mod limits;
 pub mod metrics;
+pub mod source;
 pub mod state;
 
 use std::os::unix::fs::PermissionsExt as _;
