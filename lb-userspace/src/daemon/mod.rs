@@ -73,6 +73,8 @@ fn sync_checks(shared: &Arc<Shared>) {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: DaemonOptions) -> Result<()> {
     let config = Config::load(&opts.config)?;
+    limits::raise_nofile_limit_logged();
+    let sources = source::SourceDefaults::detect(&config).await;
     let (dp, attachment) = dataplane::bring_up(&config, false)?;
     let maps = PinnedMaps::open(&config.pin_path())?;
     let state = State::load(&config.state_file)?;
@@ -87,7 +89,7 @@ pub async fn run(opts: DaemonOptions) -> Result<()> {
     tracing::info!(config = %opts.config.display(), "desired state applied");
     let shared = Arc::new(Shared {
         lb: Mutex::new(lb),
-        checks: Mutex::new(Checks::default()),
+        checks: Mutex::new(Checks::new(sources)),
         metrics: metrics::Metrics::default(),
     });
     sync_checks(&shared);
