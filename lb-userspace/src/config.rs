@@ -17,6 +17,10 @@
 //!                                 # the daemon's runtime changes (add/remove/drain/weight)
 //! metrics_address = "127.0.0.1:9433"  # default: unset (no metrics endpoint); the daemon
 //!                                 # serves Prometheus text at http://ADDRESS/metrics
+//! health_source_v4 = "10.0.0.2"   # default: unset; source address of IPv4 health checks
+//! health_source_v6 = "2001:db8::2"  # default: unset; source address of IPv6 health checks;
+//!                                 # unset: the interface's own non-VIP address of the family.
+//!                                 # Never a VIP, unspecified, multicast, loopback (or v6 link-local)
 //!
 //! [[service]]
 //! name = "web"                    # required, unique, [A-Za-z0-9_.-]{1,64}
@@ -49,10 +53,11 @@
 //! http_status = 200               # kind "http" only; default 200; the status the answer must have
 //! udp_send = "ping"               # kind "udp" only; default "ping"; the datagram sent
 //! udp_expect = ""                 # kind "udp" only; default "" (any reply); text the reply must contain
+//! source = "10.0.0.2"             # default: health_source_v4/_v6, else detected; same family as the vip
 //! ```
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -113,6 +118,10 @@ pub struct Config {
     pub state_file: PathBuf,
     /// Address of the daemon's Prometheus endpoint (`/metrics`); default none (off).
     pub metrics_address: Option<SocketAddr>,
+    /// Source of IPv4 health checks of services without `health.source`; default none (detected).
+    pub health_source_v4: Option<Ipv4Addr>,
+    /// Source of IPv6 health checks of services without `health.source`; default none (detected).
+    pub health_source_v6: Option<Ipv6Addr>,
 }
 
 /// How the XDP program is attached.
@@ -163,6 +172,9 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that take an up backend down; default 3, 1..=100.
     pub fall: u32,
+    /// Source address of the checks (`source`), same family as the vip and never a VIP;
+    /// default none: the global `health_source_v4`/`_v6`, else the detected one.
+    pub source: Option<IpAddr>,
 }
 
 /// One kind of health check.
@@ -463,6 +475,8 @@ struct RawConfig {
     max_services: Option<i64>,
     state_file: Option<PathBuf>,
     metrics_address: Option<String>,
+    health_source_v4: Option<String>,
+    health_source_v6: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -496,6 +510,7 @@ struct RawHealth {
     http_status: Option<i64>,
     udp_send: Option<String>,
     udp_expect: Option<String>,
+    source: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -602,6 +617,52 @@ fn validate(raw: RawConfig) -> Result<Config> {
         })?),
     };
 
+    let health_source_v4 = raw
+        .health_source_v4
+        .map(
+            |text| match validate_source("health_source_v4", &text, Some(true))? {
+                IpAddr::V4(a) => Ok(a),
+                IpAddr::V6(a) => bail!("health_source_v4: {a} is not an IPv4 address"),
+            },
+        )
+        .transpose()?;
+    let health_source_v6 = raw
+        .health_source_v6
+        .map(
+            |text| match validate_source("health_source_v6", &text, Some(false))? {
+                IpAddr::V6(a) => Ok(a),
+                IpAddr::V4(a) => bail!("health_source_v6: {a} is not an IPv6 address"),
+            },
+        )
+        .transpose()?;
+    // A check leaving from a VIP is answered by the backend to itself (it holds the VIP
+    // on lo), so no source may be any service's VIP.
+    let globals = [
+        (
+            "health_source_v4".to_string(),
+            health_source_v4.map(IpAddr::V4),
+        ),
+        (
+            "health_source_v6".to_string(),
+            health_source_v6.map(IpAddr::V6),
+        ),
+    ];
+    let per_service = services.iter().enumerate().map(|(i, s)| {
+        (
+            format!("service[{i}] ({:?}).health.source", s.name),
+            s.health.as_ref().and_then(|h| h.source),
+        )
+    });
+    for (field, source) in globals.into_iter().chain(per_service) {
+        let Some(source) = source else { continue };
+        if let Some((j, s)) = services.iter().enumerate().find(|(_, s)| s.vip == source) {
+            bail!(
+                "{field}: {source} is the vip of service[{j}] ({:?}); a check from a VIP is answered by the backend to itself",
+                s.name
+            );
+        }
+    }
+
     Ok(Config {
         interface,
         xdp_mode,
@@ -612,6 +673,8 @@ fn validate(raw: RawConfig) -> Result<Config> {
         services,
         state_file,
         metrics_address,
+        health_source_v4,
+        health_source_v6,
     })
 }
 
@@ -718,7 +781,7 @@ fn validate_service(i: usize, raw: RawService, vips: &[(&str, IpAddr)]) -> Resul
     }
     let health = raw
         .health
-        .map(|h| validate_health(&format!("{path}.health"), protocol, port, h))
+        .map(|h| validate_health(&format!("{path}.health"), vip, protocol, port, h))
         .transpose()?;
 
     Ok(ServiceConfig {
@@ -736,6 +799,7 @@ fn validate_service(i: usize, raw: RawService, vips: &[(&str, IpAddr)]) -> Resul
 
 fn validate_health(
     path: &str,
+    vip: IpAddr,
     protocol: Protocol,
     port: u16,
     raw: RawHealth,
@@ -838,6 +902,10 @@ fn validate_health(
         1,
         100,
     )?;
+    let source = raw
+        .source
+        .map(|text| validate_source(&format!("{path}.source"), &text, Some(vip.is_ipv4())))
+        .transpose()?;
     Ok(HealthConfig {
         kind,
         port,
@@ -845,7 +913,36 @@ fn validate_health(
         timeout,
         rise,
         fall,
+        source,
     })
+}
+
+/// A health-check source address: of the family asked for (`Some(true)` IPv4), and one a
+/// socket can be bound to and a backend can answer. Whether it is a VIP is checked by the
+/// caller, which knows every service.
+fn validate_source(path: &str, text: &str, want_v4: Option<bool>) -> Result<IpAddr> {
+    let Ok(ip) = text.parse::<IpAddr>() else {
+        bail!("{path}: {text:?} is not an IP address");
+    };
+    if let Some(v4) = want_v4 {
+        if ip.is_ipv4() != v4 {
+            let want = if v4 { "IPv4" } else { "IPv6" };
+            bail!("{path}: {ip} is {} but must be {want}", family(ip));
+        }
+    }
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        bail!("{path}: {ip} is not a usable source (unspecified, multicast or loopback)");
+    }
+    match ip {
+        IpAddr::V4(a) if a.is_broadcast() => {
+            bail!("{path}: {ip} is the broadcast address, not a source")
+        }
+        // Binding a link-local address needs an interface scope the field cannot carry.
+        IpAddr::V6(a) if a.is_unicast_link_local() => {
+            bail!("{path}: {ip} is link-local (use a global or unique-local address)")
+        }
+        _ => Ok(ip),
+    }
 }
 
 fn validate_timeout(path: &str, text: &str) -> Result<Duration> {
@@ -1570,6 +1667,83 @@ mod health_tests {
         assert_eq!(
             c.metrics_address,
             Some("127.0.0.1:9433".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn sources_default_to_none_and_parse() {
+        let c = Config::parse(SVC).expect("valid");
+        assert_eq!((c.health_source_v4, c.health_source_v6), (None, None));
+        let h = with("source = \"10.0.0.2\"").expect("valid").services[0]
+            .health
+            .clone()
+            .expect("health");
+        assert_eq!(h.source, Some("10.0.0.2".parse().expect("ip")));
+        let c = Config::parse(&format!(
+            "health_source_v4 = \"10.0.0.2\"\nhealth_source_v6 = \"fd00::2\"\n{SVC}"
+        ))
+        .expect("valid");
+        assert_eq!(c.health_source_v4, Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(c.health_source_v6, Some("fd00::2".parse().expect("ip")));
+        assert_eq!(c.services[0].health, None);
+    }
+
+    #[test]
+    fn bad_sources_are_named() {
+        let e = |h: &str| format!("{:#}", with(h).expect_err("must fail"));
+        let g = |top: &str| {
+            format!(
+                "{:#}",
+                Config::parse(&format!("{top}\n{SVC}")).expect_err("must fail")
+            )
+        };
+        let field = "service[0] (\"web\").health.source: ";
+        assert!(e("source = \"nope\"").contains(&format!("{field}\"nope\" is not an IP address")));
+        assert!(
+            e("source = \"fd00::2\"").contains(&format!("{field}fd00::2 is IPv6 but must be IPv4"))
+        );
+        assert!(e("source = \"10.0.0.10\"").contains(&format!(
+            "{field}10.0.0.10 is the vip of service[0] (\"web\")"
+        )));
+        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+            assert!(
+                e(&format!("source = \"{bad}\"")).contains(&format!("{field}{bad} is")),
+                "{bad}"
+            );
+        }
+        assert!(
+            g("health_source_v4 = \"fd00::2\"")
+                .contains("health_source_v4: fd00::2 is IPv6 but must be IPv4")
+        );
+        assert!(
+            g("health_source_v6 = \"10.0.0.2\"")
+                .contains("health_source_v6: 10.0.0.2 is IPv4 but must be IPv6")
+        );
+        assert!(
+            g("health_source_v6 = \"fe80::1\"").contains("health_source_v6: fe80::1 is link-local")
+        );
+        assert!(
+            g("health_source_v6 = \"::1\"")
+                .contains("health_source_v6: ::1 is not a usable source")
+        );
+        assert!(
+            g("health_source_v6 = \"ff02::1\"")
+                .contains("health_source_v6: ff02::1 is not a usable source")
+        );
+        assert!(
+            g("health_source_v4 = \"10.0.0.10\"")
+                .contains("health_source_v4: 10.0.0.10 is the vip of service[0] (\"web\")")
+        );
+        // A VIP of another service is refused too, whatever the order of the services.
+        let two = format!(
+            "{SVC}[service.health]\nsource = \"10.0.0.11\"\n[[service]]\nname = \"api\"\nvip = \"10.0.0.11\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"10.0.0.31\"\nmac = \"02:00:00:00:00:31\"\n"
+        );
+        let e = format!("{:#}", Config::parse(&two).expect_err("a VIP"));
+        assert!(
+            e.contains(&format!(
+                "{field}10.0.0.11 is the vip of service[1] (\"api\")"
+            )),
+            "{e}"
         );
     }
 }

@@ -473,13 +473,14 @@ fn build(id: String, opts: &LabOptions) -> Result<Lab> {
         .map(|i| v6(CLIENT_BASE + i))
         .collect::<Result<_>>()?;
 
-    // The LB owns the VIPs so it answers ARP/NDP for them. The IPv6 VIP is deprecated
-    // (preferred_lft 0) so the LB's own connections (health checks) never pick it as their
-    // source: a backend would answer the VIP on its own lo.
+    // The LB owns the VIPs so it answers ARP/NDP for them. Both are ordinary preferred
+    // addresses, as operators configure them: the kernel would then pick the IPv6 /128 VIP
+    // as the source of the LB's own connections to backends, so the daemon's health checks
+    // must (and do) bind their source themselves.
     lb.ip_batch(&format!(
         "link set {LB_IF} address {LB_MAC}\nlink set {LB_IF} up\n\
          addr add {LB_IPV4}/24 dev {LB_IF}\naddr add {LB_IPV6}/64 dev {LB_IF} nodad\n\
-         addr add {VIP4}/32 dev {LB_IF}\naddr add {VIP6}/128 dev {LB_IF} nodad preferred_lft 0\n"
+         addr add {VIP4}/32 dev {LB_IF}\naddr add {VIP6}/128 dev {LB_IF} nodad\n"
     ))?;
 
     let mut script = format!("link set {HOST_IF} address {CLIENT_MAC}\nlink set {HOST_IF} up\n");

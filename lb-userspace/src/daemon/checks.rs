@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::health;
+use super::health::{self, CheckOutcome};
 use super::lb::{BackendRef, CheckTarget};
 use super::metrics::Metrics;
 use super::owner::Handle;
@@ -63,8 +63,17 @@ async fn check_loop(target: CheckTarget, offset: Duration, owner: Handle, metric
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = health::check(target.addr, &target.spec).await;
-        metrics.observe_check(&target.backend, &result);
+        let outcome = health::check(target.addr, &target.spec, target.source).await;
+        metrics.observe_check(&target.backend, &outcome);
+        let result = match outcome {
+            CheckOutcome::Pass(latency) => Ok(latency),
+            CheckOutcome::Fail(why) => Err(why),
+            // No evidence about the backend: its rise/fall counters stay as they are.
+            CheckOutcome::NotRun(why) => {
+                health::log_not_run(&target.backend, target.addr, &why);
+                continue;
+            }
+        };
         owner.check(target.backend.clone(), result);
     }
 }

@@ -27,6 +27,7 @@ use lb_common::{
 };
 
 use super::desired::{Health, Panic, Transition, panic_step};
+use super::source::SourceDefaults;
 use super::state::{AddedBackend, Admin, State};
 use crate::api::{BackendInfo, ServiceInfo, SessionInfo, StatusInfo, WhereInfo};
 use crate::bpf_obj::{self, PinCheck};
@@ -65,6 +66,8 @@ pub struct CheckTarget {
     pub addr: SocketAddr,
     /// The service's check settings.
     pub spec: HealthConfig,
+    /// The address the check leaves from (never a VIP); `None`: the kernel's choice.
+    pub source: Option<IpAddr>,
 }
 
 /// A backend of the effective config with its derived states.
@@ -107,6 +110,8 @@ pub struct Lb {
     repairs: BTreeMap<&'static str, u64>,
     /// Writes to the kernel that failed.
     write_failures: u64,
+    /// Where health checks leave from when a service does not say.
+    sources: SourceDefaults,
 }
 
 /// Milliseconds since the Unix epoch (drain deadlines survive restarts, so wall clock).
@@ -213,7 +218,9 @@ impl Lb {
             dirty: None,
             repairs: BTreeMap::new(),
             write_failures: 0,
+            sources: SourceDefaults::default(),
         };
+        lb.sources = SourceDefaults::detect(&lb.base);
         let kernel = lb.kernel_backends()?;
         lb.find_orphans(&kernel)?;
         lb.sync_health(&kernel)?;
@@ -447,6 +454,7 @@ impl Lb {
                     },
                     addr: SocketAddr::new(be.address, spec.port),
                     spec: spec.clone(),
+                    source: self.sources.for_backend(spec.source, be.address),
                 });
             }
         }
@@ -1149,6 +1157,8 @@ impl Lb {
         }
         let old_base = std::mem::replace(&mut self.base, new);
         let old_state = std::mem::replace(&mut self.state, state);
+        // VIPs or the configured sources may have changed.
+        self.sources = SourceDefaults::detect(&self.base);
         let result = self
             .kernel_backends()
             .and_then(|k| self.sync_health(&k))

@@ -7,7 +7,6 @@
 //! [`super::http`].
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
@@ -18,6 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use super::health::CheckOutcome;
 use super::http::{self, HttpLimits};
 use super::lb::{BackendRef, Lb};
 use super::owner::Handle;
@@ -34,6 +34,8 @@ fn histogram() -> Histogram {
 pub struct Metrics {
     check_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     check_failures: Family<Labels, Counter>,
+    /// Checks this host could not run (local errors): never counted as failures.
+    checks_not_run: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -41,6 +43,7 @@ impl Default for Metrics {
         Self {
             check_seconds: Family::new_with_constructor(histogram as fn() -> Histogram),
             check_failures: Family::default(),
+            checks_not_run: Family::default(),
         }
     }
 }
@@ -53,16 +56,19 @@ fn labels(r: &BackendRef) -> Labels {
 }
 
 impl Metrics {
-    /// Records one health-check result.
-    pub fn observe_check(&self, r: &BackendRef, result: &Result<Duration, String>) {
-        match result {
-            Ok(latency) => {
+    /// Records one health-check outcome.
+    pub fn observe_check(&self, r: &BackendRef, outcome: &CheckOutcome) {
+        match outcome {
+            CheckOutcome::Pass(latency) => {
                 self.check_seconds
                     .get_or_create(&labels(r))
                     .observe(latency.as_secs_f64());
             }
-            Err(_) => {
+            CheckOutcome::Fail(_) => {
                 self.check_failures.get_or_create(&labels(r)).inc();
+            }
+            CheckOutcome::NotRun(_) => {
+                self.checks_not_run.get_or_create(&labels(r)).inc();
             }
         }
     }
@@ -252,6 +258,11 @@ impl Metrics {
             "Failed health checks",
             self.check_failures.clone(),
         );
+        kept.register(
+            "health_checks_not_run",
+            "Health checks not run for a local error (no descriptors, buffers or route; source address gone); not counted against the backend",
+            self.checks_not_run.clone(),
+        );
         encode_registry(&mut out, &kept).context("encoding metrics")?;
         encode_eof(&mut out).context("encoding metrics")?;
         Ok(out)
@@ -273,4 +284,34 @@ pub async fn serve(listener: TcpListener, owner: Handle, limits: HttpLimits) {
         async move { owner.metrics().await }
     };
     http::serve_metrics(listener, render, limits).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each outcome lands in its own family: a check not run is never a failure.
+    #[test]
+    fn outcomes_are_counted_apart() {
+        let m = Metrics::default();
+        let r = BackendRef {
+            service: "web".into(),
+            backend: "b1".into(),
+        };
+        m.observe_check(&r, &CheckOutcome::NotRun("Too many open files".into()));
+        m.observe_check(&r, &CheckOutcome::NotRun("No buffer space".into()));
+        m.observe_check(&r, &CheckOutcome::Fail("refused".into()));
+        m.observe_check(&r, &CheckOutcome::Pass(std::time::Duration::from_millis(1)));
+        let l = labels(&r);
+        assert_eq!(m.checks_not_run.get_or_create(&l).get(), 2);
+        assert_eq!(m.check_failures.get_or_create(&l).get(), 1);
+        let mut kept = Registry::with_prefix("xlb");
+        kept.register("health_checks_not_run", "x", m.checks_not_run.clone());
+        let mut out = String::new();
+        encode_registry(&mut out, &kept).expect("encode");
+        assert!(
+            out.contains("xlb_health_checks_not_run_total{service=\"web\",backend=\"b1\"} 2"),
+            "{out}"
+        );
+    }
 }

@@ -18,6 +18,7 @@ pub mod http;
 pub mod lb;
 pub mod metrics;
 pub mod owner;
+pub mod source;
 pub mod state;
 
 use std::path::PathBuf;

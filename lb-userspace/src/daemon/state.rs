@@ -433,7 +433,7 @@ mac = "02:00:00:00:00:31"
         );
         assert_refused(
             &with(added("b5", "2001:db8::5", "02:00:00:00:00:25", 1)),
-            "services[\"web\"].added[1].address: 2001:db8::5 is IPv6 but the service vip 10.0.0.10 is IPv4",
+            "services[\"web\"].added[1].address: 2001:db8::5 is IPv6 but the service vip 10.0.0.10 is IPv4 (the address family must match)",
         );
         assert_refused(
             &with(added("b5", "127.0.0.1", "02:00:00:00:00:25", 1)),
