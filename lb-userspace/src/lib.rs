@@ -1,6 +1,7 @@
 //! xlb userspace: configuration, Maglev tables, the owner of the pinned dataplane and the daemon.
 
 pub mod api;
+pub mod bpf_batch;
 pub mod bpf_obj;
 pub mod config;
 pub mod daemon;

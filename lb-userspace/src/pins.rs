@@ -11,6 +11,8 @@ use lb_common::{
     ServiceKey, TrafficStats, stat,
 };
 
+use crate::{bpf_batch, dataplane::KnownTables};
+
 /// File name of the pinned XDP link inside an interface's pin directory.
 pub const LINK_PIN: &str = "link";
 
@@ -211,6 +213,9 @@ pub struct PinnedMaps {
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     /// `XLB_BESTAT_V1`.
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
+    /// What this process wrote into (or read from) the Maglev map, so an
+    /// apply compares and writes only the tables that change.
+    pub(crate) known_tables: KnownTables,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -251,23 +256,35 @@ impl PinnedMaps {
             stats: typed!(dir, MAP_STATS),
             service_stats: typed!(dir, MAP_SERVICE_STATS),
             backend_stats: typed!(dir, MAP_BACKEND_STATS),
+            known_tables: KnownTables::default(),
         })
+    }
+
+    /// Every backend slot, indexed by backend id (one batched read).
+    pub fn backend_records(&self) -> Result<Vec<Backend>> {
+        let mut out = vec![Backend::default(); MAX_BACKENDS as usize];
+        bpf_batch::read_array(&self.backends, 0, &mut out).context("reading the backend map")?;
+        Ok(out)
     }
 
     /// Every used backend slot, keyed by (service id, backend address in key
     /// layout), with its id and record: how ids are found again after a restart.
     pub fn live_backends(&self) -> Result<LiveBackends> {
         let mut out = std::collections::HashMap::new();
-        for id in 0..MAX_BACKENDS {
-            let be = self
-                .backends
-                .get(&id, 0)
-                .with_context(|| format!("reading backend {id}"))?;
+        for (id, be) in (0u32..).zip(self.backend_records()?) {
             if be.state != lb_common::BACKEND_EMPTY {
                 out.insert((u32::from(be.service_id), be.addr), (id, be));
             }
         }
         Ok(out)
+    }
+
+    /// Makes the next `dataplane::apply` compare every Maglev table with
+    /// the kernel (one batched read per service) instead of trusting what
+    /// this process remembers writing: for a periodic check against writers
+    /// that bypass xlb.
+    pub fn forget_tables(&mut self) {
+        self.known_tables.clear();
     }
 
     /// Maglev capacity of the pinned map, which fixes how many service

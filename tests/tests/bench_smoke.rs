@@ -1,7 +1,7 @@
 //! Keeps `cargo xtask bench` from rotting: runs its smallest configuration
 //! and checks it produces numbers (not how fast they are). Needs root.
 
-use xlb_tests::bench::{Budget, prog_cost, report, traffic};
+use xlb_tests::bench::{Budget, prog_cost, report, traffic, transition};
 
 #[test]
 fn smallest_bench_produces_a_report() {
@@ -151,4 +151,57 @@ fn peers_and_failover_smallest_configuration() {
         ip_netns_empty_of("xlb-"),
         "parts 4 and 5 left namespaces behind"
     );
+}
+
+/// Part 6 at its smallest: both transitions write exactly the tables that
+/// changed, and the table reaches the report. No namespaces.
+#[test]
+fn transition_part_smallest_configuration() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the bench loads XDP: run as root"
+    );
+    let t = transition::part6(Budget::SMOKE).expect("part 6 (transition to kernel)");
+    assert_eq!(t.rows.len(), 5);
+    for row in &t.rows {
+        assert_eq!(
+            row.samples.len(),
+            Budget::SMOKE.transition_rounds,
+            "{}",
+            row.name
+        );
+        assert!(row.median > 0.0 && row.median.is_finite(), "{}", row.name);
+    }
+    let cell = |row: &str, col: &str| {
+        t.extra
+            .iter()
+            .find(|(r, c, _)| r.starts_with(row) && c == col)
+            .map(|(_, _, v)| v.clone())
+    };
+    assert_eq!(
+        cell("apply: nothing", "tables written").as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        cell("apply: 1 of 16", "tables written").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        cell("apply: 16 of 16", "tables written").as_deref(),
+        Some("16")
+    );
+    let r = xlb_tests::bench::Report {
+        command: "bench_smoke".into(),
+        quick: true,
+        tables: vec![t],
+        ..Default::default()
+    };
+    let dir = std::env::temp_dir().join(format!("xlb-bench-transition-{}", std::process::id()));
+    report::write(&r, &dir).expect("writing the report");
+    let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
+    assert!(md.contains("Transition to kernel"), "{md}");
+    assert!(md.contains("| apply: 1 of 16 services changed |"), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

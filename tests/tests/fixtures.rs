@@ -142,8 +142,12 @@ impl Fixture {
     }
 
     fn reapply(&mut self, text: &str) {
+        self.reapply_report(text);
+    }
+
+    fn reapply_report(&mut self, text: &str) -> dataplane::ApplyReport {
         self.config = Config::parse(text).expect("fixture config is valid");
-        dataplane::apply(&mut self.maps, &self.config).expect("re-applying config");
+        dataplane::apply(&mut self.maps, &self.config).expect("re-applying config")
     }
 
     /// Runs one frame; returns the verdict and the output frame.
@@ -944,4 +948,309 @@ fn pinned_map_with_other_flags_is_refused() {
         msg.contains("XLB_AFFINITY_V1") && msg.contains("flags 0x2"),
         "{msg}"
     );
+}
+
+// ---- writes proportional to the change ---------------------------------
+
+/// Two services on two VIPs, three backends each, full-size tables.
+const TWO_SERVICES: &str = r#"
+interface = "fx0"
+maglev_table_size = 65537
+max_services = 4
+affinity_max_entries = 4096
+
+[[service]]
+name = "A"
+vip = "10.0.0.10"
+port = 80
+protocol = "tcp"
+affinity_timeout = "1h"
+[[service.backend]]
+name = "a1"
+address = "10.0.0.21"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+name = "a2"
+address = "10.0.0.22"
+mac = "02:00:00:00:00:12"
+[[service.backend]]
+name = "a3"
+address = "10.0.0.23"
+mac = "02:00:00:00:00:13"
+
+[[service]]
+name = "B"
+vip = "10.0.0.11"
+port = 80
+protocol = "tcp"
+affinity_timeout = "1h"
+[[service.backend]]
+name = "b1"
+address = "10.0.0.31"
+mac = "02:00:00:00:00:21"
+[[service.backend]]
+name = "b2"
+address = "10.0.0.32"
+mac = "02:00:00:00:00:22"
+[[service.backend]]
+name = "b3"
+address = "10.0.0.33"
+mac = "02:00:00:00:00:23"
+"#;
+
+/// `text` with backend `name` in state `state`.
+fn with_state(text: &str, name: &str, state: &str) -> String {
+    let anchor = format!("name = \"{name}\"\n");
+    assert!(text.contains(&anchor), "no backend {name}");
+    text.replacen(&anchor, &format!("{anchor}state = \"{state}\"\n"), 1)
+}
+
+impl Fixture {
+    fn record(&self, service: &str) -> lb_common::Service {
+        let svc = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .expect("service in config");
+        self.maps
+            .services
+            .get(&dataplane::service_key(svc), 0)
+            .expect("service in map")
+    }
+
+    /// The live Maglev table of `service`, read from the kernel.
+    fn live_table(&self, service: &str) -> Vec<u32> {
+        let r = self.record(service);
+        let mut out = vec![0u32; r.table_size as usize];
+        xlb::bpf_batch::read_array(
+            &self.maps.maglev,
+            r.maglev_base[r.active_slot as usize],
+            &mut out,
+        )
+        .expect("reading the live table");
+        out
+    }
+
+    /// The table userspace builds for `service` with the ids `report` assigned.
+    fn expected_table(&self, service: &str, report: &dataplane::ApplyReport) -> Vec<u32> {
+        let svc = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .expect("service in config");
+        let ids: Vec<u32> = svc
+            .backends
+            .iter()
+            .map(|b| report.backend_ids[&(svc.name.clone(), b.name.clone())])
+            .collect();
+        dataplane::service_table(svc, &ids, self.config.maglev_table_size).expect("table")
+    }
+
+    /// Checks that `report`'s ids are those in the service and backend maps.
+    fn assert_ids_match_maps(&self, report: &dataplane::ApplyReport) {
+        for svc in &self.config.services {
+            let sid = report.service_ids[&svc.name];
+            assert_eq!(self.record(&svc.name).id, sid, "service {}", svc.name);
+            for be in &svc.backends {
+                let id = report.backend_ids[&(svc.name.clone(), be.name.clone())];
+                let rec = self.maps.backends.get(&id, 0).expect("backend slot");
+                assert_eq!(rec.addr, addr_words(be.address), "{}/{}", svc.name, be.name);
+                assert_eq!(rec.mac, be.mac, "{}/{}", svc.name, be.name);
+                assert_eq!(u32::from(rec.service_id), sid, "{}/{}", svc.name, be.name);
+                assert_eq!(rec.state, be.state.to_abi(), "{}/{}", svc.name, be.name);
+            }
+        }
+        let used = self
+            .maps
+            .backend_records()
+            .expect("backend map")
+            .iter()
+            .filter(|b| b.state != lb_common::BACKEND_EMPTY)
+            .count();
+        assert_eq!(used, report.backend_ids.len(), "stray backend slots");
+    }
+}
+
+#[test]
+fn apply_writes_only_the_changed_service() {
+    let mut fx = Fixture::with_config(TWO_SERVICES);
+    let first = fx.reapply_report(TWO_SERVICES);
+    assert!(
+        first.tables_written.is_empty()
+            && first.backends_written == 0
+            && first.services_written == 0,
+        "re-applying the same config wrote something: {first:?}"
+    );
+    fx.assert_ids_match_maps(&first);
+    let b_before = fx.record("B");
+    let a_before = fx.record("A");
+
+    // Clients of A, and where they are now.
+    let clients: Vec<String> = (0..64).map(|i| format!("10.9.{i}.1")).collect();
+    let mut before = Vec::new();
+    for c in &clients {
+        let (verdict, out) = fx.run(&Frame::tcp(c, "10.0.0.10", 80).build());
+        assert_eq!(verdict, XDP_TX);
+        before.push(mac_of(&out));
+    }
+    let dead = BACKEND_MACS[1];
+    assert!(before.contains(&dead), "the test needs clients on a2");
+
+    let down = with_state(TWO_SERVICES, "a2", "down");
+    let report = fx.reapply_report(&down);
+    assert_eq!(report.tables_written, ["A"], "{report:?}");
+    assert_eq!(report.backends_written, 1, "only a2's record changes");
+    assert!(
+        report.table_entries_written > 0 && report.table_entries_written < 65537,
+        "the table is written where it differs, not whole: {}",
+        report.table_entries_written
+    );
+    assert_eq!(report.service_ids, first.service_ids, "service ids kept");
+    assert_eq!(report.backend_ids, first.backend_ids, "backend ids kept");
+    fx.assert_ids_match_maps(&report);
+    assert_eq!(
+        fx.record("B"),
+        b_before,
+        "B's record was rewritten or flipped"
+    );
+    assert_ne!(
+        fx.record("A").active_slot,
+        a_before.active_slot,
+        "A's table did not flip"
+    );
+    assert_eq!(fx.live_table("A"), fx.expected_table("A", &report));
+    assert_eq!(fx.live_table("B"), fx.expected_table("B", &report));
+
+    // a2's clients go to their new Maglev choice; the others stay.
+    let table = fx.expected_table("A", &report);
+    let a = fx.config.services[0].clone();
+    let mac_of_id = |id: u32| {
+        a.backends
+            .iter()
+            .find(|b| report.backend_ids[&("A".to_string(), b.name.clone())] == id)
+            .expect("table id is a backend of A")
+            .mac
+    };
+    for (c, old) in clients.iter().zip(&before) {
+        let (_, out) = fx.run(&Frame::tcp(c, "10.0.0.10", 80).build());
+        let masked = lb_common::mask_addr(
+            &addr_words(c.parse().expect("client address")),
+            &prefix_mask(32, 32),
+        );
+        let choice = mac_of_id(table[maglev::slot(&masked, 65537) as usize]);
+        if *old == dead {
+            assert_eq!(
+                mac_of(&out),
+                choice,
+                "client {c} not on its new Maglev choice"
+            );
+        } else {
+            assert_eq!(
+                mac_of(&out),
+                *old,
+                "client {c} moved although its backend is up"
+            );
+        }
+    }
+
+    // Back up, then another one down: each change writes only A, and the
+    // slot written (which held an older table) ends up exactly right.
+    let up = fx.reapply_report(TWO_SERVICES);
+    assert_eq!(up.tables_written, ["A"]);
+    assert_eq!(fx.live_table("A"), fx.expected_table("A", &up));
+    let other = fx.reapply_report(&with_state(TWO_SERVICES, "a3", "down"));
+    assert_eq!(other.tables_written, ["A"]);
+    assert_eq!(fx.live_table("A"), fx.expected_table("A", &other));
+    assert_eq!(fx.record("B"), b_before);
+
+    // A process that knows nothing (a restart) compares with the kernel
+    // and writes nothing; a change in B then writes only B.
+    fx.maps.forget_tables();
+    let again = fx.reapply_report(&with_state(TWO_SERVICES, "a3", "down"));
+    assert!(again.tables_written.is_empty(), "{again:?}");
+    let b = fx.reapply_report(&with_state(
+        &with_state(TWO_SERVICES, "a3", "down"),
+        "b1",
+        "down",
+    ));
+    assert_eq!(b.tables_written, ["B"]);
+    assert_eq!(fx.live_table("B"), fx.expected_table("B", &b));
+    assert_eq!(fx.live_table("A"), fx.expected_table("A", &b));
+}
+
+#[test]
+fn apply_frees_removed_backends_only_after_their_sessions() {
+    let mut fx = Fixture::with_config(TWO_SERVICES);
+    let first = fx.reapply_report(TWO_SERVICES);
+    for i in 0..32 {
+        fx.run(&Frame::tcp(&format!("10.7.0.{i}"), "10.0.0.10", 80).build());
+    }
+    let gone = first.backend_ids[&("A".to_string(), "a1".to_string())];
+    // a1 removed and a new backend a4 added in the same apply: a4 must not
+    // get a1's id, and no session may point at a1's id afterwards.
+    let text = TWO_SERVICES.replacen(
+        "name = \"a1\"\naddress = \"10.0.0.21\"",
+        "name = \"a4\"\naddress = \"10.0.0.24\"",
+        1,
+    );
+    let report = fx.reapply_report(&text);
+    assert_eq!(report.backends_removed, 1);
+    assert!(report.sessions_removed > 0, "the test needs sessions on a1");
+    let new = report.backend_ids[&("A".to_string(), "a4".to_string())];
+    assert_ne!(new, gone, "a removed id was reused in the same apply");
+    assert_eq!(
+        fx.maps.backends.get(&gone, 0).expect("slot").state,
+        lb_common::BACKEND_EMPTY
+    );
+    for entry in fx.maps.affinity.iter() {
+        let (_, v) = entry.expect("affinity entry");
+        assert_ne!(v.backend_id, gone, "a session still points at the freed id");
+    }
+    fx.assert_ids_match_maps(&report);
+    assert_eq!(report.tables_written, ["A"]);
+    assert_eq!(fx.live_table("A"), fx.expected_table("A", &report));
+}
+
+#[test]
+fn apply_at_max_services_reuses_a_leaving_services_id_safely() {
+    let text = TWO_SERVICES.replace("max_services = 4", "max_services = 2");
+    let mut fx = Fixture::with_config(&text);
+    let first = fx.reapply_report(&text);
+    let a_before = fx.record("A");
+    for i in 0..16 {
+        fx.run(&Frame::tcp(&format!("10.6.0.{i}"), "10.0.0.11", 80).build());
+    }
+    // B moves to port 81: a new key, and no id is free but B's own.
+    let moved = text.replacen(
+        "vip = \"10.0.0.11\"\nport = 80",
+        "vip = \"10.0.0.11\"\nport = 81",
+        1,
+    );
+    let report = fx.reapply_report(&moved);
+    assert_eq!(report.service_ids["B"], first.service_ids["B"], "id reused");
+    assert_eq!(report.services_removed, 1);
+    assert_eq!(report.backends_removed, 3, "the old service's backends go");
+    assert_eq!(report.sessions_removed, 16, "the old service's sessions go");
+    assert_eq!(report.tables_written, ["B"]);
+    assert_eq!(fx.record("A"), a_before, "A untouched");
+    fx.assert_ids_match_maps(&report);
+    assert_eq!(fx.live_table("B"), fx.expected_table("B", &report));
+    let old_port = Frame::tcp("10.6.0.1", "10.0.0.11", 80).build();
+    assert_eq!(
+        fx.run_counted(&old_port, stat::PASS_NOT_SERVICE).0,
+        XDP_PASS
+    );
+    let b_macs: Vec<[u8; 6]> = fx.config.services[1]
+        .backends
+        .iter()
+        .map(|b| b.mac)
+        .collect();
+    for i in 0..16 {
+        let f = Frame::tcp(&format!("10.6.0.{i}"), "10.0.0.11", 81).build();
+        let (verdict, out) = fx.run_counted(&f, stat::NEW_SESSION);
+        assert_eq!(verdict, XDP_TX);
+        assert!(b_macs.contains(&mac_of(&out)), "client {i} not sent to B");
+    }
 }

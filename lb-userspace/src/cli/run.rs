@@ -43,6 +43,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         services_removed = report.services_removed,
         backends_removed = report.backends_removed,
         sessions_removed = report.sessions_removed,
+        tables_written = report.tables_written.len(),
+        backends_written = report.backends_written,
+        services_written = report.services_written,
         "config applied"
     );
     if args.debug {

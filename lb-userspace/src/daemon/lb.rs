@@ -112,7 +112,13 @@ pub struct Lb {
     write_failures: u64,
     /// Where health checks leave from when a service does not say.
     sources: SourceDefaults,
+    /// Reconciles run (every [`TABLE_REREAD_EVERY`]th re-reads the tables).
+    reconciles: u64,
 }
+
+/// Every how many reconciles the Maglev tables are re-read from the kernel
+/// (about 28 ms a service) rather than compared with what this process wrote.
+const TABLE_REREAD_EVERY: u64 = 6;
 
 /// Milliseconds since the Unix epoch (drain deadlines survive restarts, so wall clock).
 pub fn unix_ms() -> u64 {
@@ -219,6 +225,7 @@ impl Lb {
             repairs: BTreeMap::new(),
             write_failures: 0,
             sources: SourceDefaults::default(),
+            reconciles: 0,
         };
         lb.sources = SourceDefaults::detect(&lb.base);
         let kernel = lb.kernel_backends()?;
@@ -564,6 +571,12 @@ impl Lb {
             self.count_repair("retried_write", 1);
             fixed += 1;
         } else {
+            // apply trusts its memory of what each table slot holds; now and then
+            // re-read the tables, so slots rewritten behind our back are found too.
+            self.reconciles += 1;
+            if self.reconciles.is_multiple_of(TABLE_REREAD_EVERY) {
+                self.maps.forget_tables();
+            }
             let report = match dataplane::apply(&mut self.maps, &self.effective) {
                 Ok(r) => r,
                 Err(e) => {

@@ -8,6 +8,7 @@ pub mod peers;
 pub mod prog_cost;
 pub mod report;
 pub mod traffic;
+pub mod transition;
 
 use serde::Serialize;
 
@@ -34,6 +35,8 @@ pub struct Budget {
     pub failover_probes: usize,
     /// How long the killed backend stays down, in ms.
     pub failover_down_ms: u64,
+    /// Rounds of the transition-to-kernel part.
+    pub transition_rounds: usize,
 }
 
 impl Budget {
@@ -49,6 +52,7 @@ impl Budget {
         failover_rounds: 1,
         failover_probes: 120,
         failover_down_ms: 2_750,
+        transition_rounds: 5,
     };
     /// The full run.
     pub const FULL: Budget = Budget {
@@ -62,6 +66,7 @@ impl Budget {
         failover_rounds: 3,
         failover_probes: 300,
         failover_down_ms: 6_000,
+        transition_rounds: 11,
     };
     /// The smallest configuration, for the test that keeps the bench from rotting.
     pub const SMOKE: Budget = Budget {
@@ -75,6 +80,7 @@ impl Budget {
         failover_rounds: 1,
         failover_probes: 80,
         failover_down_ms: 2_000,
+        transition_rounds: 2,
     };
 }
 

@@ -4,7 +4,9 @@
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
-use xlb_tests::bench::{Budget, Report, failover, peers, prog_cost, progress, report, traffic};
+use xlb_tests::bench::{
+    Budget, Report, failover, peers, prog_cost, progress, report, traffic, transition,
+};
 
 fn main() -> ExitCode {
     match run() {
@@ -41,11 +43,15 @@ fn machine() -> String {
     )
 }
 
+/// Part names for `--only` (repeatable), in run order.
+const PARTS: [&str; 6] = ["cost", "scale", "rate", "peers", "failover", "transition"];
+
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut budget = Budget::FULL;
     let mut quick = false;
     let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let mut only: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -58,7 +64,16 @@ fn run() -> Result<()> {
                 quick = true;
             }
             "--out" => out = PathBuf::from(it.next().context("--out needs a directory")?),
-            other => bail!("unknown argument {other:?} (use --quick, --smoke, --out DIR)"),
+            "--only" => {
+                let part = it.next().context("--only needs a part name")?;
+                if !PARTS.contains(&part.as_str()) {
+                    bail!("unknown part {part:?} (one of {})", PARTS.join(", "));
+                }
+                only.push(part.clone());
+            }
+            other => {
+                bail!("unknown argument {other:?} (use --quick, --smoke, --out DIR, --only PART)")
+            }
         }
     }
     // SAFETY: geteuid has no preconditions.
@@ -74,18 +89,55 @@ fn run() -> Result<()> {
         quick,
         ..Default::default()
     };
-    progress("part 1/5: per-packet cost through BPF_PROG_TEST_RUN");
-    report.tables.extend(prog_cost::part1(budget)?);
-    progress("part 2/5: cost and memory against affinity map size");
-    report.scale = prog_cost::part2(budget)?;
-    progress("part 3/5: packet rate with the live-frames traffic generator");
+    let want = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
+    if want("cost") {
+        progress("part 1/6: per-packet cost through BPF_PROG_TEST_RUN");
+        report.tables.extend(prog_cost::part1(budget)?);
+    }
+    if want("scale") {
+        progress("part 2/6: cost and memory against affinity map size");
+        report.scale = prog_cost::part2(budget)?;
+    }
+    if want("rate") {
+        run_rate(budget, &mut report);
+    }
+    if want("peers") {
+        run_peers(budget, &mut report);
+    }
+    if want("failover") {
+        run_failover(budget, &mut report);
+    }
+    if want("transition") {
+        progress("part 6/6: transition to kernel (apply after a backend goes down)");
+        match transition::part6(budget) {
+            Ok(table) => report.tables.push(table),
+            Err(e) => report
+                .skipped
+                .push(("transition to kernel".into(), format!("{e:#}"))),
+        }
+    }
+    report::write(&report, &out)?;
+    print!("{}", report::markdown(&report));
+    progress(&format!(
+        "wrote {} in {:.0?}",
+        out.join("report.md").display(),
+        started.elapsed()
+    ));
+    Ok(())
+}
+
+fn run_rate(budget: Budget, report: &mut Report) {
+    progress("part 3/6: packet rate with the live-frames traffic generator");
     match traffic::part3(budget) {
         Ok(table) => report.tables.push(table),
         Err(e) => report
             .skipped
             .push(("packet rate (live frames)".into(), format!("{e:#}"))),
     }
-    progress("part 4/5: peers (nftables, HAProxy, nginx) on the same namespaces, with wrk");
+}
+
+fn run_peers(budget: Budget, report: &mut Report) {
+    progress("part 4/6: peers (nftables, HAProxy, nginx) on the same namespaces, with wrk");
     match peers::part4(budget) {
         Ok(p) => {
             report.tables.extend(p.tables);
@@ -96,7 +148,10 @@ fn run() -> Result<()> {
             .skipped
             .push(("peers on the same namespaces".into(), format!("{e:#}"))),
     }
-    progress("part 5/5: failover under load (xlb daemon, nftables, HAProxy, nginx)");
+}
+
+fn run_failover(budget: Budget, report: &mut Report) {
+    progress("part 5/6: failover under load (xlb daemon, nftables, HAProxy, nginx)");
     match failover::part5(budget) {
         Ok(f) => {
             report.failover = f.table;
@@ -107,12 +162,4 @@ fn run() -> Result<()> {
             .skipped
             .push(("failover under load".into(), format!("{e:#}"))),
     }
-    report::write(&report, &out)?;
-    print!("{}", report::markdown(&report));
-    progress(&format!(
-        "wrote {} in {:.0?}",
-        out.join("report.md").display(),
-        started.elapsed()
-    ));
-    Ok(())
 }

@@ -1,0 +1,400 @@
+//! Writing the desired config into the pinned maps, touching only what
+//! differs from what is there.
+//!
+//! The order is what keeps sessions correct if a write fails half-way:
+//! 1. backend records that are new or changed (new ids never reuse an id
+//!    that is still occupied, so no session can point at them yet);
+//! 2. each changed service's Maglev table into its idle slot;
+//! 3. service records that are new or changed, which flips the live slot;
+//!    then records of services gone from the config are removed;
+//! 4. affinity entries of removed services and backends are deleted;
+//! 5. only then are the removed backends' slots cleared, freeing their ids.
+//!
+//! A failure anywhere leaves the removed backends' slots occupied, so no
+//! later apply hands their ids out before their sessions are gone; the next
+//! apply finds them still there and repeats steps 4 and 5.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use lb_common::{
+    BACKEND_EMPTY, Backend, FAMILY_V4, FORWARD_DSR_L2, MAX_BACKENDS, NO_BACKEND,
+    SERVICE_F_FRAGMENTS, Service, ServiceKey, prefix_mask,
+};
+
+use super::{
+    keys::{ServiceKeyOrd, addr_words, family, service_key},
+    tables::{Placement, Plan, TableInputs},
+};
+use crate::{
+    bpf_batch,
+    config::{Config, ServiceConfig},
+    pins::PinnedMaps,
+};
+
+/// What `apply` changed, for the operator, and the ids it assigned.
+#[derive(Debug, Default, Clone)]
+pub struct ApplyReport {
+    /// Services in the config (all now in the map).
+    pub services: usize,
+    /// Backends in the config (all now in the map).
+    pub backends: usize,
+    /// Services whose key was already in the map (ids kept).
+    pub services_kept: usize,
+    /// Services removed because the config no longer has them.
+    pub services_removed: usize,
+    /// Backends removed because the config no longer has them.
+    pub backends_removed: usize,
+    /// Affinity entries deleted because their service or backend was removed.
+    pub sessions_removed: usize,
+    /// Service id per service name.
+    pub service_ids: BTreeMap<String, u32>,
+    /// Backend id per (service name, backend name).
+    pub backend_ids: BTreeMap<(String, String), u32>,
+    /// Names of the services whose Maglev table was written (swapped) by this apply.
+    pub tables_written: Vec<String>,
+    /// Maglev entries written (only those that differed from the slot's content).
+    pub table_entries_written: usize,
+    /// Backend records written (new or changed).
+    pub backends_written: usize,
+    /// Service records written (new or changed, fragment entries included).
+    pub services_written: usize,
+}
+
+/// Writes `config` into the pinned maps, keeping the ids (and so the
+/// sessions) of services and backends that already exist, and writing only
+/// what differs: a service whose table is unchanged is not touched, a
+/// changed table goes into the idle slot in one syscall and is made live by
+/// one update of the service record, so no packet sees a half-written table.
+pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
+    let table_size = config.maglev_table_size;
+    let capacity = maps.maglev.len();
+    let mut report = ApplyReport {
+        services: config.services.len(),
+        backends: config.services.iter().map(|s| s.backends.len()).sum(),
+        ..ApplyReport::default()
+    };
+
+    // What is there now: service records by key (fragment entries apart),
+    // and every backend slot (one batch read).
+    let mut current: BTreeMap<ServiceKeyOrd, Service> = BTreeMap::new();
+    let mut current_frag: BTreeMap<ServiceKeyOrd, Service> = BTreeMap::new();
+    for entry in maps.services.iter() {
+        let (key, svc) = entry.context("reading the service map")?;
+        if key.port != 0 {
+            current.insert(ServiceKeyOrd(key), svc);
+        } else {
+            current_frag.insert(ServiceKeyOrd(key), svc);
+        }
+    }
+    let live = maps.backend_records()?;
+    let mut existing: BTreeSet<u32> = BTreeSet::new();
+    let mut by_addr: HashMap<(u32, [u32; 4]), u32> = HashMap::new();
+    for (id, be) in (0u32..).zip(&live) {
+        if be.state != BACKEND_EMPTY {
+            existing.insert(id);
+            by_addr
+                .entry((u32::from(be.service_id), be.addr))
+                .or_insert(id);
+        }
+    }
+
+    // Service ids: keep existing; new services get the lowest id that no
+    // record holds, so the region of a service removed in this same apply
+    // (live until its record goes) is not written into. Only when every id
+    // is held does a new service take the id of one being removed; that
+    // one is then taken out (record, sessions) before its region is reused.
+    let wanted: Vec<(ServiceKey, &ServiceConfig)> = config
+        .services
+        .iter()
+        .map(|s| (service_key(s), s))
+        .collect();
+    let held: BTreeSet<u32> = current.values().map(|s| s.id).collect();
+    let mut used_ids: BTreeSet<u32> = BTreeSet::new();
+    let mut service_ids = Vec::with_capacity(wanted.len());
+    for (key, _) in &wanted {
+        let id = current.get(&ServiceKeyOrd(*key)).map(|s| s.id);
+        if let Some(id) = id {
+            used_ids.insert(id);
+            report.services_kept += 1;
+        }
+        service_ids.push(id);
+    }
+    let mut reused: BTreeSet<u32> = BTreeSet::new();
+    for id in service_ids.iter_mut() {
+        if id.is_none() {
+            let free = (0..config.max_services)
+                .find(|i| !used_ids.contains(i) && !held.contains(i))
+                .or_else(|| {
+                    (0..config.max_services).find(|i| !used_ids.contains(i) && held.contains(i))
+                })
+                .ok_or_else(|| {
+                    anyhow!("more services than max_services = {}", config.max_services)
+                })?;
+            if held.contains(&free) {
+                reused.insert(free);
+            }
+            used_ids.insert(free);
+            *id = Some(free);
+        }
+    }
+    let service_ids: Vec<u32> = service_ids.into_iter().flatten().collect();
+    for id in &service_ids {
+        let end = (u64::from(*id) * 2 + 2) * u64::from(table_size);
+        if end > u64::from(capacity) {
+            bail!(
+                "service id {id} needs Maglev entries up to {end} but the pinned map holds {capacity}: \
+                 max_services or maglev_table_size changed; run `xlb detach` first"
+            );
+        }
+    }
+
+    // Backend ids: keep (service id, address) -> id; new ones take free
+    // slots. An occupied slot is never handed out, so an id being removed
+    // here is not reused before its sessions are deleted and it is cleared.
+    let mut backend_ids: Vec<Vec<u32>> = Vec::with_capacity(wanted.len());
+    let mut taken: BTreeSet<u32> = BTreeSet::new();
+    let mut pending = Vec::new();
+    for (si, (_, svc)) in wanted.iter().enumerate() {
+        let mut ids = Vec::with_capacity(svc.backends.len());
+        // A reused service id's backends belong to the service leaving.
+        let fresh = reused.contains(&service_ids[si]);
+        for (bi, be) in svc.backends.iter().enumerate() {
+            match by_addr
+                .get(&(service_ids[si], addr_words(be.address)))
+                .filter(|_| !fresh)
+            {
+                Some(id) if taken.insert(*id) => ids.push(*id),
+                _ => {
+                    pending.push((si, bi));
+                    ids.push(NO_BACKEND);
+                }
+            }
+        }
+        backend_ids.push(ids);
+    }
+    let mut free = (0..MAX_BACKENDS)
+        .filter(|i| !taken.contains(i) && !existing.contains(i))
+        .collect::<Vec<_>>()
+        .into_iter();
+    for (si, bi) in pending {
+        let id = free
+            .next()
+            .ok_or_else(|| anyhow!("more than {MAX_BACKENDS} backends in total"))?;
+        backend_ids[si][bi] = id;
+        taken.insert(id);
+    }
+    let removed_backends: BTreeSet<u32> = existing.difference(&taken).copied().collect();
+    for (si, (_, svc)) in wanted.iter().enumerate() {
+        report.service_ids.insert(svc.name.clone(), service_ids[si]);
+        for (bi, be) in svc.backends.iter().enumerate() {
+            report
+                .backend_ids
+                .insert((svc.name.clone(), be.name.clone()), backend_ids[si][bi]);
+        }
+    }
+
+    // 1. Backend records that differ from their slot.
+    let mut be_keys = Vec::new();
+    let mut be_values = Vec::new();
+    for (si, (_, svc)) in wanted.iter().enumerate() {
+        let service_id = u16::try_from(service_ids[si]).context("service id exceeds u16")?;
+        for (bi, be) in svc.backends.iter().enumerate() {
+            let id = backend_ids[si][bi];
+            let record = Backend {
+                addr: addr_words(be.address),
+                mac: be.mac,
+                state: be.state.to_abi(),
+                family: family(be.address),
+                weight: be.weight,
+                service_id,
+            };
+            if live.get(id as usize) != Some(&record) {
+                be_keys.push(id);
+                be_values.push(record);
+            }
+        }
+    }
+    bpf_batch::update_array(&mut maps.backends, &be_keys, &be_values)
+        .context("writing backend records")?;
+    report.backends_written = be_keys.len();
+
+    // A reused id: the service leaving it goes first (its records, then
+    // its sessions), so no packet reads the region while it is rewritten.
+    if !reused.is_empty() {
+        let leaving: Vec<ServiceKeyOrd> = current
+            .iter()
+            .chain(&current_frag)
+            .filter(|(_, r)| reused.contains(&r.id))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in leaving {
+            maps.services
+                .remove(&key.0)
+                .context("removing a service whose id is reused")?;
+            if current.remove(&key).is_some() {
+                report.services_removed += 1;
+            }
+            current_frag.remove(&key);
+        }
+        report.sessions_removed += purge_sessions(maps, &reused, &BTreeSet::new())?;
+        for id in &reused {
+            maps.known_tables.forget(*id);
+        }
+    }
+
+    // 2. Tables that changed, into their idle slot.
+    let mut live_slot: Vec<u32> = Vec::with_capacity(wanted.len());
+    for (si, (key, svc)) in wanted.iter().enumerate() {
+        let id = service_ids[si];
+        let old = current.get(&ServiceKeyOrd(*key));
+        let inputs = TableInputs::of(svc, &backend_ids[si], table_size);
+        let plan = maps
+            .known_tables
+            .plan(&maps.maglev, id, old, &inputs)
+            .with_context(|| format!("comparing the Maglev table of service {}", svc.name))?;
+        match plan {
+            Plan::Keep => live_slot.push(old.map_or(0, |r| r.active_slot & 1)),
+            Plan::Write {
+                slot,
+                both,
+                table,
+                inputs,
+            } => {
+                report.table_entries_written += maps
+                    .known_tables
+                    .write(&mut maps.maglev, id, slot, both, &table, &inputs)
+                    .with_context(|| format!("writing the Maglev table of service {}", svc.name))?;
+                report.tables_written.push(svc.name.clone());
+                live_slot.push(slot);
+            }
+        }
+    }
+
+    // 3. Service records (and fragment entries) that differ: this flips
+    //    the changed tables live.
+    let mut records: Vec<(ServiceKey, Service)> = Vec::with_capacity(wanted.len());
+    for (si, (key, svc)) in wanted.iter().enumerate() {
+        let record = service_record(svc, service_ids[si], table_size, live_slot[si]);
+        records.push((*key, record));
+    }
+    let mut frag: BTreeMap<ServiceKeyOrd, (u16, Service)> = BTreeMap::new();
+    for (key, record) in &records {
+        let fkey = ServiceKeyOrd(ServiceKey { port: 0, ..*key });
+        let port = u16::from_be(key.port);
+        if frag.get(&fkey).is_none_or(|(p, _)| port < *p) {
+            let copy = Service {
+                flags: record.flags | SERVICE_F_FRAGMENTS,
+                ..*record
+            };
+            frag.insert(fkey, (port, copy));
+        }
+    }
+    for (si, (key, record)) in records.iter().enumerate() {
+        if current.get(&ServiceKeyOrd(*key)) != Some(record) {
+            maps.services
+                .insert(*key, *record, 0)
+                .with_context(|| format!("writing service {}", wanted[si].1.name))?;
+            maps.known_tables.flipped(record.id, record.active_slot);
+            report.services_written += 1;
+        }
+    }
+    for (fkey, (_, record)) in &frag {
+        if current_frag.get(fkey) != Some(record) {
+            maps.services
+                .insert(fkey.0, *record, 0)
+                .context("writing a fragment entry")?;
+            report.services_written += 1;
+        }
+    }
+    let live_ids: BTreeSet<u32> = service_ids.iter().copied().collect();
+    let mut removed_services = BTreeSet::new();
+    for (key, old) in &current {
+        if !records.iter().any(|(k, _)| ServiceKeyOrd(*k) == *key) {
+            if !live_ids.contains(&old.id) {
+                removed_services.insert(old.id);
+            }
+            maps.services
+                .remove(&key.0)
+                .context("removing a service gone from the config")?;
+            report.services_removed += 1;
+        }
+    }
+    for fkey in current_frag.keys() {
+        if !frag.contains_key(fkey) {
+            maps.services
+                .remove(&fkey.0)
+                .context("removing a stale fragment entry")?;
+        }
+    }
+    for id in &removed_services {
+        maps.known_tables.forget(*id);
+    }
+
+    // 4. Sessions of removed services/backends would otherwise point at ids
+    //    that a later config may give to someone else.
+    report.sessions_removed += purge_sessions(maps, &removed_services, &removed_backends)?;
+
+    // 5. Free the removed backends' slots, now that nothing refers to them.
+    let gone: Vec<u32> = removed_backends.iter().copied().collect();
+    let empty = vec![Backend::default(); gone.len()];
+    bpf_batch::update_array(&mut maps.backends, &gone, &empty)
+        .context("clearing removed backends")?;
+    report.backends_removed = gone.len();
+    Ok(report)
+}
+
+/// Deletes the affinity entries of `services` and of `backends`; returns how many.
+fn purge_sessions(
+    maps: &mut PinnedMaps,
+    services: &BTreeSet<u32>,
+    backends: &BTreeSet<u32>,
+) -> Result<usize> {
+    if services.is_empty() && backends.is_empty() {
+        return Ok(0);
+    }
+    let mut doomed = Vec::new();
+    for entry in maps.affinity.iter() {
+        let (key, value) = entry.context("reading the affinity map")?;
+        if services.contains(&key.service_id) || backends.contains(&value.backend_id) {
+            doomed.push(key);
+        }
+    }
+    for key in &doomed {
+        // Already gone (LRU eviction) is fine.
+        let _ = maps.affinity.remove(key);
+    }
+    Ok(doomed.len())
+}
+
+/// The service record of `svc` with id `id`, its table live in `slot`.
+fn service_record(svc: &ServiceConfig, id: u32, table_size: u32, slot: u32) -> Service {
+    let bits = if family(svc.vip) == FAMILY_V4 {
+        32
+    } else {
+        128
+    };
+    let prefix = if bits == 32 {
+        svc.affinity_prefix_v4
+    } else {
+        svc.affinity_prefix_v6
+    };
+    let timeout_ns = u64::try_from(svc.affinity_timeout.as_nanos()).unwrap_or(u64::MAX);
+    Service {
+        id,
+        flags: 0,
+        timeout_ns,
+        // Refresh at 1/8 of the timeout, at most once a second: a hit
+        // rarely writes, and an entry can never look idle for more than
+        // 1/8 of the timeout longer than it really is.
+        refresh_ns: (timeout_ns / 8).min(1_000_000_000),
+        mask: prefix_mask(prefix, bits),
+        maglev_base: Placement::for_id(id, table_size).base,
+        table_size,
+        active_slot: slot,
+        prefix_v4: svc.affinity_prefix_v4,
+        prefix_v6: svc.affinity_prefix_v6,
+        forward_mode: FORWARD_DSR_L2,
+        _pad: [0; 5],
+    }
+}

@@ -1,0 +1,16 @@
+//! The one owner of the XDP program: loads it (reusing compatible pinned
+//! maps), attaches it or adopts an existing attachment (`load`), and writes
+//! the config into the maps, touching only what changed (`apply`, with the
+//! Maglev tables in `tables`).
+
+mod apply;
+mod keys;
+mod load;
+mod tables;
+
+pub use apply::{ApplyReport, apply};
+pub use keys::{addr_words, family, service_key};
+pub use load::{
+    Attachment, Dataplane, LoadOptions, PASS_OBJ, PROGRAM, XLB_OBJ, bring_up, detach, interface_mac,
+};
+pub use tables::{KnownTables, service_table};
