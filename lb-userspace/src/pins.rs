@@ -156,6 +156,9 @@ pub struct PinnedMaps {
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     /// `XLB_BESTAT_V1`.
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
+    /// Entries of `XLB_MAGLEV_V1`, read once at open: a write must not need
+    /// the pins, which someone may have removed under a running daemon.
+    maglev_entries: u32,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -187,7 +190,11 @@ impl PinnedMaps {
             );
         }
         debug_assert_eq!(PINNED_MAPS.len(), 7);
+        let maglev_entries = MapInfo::from_pin(dir.join(MAP_MAGLEV))
+            .context("reading Maglev map info")?
+            .max_entries();
         Ok(Self {
+            maglev_entries,
             dir: dir.to_path_buf(),
             services: typed!(dir, MAP_SERVICES),
             affinity: typed!(dir, MAP_AFFINITY),
@@ -218,9 +225,7 @@ impl PinnedMaps {
     /// Maglev capacity of the pinned map, which fixes how many service
     /// tables of a given size fit.
     pub fn maglev_capacity(&self) -> Result<u32> {
-        let info =
-            MapInfo::from_pin(self.dir.join(MAP_MAGLEV)).context("reading Maglev map info")?;
-        Ok(info.max_entries())
+        Ok(self.maglev_entries)
     }
 }
 
