@@ -216,6 +216,9 @@ pub struct PinnedMaps {
     /// What this process wrote into (or read from) the Maglev map, so an
     /// apply compares and writes only the tables that change.
     pub(crate) known_tables: KnownTables,
+    /// Entries of `XLB_MAGLEV_V1`, read once at open: a write must not need
+    /// the pins, which someone may have removed under a running daemon.
+    maglev_entries: u32,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -247,7 +250,11 @@ impl PinnedMaps {
             );
         }
         debug_assert_eq!(PINNED_MAPS.len(), 7);
+        let maglev_entries = MapInfo::from_pin(dir.join(MAP_MAGLEV))
+            .context("reading Maglev map info")?
+            .max_entries();
         Ok(Self {
+            maglev_entries,
             dir: dir.to_path_buf(),
             services: typed!(dir, MAP_SERVICES),
             affinity: typed!(dir, MAP_AFFINITY),
@@ -290,9 +297,7 @@ impl PinnedMaps {
     /// Maglev capacity of the pinned map, which fixes how many service
     /// tables of a given size fit.
     pub fn maglev_capacity(&self) -> Result<u32> {
-        let info =
-            MapInfo::from_pin(self.dir.join(MAP_MAGLEV)).context("reading Maglev map info")?;
-        Ok(info.max_entries())
+        Ok(self.maglev_entries)
     }
 }
 

@@ -19,12 +19,14 @@ struct Live {
     netns: BTreeSet<String>,
     dirs: BTreeSet<PathBuf>,
     pids: BTreeSet<i32>,
+    mounts: BTreeSet<PathBuf>,
 }
 
 static LIVE: Mutex<Live> = Mutex::new(Live {
     netns: BTreeSet::new(),
     dirs: BTreeSet::new(),
     pids: BTreeSet::new(),
+    mounts: BTreeSet::new(),
 });
 
 static SIGNAL_WATCHER: Once = Once::new();
@@ -94,6 +96,16 @@ pub(crate) fn remove_pid(pid: i32) {
     live().pids.remove(&pid);
 }
 
+/// Records a mount point a test mounted.
+pub(crate) fn add_mount(path: &Path) {
+    live().mounts.insert(path.to_owned());
+}
+
+/// Forgets an unmounted mount point.
+pub(crate) fn remove_mount(path: &Path) {
+    live().mounts.remove(path);
+}
+
 /// Kills recorded children and deletes recorded directories and namespaces, best effort.
 fn cleanup_all() {
     let live = std::mem::take(&mut *live());
@@ -102,6 +114,10 @@ fn cleanup_all() {
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
+    }
+    // Before the directories: a mount point inside one would keep it.
+    for mount in live.mounts {
+        let _ = Command::new("umount").arg("-l").arg(&mount).status();
     }
     for dir in live.dirs {
         let _ = std::fs::remove_dir_all(&dir);

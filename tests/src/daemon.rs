@@ -2,6 +2,8 @@
 //! daemon process (socket and state file in the lab's private directory),
 //! and `xlb --json` control calls decoded for assertions.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -9,9 +11,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    Lab, NsChild,
-    driver::{self, Mode},
+    Lab, LabOptions, NsChild, Proto, Servers,
+    driver::{self, Mapping, Mode},
+    who_serves,
 };
+
+/// The services of [`daemon_config`], in config order.
+pub const SERVICES: [&str; 4] = ["http-v4", "echo-v4", "http-v6", "echo-v6"];
+/// Both protocols the lab's servers answer.
+pub const PROTOS: [Proto; 2] = [Proto::Tcp, Proto::Udp];
+/// How long [`Daemon::wait_all`] waits for each service.
+const WAIT_ALL: Duration = Duration::from_secs(15);
 
 /// How long a daemon gets to answer on its socket after starting.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,6 +88,65 @@ pub fn daemon_config(lab: &Lab, mode: Mode, backends: usize, health: &HealthOpti
         ));
     }
     out
+}
+
+/// Panics unless the tests run as root (they create namespaces and load XDP).
+pub fn assert_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("daemon tests create namespaces and load XDP: run `cargo xtask test` as root");
+    }
+}
+
+/// A lab with servers and a running daemon over its first `backends` backends, the
+/// config written to `<work dir>/xlb.toml` after passing through `edit`. Drop order of
+/// the tuple (daemon, servers, lab) is the right one.
+pub fn start_lab(
+    tag: &str,
+    opts: LabOptions,
+    backends: usize,
+    health: &HealthOptions,
+    edit: impl Fn(String) -> String,
+) -> Result<(Lab, Servers, Daemon)> {
+    let lab = Lab::new(tag, opts).context("building the lab")?;
+    let servers = Servers::start(&lab).context("starting backend servers")?;
+    let config = lab.work_dir().join("xlb.toml");
+    let text = daemon_config(&lab, Mode::Generic, backends, health);
+    std::fs::write(&config, edit(text)).context("writing the config")?;
+    let daemon = Daemon::start(&lab, &config).context("starting xlb daemon")?;
+    Ok((lab, servers, daemon))
+}
+
+/// Which backend each of `clients` reaches over `proto` (one request each).
+pub fn ask(lab: &Lab, clients: &[IpAddr], proto: Proto) -> Result<BTreeMap<IpAddr, String>> {
+    clients
+        .iter()
+        .map(|c| {
+            let name = who_serves(lab, *c, proto)
+                .with_context(|| format!("request from {c} over {proto:?}"))?;
+            Ok((*c, name))
+        })
+        .collect()
+}
+
+/// Compares two mappings: clients of `dead` must have moved, nobody else. Returns how
+/// many moved.
+pub fn only_moved_from(before: &Mapping, after: &Mapping, dead: &str) -> Result<usize> {
+    let mut moved = 0;
+    for (key, was) in before {
+        let now = after
+            .get(key)
+            .with_context(|| format!("{key:?} missing after"))?;
+        if was == dead {
+            if now == dead {
+                bail!("{key:?} still on the dead backend {dead}");
+            }
+            moved += 1;
+        } else if now != was {
+            bail!("{key:?} moved from the healthy backend {was} to {now}");
+        }
+    }
+    Ok(moved)
 }
 
 /// A running `xlb daemon` in the lab's LB namespace; killed when dropped.
@@ -181,6 +250,27 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until `backend` has `field == value` in every service of [`SERVICES`];
+    /// returns how long it took.
+    pub fn wait_all(&self, lab: &Lab, backend: &str, field: &str, value: &str) -> Result<Duration> {
+        let start = Instant::now();
+        for svc in SERVICES {
+            self.wait_backend(lab, svc, backend, WAIT_ALL, |b| b[field] == value)
+                .with_context(|| {
+                    format!(
+                        "daemon log:\n{}",
+                        crate::cmd::tail(self.child.log().as_bytes())
+                    )
+                })?;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// `xlb status --json`.
+    pub fn status(&self, lab: &Lab) -> Result<serde_json::Value> {
+        self.ctl(lab, &["status"])
     }
 }
 

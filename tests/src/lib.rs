@@ -27,6 +27,7 @@ pub mod frames;
 pub mod lab;
 pub mod netns;
 pub mod servers;
+pub mod tmpfs;
 pub mod xdp;
 
 pub use client::{Proto, http_get, http_get_from, udp_ask, udp_ask_from, who_serves};

@@ -12,20 +12,12 @@ use std::time::{Duration, Instant};
 
 use xlb_tests::{
     Lab, LabOptions, Proto, Servers,
-    daemon::{Daemon, HealthOptions, ctl_output, daemon_config},
-    driver::{self, Mapping, Mode},
-    who_serves,
+    daemon::{
+        Daemon, HealthOptions, PROTOS, SERVICES, ask, assert_root, ctl_output, daemon_config,
+        only_moved_from, start_lab,
+    },
+    driver::{self, Mode},
 };
-
-fn assert_root() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!("daemon tests create namespaces and load XDP: run `cargo xtask test` as root");
-    }
-}
-
-const PROTOS: [Proto; 2] = [Proto::Tcp, Proto::Udp];
-const SERVICES: [&str; 4] = ["http-v4", "echo-v4", "http-v6", "echo-v6"];
 
 /// A lab with servers and a running daemon over its first `backends` backends.
 fn setup(tag: &str, opts: LabOptions, backends: usize) -> (Lab, Servers, Daemon) {
@@ -40,37 +32,19 @@ fn setup_with(
     edit: impl Fn(String) -> String,
 ) -> (Lab, Servers, Daemon) {
     assert_root();
-    let lab = Lab::new(tag, opts).expect("building the lab");
-    let servers = Servers::start(&lab).expect("starting backend servers");
-    let config = lab.work_dir().join("xlb.toml");
-    let text = daemon_config(&lab, Mode::Generic, backends, &HealthOptions::default());
-    std::fs::write(&config, edit(text)).expect("writing the config");
-    let daemon = Daemon::start(&lab, &config).expect("starting xlb daemon");
-    (lab, servers, daemon)
+    start_lab(tag, opts, backends, &HealthOptions::default(), edit)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Waits until `backend` has `field == value` in every service.
 fn wait_all(lab: &Lab, d: &Daemon, backend: &str, field: &str, value: &str) -> Duration {
-    let start = Instant::now();
-    for svc in SERVICES {
-        d.wait_backend(lab, svc, backend, Duration::from_secs(15), |b| {
-            b[field] == value
-        })
-        .unwrap_or_else(|e| panic!("{e:#}\ndaemon log:\n{}", d.child.log()));
-    }
-    start.elapsed()
+    d.wait_all(lab, backend, field, value)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Which backend each of `clients` reaches over `proto` (one request each).
-fn ask(lab: &Lab, clients: &[IpAddr], proto: Proto) -> BTreeMap<IpAddr, String> {
-    clients
-        .iter()
-        .map(|c| {
-            let name = who_serves(lab, *c, proto)
-                .unwrap_or_else(|e| panic!("request from {c} over {proto:?}: {e:#}"));
-            (*c, name)
-        })
-        .collect()
+/// [`ask`], panicking with the error.
+fn ask_ok(lab: &Lab, clients: &[IpAddr], proto: Proto) -> BTreeMap<IpAddr, String> {
+    ask(lab, clients, proto).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Address of the metrics endpoint in the tests: the LB's own address (lo is down in the
@@ -345,21 +319,6 @@ fn cli_against_live_daemon() {
     }
 }
 
-/// Compares two mappings: clients of `dead` must have moved, nobody else.
-fn only_moved_from(before: &Mapping, after: &Mapping, dead: &str) -> usize {
-    let mut moved = 0;
-    for (key, was) in before {
-        let now = &after[key];
-        if was == dead {
-            assert_ne!(now, dead, "{key:?} still on the dead backend");
-            moved += 1;
-        } else {
-            assert_eq!(now, was, "{key:?} moved from a healthy backend");
-        }
-    }
-    moved
-}
-
 #[test]
 fn backend_failure_moves_only_its_clients() {
     let (lab, mut servers, d) = setup("dfail", LabOptions::default(), 3);
@@ -415,7 +374,7 @@ fn backend_failure_moves_only_its_clients() {
     assert!(log.contains("down: 3 consecutive failures"), "{log}");
 
     let after = driver::observe(&lab, &PROTOS, 2).expect("traffic after the failure");
-    let moved = only_moved_from(&before, &after, "b2");
+    let moved = only_moved_from(&before, &after, "b2").unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!(
         "failure: {moved} of {} client/service pairs moved (all were on b2)",
         before.len()
@@ -454,7 +413,7 @@ fn drain_with_deadline() {
     wait_all(&lab, &d, "b1", "health", "up");
     let clients = lab.client_addrs();
     let (old, new) = clients.split_at(16);
-    let before = ask(&lab, old, Proto::Tcp);
+    let before = ask_ok(&lab, old, Proto::Tcp);
     let on_b1: Vec<IpAddr> = before
         .iter()
         .filter(|(_, b)| *b == "b1")
@@ -462,7 +421,7 @@ fn drain_with_deadline() {
         .collect();
     assert!(on_b1.len() >= 2, "{before:?}");
     // UDP sessions of b2, for the drain that ends when its sessions are gone.
-    let udp = ask(&lab, old, Proto::Udp);
+    let udp = ask_ok(&lab, old, Proto::Udp);
     assert!(udp.values().any(|b| b == "b2"), "{udp:?}");
 
     d.ctl(
@@ -484,7 +443,7 @@ fn drain_with_deadline() {
     );
 
     // New clients never land on b1.
-    let fresh = ask(&lab, new, Proto::Tcp);
+    let fresh = ask_ok(&lab, new, Proto::Tcp);
     assert!(fresh.values().all(|b| b != "b1"), "{fresh:?}");
 
     // Half of b1's clients keep talking (and stay on b1), the others go quiet: the
@@ -493,7 +452,7 @@ fn drain_with_deadline() {
     let start = Instant::now();
     let mut fell = false;
     while start.elapsed() < Duration::from_secs(4) {
-        let now = ask(&lab, active, Proto::Tcp);
+        let now = ask_ok(&lab, active, Proto::Tcp);
         assert!(
             now.values().all(|b| b == "b1"),
             "a draining client moved early: {now:?}"
@@ -522,7 +481,7 @@ fn drain_with_deadline() {
             Instant::now() < deadline,
             "no maint after the deadline: {b1}"
         );
-        let now = ask(&lab, active, Proto::Tcp);
+        let now = ask_ok(&lab, active, Proto::Tcp);
         // A move is fine only if the deadline passed between the two looks.
         let maint = || d.backend(&lab, "http-v4", "b1").expect("b1")["admin"] == "maint";
         assert!(
@@ -535,7 +494,7 @@ fn drain_with_deadline() {
     assert!(log.contains("drain deadline passed"), "{log}");
     let b1 = d.backend(&lab, "http-v4", "b1").expect("b1");
     assert_eq!(b1["sessions"], 0, "{b1}");
-    let moved = ask(&lab, active, Proto::Tcp);
+    let moved = ask_ok(&lab, active, Proto::Tcp);
     assert!(moved.values().all(|b| b != "b1"), "{moved:?}");
 
     d.ctl(&lab, &["backend", "undrain", "http-v4", "b1"])
@@ -546,7 +505,7 @@ fn drain_with_deadline() {
         (Some("active"), Some("active"))
     );
     // The clients that moved stay where they are.
-    assert_eq!(ask(&lab, active, Proto::Tcp), moved);
+    assert_eq!(ask_ok(&lab, active, Proto::Tcp), moved);
 }
 
 #[test]
@@ -623,7 +582,7 @@ fn reload_applies_only_the_difference() {
     wait_all(&lab, &d, "b1", "health", "up");
     let clients = lab.client_addrs();
     let (old, new) = clients.split_at(16);
-    let before = ask(&lab, old, Proto::Tcp);
+    let before = ask_ok(&lab, old, Proto::Tcp);
 
     // Add b4 in the file and reload: nobody moves, new clients can land on b4.
     let health = HealthOptions::default();
@@ -631,8 +590,12 @@ fn reload_applies_only_the_difference() {
     let done = d.ctl(&lab, &["reload"]).expect("reload");
     assert_eq!(done["ok"], true, "{done}");
     wait_all(&lab, &d, "b4", "state", "active");
-    assert_eq!(ask(&lab, old, Proto::Tcp), before, "reload moved clients");
-    let fresh = ask(&lab, new, Proto::Tcp);
+    assert_eq!(
+        ask_ok(&lab, old, Proto::Tcp),
+        before,
+        "reload moved clients"
+    );
+    let fresh = ask_ok(&lab, new, Proto::Tcp);
     assert!(fresh.values().any(|b| b == "b4"), "{fresh:?}");
 
     // A broken file: a clear message naming the field, nothing applied, still running.
@@ -676,8 +639,8 @@ fn reload_applies_only_the_difference() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(ask(&lab, old, Proto::Tcp), before);
-    let again = ask(&lab, new, Proto::Tcp);
+    assert_eq!(ask_ok(&lab, old, Proto::Tcp), before);
+    let again = ask_ok(&lab, new, Proto::Tcp);
     for (c, was) in &fresh {
         if was != "b4" {
             assert_eq!(&again[c], was, "{c} moved though its backend stayed");
