@@ -533,9 +533,6 @@ fn panic_mode_is_left_without_crowding() {
 }
 
 #[test]
-#[ignore = "daemon limitation: as the backends fail one by one before panic mode starts, \
-            each one's clients are moved to the survivors (Lb::apply -> rewrite_sessions), \
-            so all end on the last to fail and stay there after the recovery (16/0/0)"]
 fn panic_mode_keeps_clients_from_before_the_outage_spread() {
     let run = panic_and_recover("fpold");
     for (svc, old) in &run.old_after {

@@ -519,6 +519,10 @@ impl Lb {
         for svc in was_panic.difference(&is_panic) {
             tracing::warn!(service = %svc, "service {svc} left panic mode: its backends pass their checks again (or the grace period for the rest passed)");
         }
+        let entered: Vec<String> = is_panic
+            .difference(&was_panic)
+            .map(|s| (*s).clone())
+            .collect();
         drop((was_panic, is_panic));
         self.panic = panic;
         let after = states(&cfg);
@@ -545,6 +549,25 @@ impl Lb {
             took = ?started.elapsed(),
             "applied"
         );
+        if !entered.is_empty() {
+            // Entering panic mode: every backend is failing, so no session is
+            // worth more than another. The failures leading here moved each
+            // dead backend's clients onto the survivors, crowding them all onto
+            // the last to fail; point every session back at its Maglev choice
+            // over all backends, so whichever recover find their clients spread.
+            let ids: HashSet<u32> = self
+                .backend_ids
+                .iter()
+                .filter(|(r, _)| entered.contains(&r.service))
+                .map(|(_, id)| *id)
+                .collect();
+            let moved: u64 = self.rewrite_sessions(&ids)?.values().sum();
+            tracing::warn!(
+                services = ?entered,
+                sessions = moved,
+                "panic mode: sessions re-spread to their Maglev choice over all backends"
+            );
+        }
         if !newly_down.is_empty() {
             let moved = self.rewrite_sessions(&newly_down)?;
             for id in &newly_down {
@@ -745,6 +768,9 @@ impl Lb {
                 Some(record) => self.maglev_choice(record, &key.addr)?,
                 None => NO_BACKEND,
             };
+            if choice == old {
+                continue;
+            }
             if choice == NO_BACKEND {
                 // Nowhere to go: let the kernel decide on the next packet.
                 let _ = self.maps.affinity.remove(&key);
