@@ -22,25 +22,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    AffinityKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_EMPTY, FAMILY_V4,
-    MAX_BACKENDS, NO_BACKEND, PINNED_MAPS, Service, mask_addr,
+    BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAX_BACKENDS, NO_BACKEND, PINNED_MAPS, Service,
 };
 
 use super::desired::{Health, Panic, Transition, panic_step};
 use super::source::SourceDefaults;
 use super::state::{AddedBackend, Admin, State};
-use crate::api::{BackendInfo, ServiceInfo, SessionInfo, StatusInfo, WhereInfo};
 use crate::bpf_obj::{self, PinCheck};
 use crate::config::{
     BackendConfig, BackendState, Config, HealthConfig, check_not_own_mac, format_mac, parse_mac,
     valid_backend_name, validate_backend_address, validate_deadline, validate_mac, validate_weight,
 };
-use crate::dataplane::{self, Dataplane, addr_words, service_key};
+use crate::dataplane::{self, Dataplane, service_key};
 use crate::lock::PinLock;
 use crate::maglev;
 use crate::pins::{self, PinnedMaps};
 use crate::sessions::{ip_from_words, monotonic_ns};
-use crate::stats;
 
 /// A backend of a service, by names (stable across reloads and restarts).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,9 +68,9 @@ pub struct CheckTarget {
 }
 
 /// A backend of the effective config with its derived states.
-struct Derived {
-    admin: Admin,
-    health: Option<bool>,
+pub(super) struct Derived {
+    pub(super) admin: Admin,
+    pub(super) health: Option<bool>,
 }
 
 /// What the daemon holds to put the pins back if someone removes them: its
@@ -89,31 +86,31 @@ struct Held {
 
 /// The owner of the dataplane maps and the desired state.
 pub struct Lb {
-    config_path: PathBuf,
-    base: Config,
-    state: State,
-    health: BTreeMap<BackendRef, Health>,
-    panic: BTreeMap<String, Panic>,
+    pub(super) config_path: PathBuf,
+    pub(super) base: Config,
+    pub(super) state: State,
+    pub(super) health: BTreeMap<BackendRef, Health>,
+    pub(super) panic: BTreeMap<String, Panic>,
     /// Backends found in the kernel but in neither the config nor the state
     /// file (a lost state file): kept draining until their clients are idle.
-    orphans: BTreeMap<String, Vec<BackendConfig>>,
-    maps: PinnedMaps,
+    pub(super) orphans: BTreeMap<String, Vec<BackendConfig>>,
+    pub(super) maps: PinnedMaps,
     held: Held,
-    service_ids: BTreeMap<String, u32>,
-    backend_ids: HashMap<BackendRef, u32>,
-    effective: Config,
-    started: Instant,
-    adopted: bool,
+    pub(super) service_ids: BTreeMap<String, u32>,
+    pub(super) backend_ids: HashMap<BackendRef, u32>,
+    pub(super) effective: Config,
+    pub(super) started: Instant,
+    pub(super) adopted: bool,
     /// The last write to the kernel failed (why): reconcile retries it.
-    dirty: Option<String>,
+    pub(super) dirty: Option<String>,
     /// Differences reconcile found and repaired, by what.
-    repairs: BTreeMap<&'static str, u64>,
+    pub(super) repairs: BTreeMap<&'static str, u64>,
     /// Writes to the kernel that failed.
-    write_failures: u64,
+    pub(super) write_failures: u64,
     /// Where health checks leave from when a service does not say.
-    sources: SourceDefaults,
+    pub(super) sources: SourceDefaults,
     /// Reconciles run (every [`TABLE_REREAD_EVERY`]th re-reads the tables).
-    reconciles: u64,
+    pub(super) reconciles: u64,
 }
 
 /// Every how many reconciles the Maglev tables are re-read from the kernel
@@ -138,7 +135,7 @@ fn admin_of_config(state: BackendState) -> Admin {
     }
 }
 
-fn admin_name(admin: Admin) -> &'static str {
+pub(super) fn admin_name(admin: Admin) -> &'static str {
     match admin {
         Admin::Active => "active",
         Admin::Draining { .. } => "draining",
@@ -164,7 +161,7 @@ fn states(cfg: &Config) -> HashMap<BackendRef, BackendState> {
         .collect()
 }
 
-fn state_name(state: u8) -> &'static str {
+pub(super) fn state_name(state: u8) -> &'static str {
     match state {
         BACKEND_ACTIVE => "active",
         BACKEND_DRAINING => "draining",
@@ -305,7 +302,7 @@ impl Lb {
     }
 
     /// The config with the runtime changes applied (states not yet derived).
-    fn effective_config(&self) -> Result<Config> {
+    pub(super) fn effective_config(&self) -> Result<Config> {
         let mut cfg = self.base.clone();
         for svc in &mut cfg.services {
             let Some(over) = self.state.services.get(&svc.name) else {
@@ -338,7 +335,7 @@ impl Lb {
         Ok(cfg)
     }
 
-    fn derived(&self, service: &str, be: &BackendConfig) -> Derived {
+    pub(super) fn derived(&self, service: &str, be: &BackendConfig) -> Derived {
         let r = BackendRef {
             service: service.to_string(),
             backend: be.name.clone(),
@@ -720,7 +717,7 @@ impl Lb {
         self.write_failures
     }
 
-    fn backend_name(&self, id: u32) -> String {
+    pub(super) fn backend_name(&self, id: u32) -> String {
         self.backend_ids
             .iter()
             .find(|(_, v)| **v == id)
@@ -729,7 +726,7 @@ impl Lb {
     }
 
     /// Service records by service id (port-0 fragment entries left out).
-    fn service_records(&self) -> Result<HashMap<u32, Service>> {
+    pub(super) fn service_records(&self) -> Result<HashMap<u32, Service>> {
         let mut out = HashMap::new();
         for entry in self.maps.services.iter() {
             let (key, svc) = entry.context("reading the service map")?;
@@ -741,7 +738,7 @@ impl Lb {
     }
 
     /// The live Maglev table's answer for a masked client.
-    fn maglev_choice(&self, record: &Service, masked: &[u32; 4]) -> Result<u32> {
+    pub(super) fn maglev_choice(&self, record: &Service, masked: &[u32; 4]) -> Result<u32> {
         let slot = maglev::slot(masked, record.table_size);
         let base = record.maglev_base[(record.active_slot & 1) as usize];
         self.maps
@@ -788,7 +785,7 @@ impl Lb {
     }
 
     /// Fresh sessions (idle less than their service's timeout) per backend id.
-    fn session_counts(&self) -> Result<HashMap<u32, u64>> {
+    pub(super) fn session_counts(&self) -> Result<HashMap<u32, u64>> {
         let records = self.service_records()?;
         let now = monotonic_ns();
         let mut out: HashMap<u32, u64> = HashMap::new();
@@ -960,7 +957,7 @@ impl Lb {
     }
 
     /// Service `name` as currently in effect (config plus runtime changes).
-    fn effective_service(&self, name: &str) -> Option<&crate::config::ServiceConfig> {
+    pub(super) fn effective_service(&self, name: &str) -> Option<&crate::config::ServiceConfig> {
         self.effective.services.iter().find(|s| s.name == name)
     }
 
@@ -1220,287 +1217,6 @@ impl Lb {
         ))
     }
 
-    /// `xlb status`.
-    pub fn status(&self) -> Result<StatusInfo> {
-        let backends: usize = self
-            .effective
-            .services
-            .iter()
-            .map(|s| s.backends.len())
-            .sum();
-        let up = self
-            .effective
-            .services
-            .iter()
-            .flat_map(|s| &s.backends)
-            .filter(|b| b.state == BackendState::Active)
-            .count();
-        let mut sessions = 0;
-        for key in self.maps.affinity.keys() {
-            key.context("reading the affinity map")?;
-            sessions += 1;
-        }
-        Ok(StatusInfo {
-            pid: std::process::id(),
-            uptime_s: self.started.elapsed().as_secs(),
-            config: self.config_path.display().to_string(),
-            state_file: self.base.state_file.display().to_string(),
-            interface: self.base.interface.clone(),
-            pins: self.base.pin_path().display().to_string(),
-            adopted: self.adopted,
-            services: self.effective.services.len(),
-            backends,
-            backends_up: up,
-            panic_services: self
-                .panic
-                .iter()
-                .filter(|(_, p)| p.active)
-                .map(|(s, _)| s.clone())
-                .collect(),
-            sessions,
-            in_sync: self.dirty.is_none(),
-            last_write_error: self.dirty.clone(),
-            reconcile_repairs: self.repairs.values().sum(),
-        })
-    }
-
-    /// `xlb service list`.
-    pub fn services(&self) -> Vec<ServiceInfo> {
-        self.effective
-            .services
-            .iter()
-            .map(|s| ServiceInfo {
-                name: s.name.clone(),
-                id: self.service_ids.get(&s.name).copied().unwrap_or(u32::MAX),
-                vip: s.vip,
-                port: s.port,
-                protocol: s.protocol.to_string(),
-                backends: s.backends.len(),
-                backends_up: s
-                    .backends
-                    .iter()
-                    .filter(|b| b.state == BackendState::Active)
-                    .count(),
-                panic: self.panic.get(&s.name).is_some_and(|p| p.active),
-                health: s.health.as_ref().map(|h| {
-                    format!(
-                        "{} port {} every {} (timeout {}, rise {}, fall {})",
-                        h.kind,
-                        h.port,
-                        humantime::format_duration(h.interval),
-                        humantime::format_duration(h.timeout),
-                        h.rise,
-                        h.fall
-                    )
-                }),
-            })
-            .collect()
-    }
-
-    /// `xlb backend list`.
-    pub fn backends(&self, service: Option<&str>) -> Result<Vec<BackendInfo>> {
-        if let Some(name) = service {
-            if !self.effective.services.iter().any(|s| s.name == name) {
-                bail!("no service named {name:?}");
-            }
-        }
-        let counts = self.session_counts()?;
-        let now = unix_ms();
-        // Admin comes from the configured state: `effective` already holds the derived kernel state.
-        let configured = self.effective_config()?;
-        let mut out = Vec::new();
-        for svc in &self.effective.services {
-            if service.is_some_and(|n| n != svc.name) {
-                continue;
-            }
-            for be in &svc.backends {
-                let r = BackendRef {
-                    service: svc.name.clone(),
-                    backend: be.name.clone(),
-                };
-                let as_configured = configured
-                    .services
-                    .iter()
-                    .find(|s| s.name == svc.name)
-                    .and_then(|s| s.backends.iter().find(|b| b.name == be.name));
-                let d = self.derived(&svc.name, as_configured.unwrap_or(be));
-                let id = self.backend_ids.get(&r).copied().unwrap_or(u32::MAX);
-                let health = self.health.get(&r);
-                out.push(BackendInfo {
-                    service: svc.name.clone(),
-                    name: be.name.clone(),
-                    id,
-                    address: be.address,
-                    mac: format_mac(&be.mac),
-                    weight: be.weight,
-                    admin: admin_name(d.admin).to_string(),
-                    health: match health {
-                        None => "unchecked",
-                        Some(h) if h.up => "up",
-                        Some(_) => "down",
-                    }
-                    .to_string(),
-                    // What the kernel really holds, not what this daemon meant to write.
-                    state: self
-                        .maps
-                        .backends
-                        .get(&id, 0)
-                        .map_or("unknown", |k| state_name(k.state))
-                        .to_string(),
-                    sessions: counts.get(&id).copied().unwrap_or(0),
-                    drain_left_ms: match d.admin {
-                        Admin::Draining {
-                            deadline_unix_ms: Some(t),
-                        } => Some(t.saturating_sub(now)),
-                        _ => None,
-                    },
-                    reason: health.and_then(|h| h.reason.clone()),
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    fn id_filters(
-        &self,
-        service: Option<&str>,
-        backend: Option<&str>,
-    ) -> Result<(Option<u32>, Option<HashSet<u32>>)> {
-        let sid = match service {
-            Some(name) => Some(
-                *self
-                    .service_ids
-                    .get(name)
-                    .with_context(|| format!("no service named {name:?}"))?,
-            ),
-            None => None,
-        };
-        let bids = match backend {
-            Some(name) => {
-                let ids: HashSet<u32> = self
-                    .backend_ids
-                    .iter()
-                    .filter(|(r, _)| r.backend == name && service.is_none_or(|s| r.service == s))
-                    .map(|(_, id)| *id)
-                    .collect();
-                if ids.is_empty() {
-                    bail!("no backend named {name:?}");
-                }
-                Some(ids)
-            }
-            None => None,
-        };
-        Ok((sid, bids))
-    }
-
-    /// `xlb sessions list`.
-    pub fn sessions(
-        &self,
-        service: Option<&str>,
-        backend: Option<&str>,
-    ) -> Result<Vec<SessionInfo>> {
-        let (sid, bids) = self.id_filters(service, backend)?;
-        let names: HashMap<u32, &BackendRef> =
-            self.backend_ids.iter().map(|(r, id)| (*id, r)).collect();
-        let svc_names: HashMap<u32, &String> =
-            self.service_ids.iter().map(|(n, id)| (*id, n)).collect();
-        let list = crate::sessions::list(&self.maps)?;
-        Ok(list
-            .into_iter()
-            .filter(|s| sid.is_none_or(|id| s.service_id == id))
-            .filter(|s| bids.as_ref().is_none_or(|ids| ids.contains(&s.backend_id)))
-            .map(|s| SessionInfo {
-                service: svc_names
-                    .get(&s.service_id)
-                    .map_or_else(|| format!("#{}", s.service_id), |n| (*n).clone()),
-                client: s.client,
-                prefix: s.prefix,
-                backend: names
-                    .get(&s.backend_id)
-                    .map_or_else(|| format!("#{}", s.backend_id), |r| r.backend.clone()),
-                backend_address: s.backend,
-                idle_ms: s.idle_ms,
-            })
-            .collect())
-    }
-
-    /// `xlb sessions where`.
-    pub fn where_is(&self, client: IpAddr, service: Option<&str>) -> Result<Vec<WhereInfo>> {
-        let records = self.service_records()?;
-        let names: HashMap<u32, &BackendRef> =
-            self.backend_ids.iter().map(|(r, id)| (*id, r)).collect();
-        let mut out = Vec::new();
-        let now = monotonic_ns();
-        for svc in &self.effective.services {
-            if service.is_some_and(|n| n != svc.name) || svc.vip.is_ipv4() != client.is_ipv4() {
-                continue;
-            }
-            let Some(record) = self
-                .service_ids
-                .get(&svc.name)
-                .and_then(|id| records.get(id))
-            else {
-                continue;
-            };
-            let masked = mask_addr(&addr_words(client), &record.mask);
-            let family = if client.is_ipv4() {
-                FAMILY_V4
-            } else {
-                lb_common::FAMILY_V6
-            };
-            let key = AffinityKey {
-                service_id: record.id,
-                addr: masked,
-            };
-            let maglev = self.maglev_choice(record, &masked)?;
-            let (id, source, idle_ms, expired) = match self.maps.affinity.get(&key, 0) {
-                Ok(v) => {
-                    let idle = now.saturating_sub(v.last_seen_ns);
-                    (
-                        v.backend_id,
-                        "session",
-                        Some(idle / 1_000_000),
-                        idle >= record.timeout_ns,
-                    )
-                }
-                Err(_) => (maglev, "maglev", None, false),
-            };
-            let name = |id: u32| {
-                (id != NO_BACKEND).then(|| {
-                    names
-                        .get(&id)
-                        .map_or_else(|| format!("#{id}"), |r| r.backend.clone())
-                })
-            };
-            let address = |id: u32| {
-                self.maps
-                    .backends
-                    .get(&id, 0)
-                    .ok()
-                    .filter(|b| b.state != BACKEND_EMPTY)
-                    .map(|b| ip_from_words(&b.addr, b.family))
-            };
-            out.push(WhereInfo {
-                service: svc.name.clone(),
-                client: ip_from_words(&masked, family),
-                backend: name(id),
-                backend_address: address(id),
-                source: source.to_string(),
-                idle_ms,
-                expired,
-                maglev_backend: name(maglev),
-                maglev_backend_address: address(maglev),
-            });
-        }
-        if out.is_empty() {
-            bail!(
-                "no service of {client}'s address family{}",
-                service.map(|s| format!(" named {s:?}")).unwrap_or_default()
-            );
-        }
-        Ok(out)
-    }
-
     /// `xlb sessions flush`.
     pub fn flush(&mut self, service: Option<&str>, backend: Option<&str>) -> Result<String> {
         let (sid, bids) = self.id_filters(service, backend)?;
@@ -1523,17 +1239,5 @@ impl Lb {
         }
         tracing::info!(sessions = n, "flushed sessions");
         Ok(format!("flushed {n} sessions"))
-    }
-
-    /// `xlb stats`.
-    pub fn stats(&self) -> Result<stats::Snapshot> {
-        let mut snap = stats::snapshot(&self.maps)?;
-        snap.name(
-            self.service_ids.iter().map(|(n, id)| (*id, n.clone())),
-            self.backend_ids
-                .iter()
-                .map(|(r, id)| (*id, r.service.clone(), r.backend.clone())),
-        );
-        Ok(snap)
     }
 }
