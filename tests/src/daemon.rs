@@ -108,13 +108,33 @@ pub fn start_lab(
     health: &HealthOptions,
     edit: impl Fn(String) -> String,
 ) -> Result<(Lab, Servers, Daemon)> {
+    start_lab_with(tag, opts, backends, health, edit, &StartOptions::default())
+}
+
+/// [`start_lab`] with the daemon started under `start`.
+pub fn start_lab_with(
+    tag: &str,
+    opts: LabOptions,
+    backends: usize,
+    health: &HealthOptions,
+    edit: impl Fn(String) -> String,
+    start: &StartOptions,
+) -> Result<(Lab, Servers, Daemon)> {
     let lab = Lab::new(tag, opts).context("building the lab")?;
     let servers = Servers::start(&lab).context("starting backend servers")?;
     let config = lab.work_dir().join("xlb.toml");
     let text = daemon_config(&lab, Mode::Generic, backends, health);
     std::fs::write(&config, edit(text)).context("writing the config")?;
-    let daemon = Daemon::start(&lab, &config).context("starting xlb daemon")?;
+    let daemon = Daemon::start_with(&lab, &config, start).context("starting xlb daemon")?;
     Ok((lab, servers, daemon))
+}
+
+/// How a daemon is started, beyond its config.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// Soft and hard `RLIMIT_NOFILE` of the daemon (set with `prlimit`), so it
+    /// cannot raise its open-file limit above this.
+    pub nofile: Option<u64>,
 }
 
 /// Which backend each of `clients` reaches over `proto` (one request each).
@@ -163,17 +183,35 @@ impl Daemon {
     /// Writes nothing; starts `xlb daemon --config CONFIG --socket <work dir>/xlb.sock` and
     /// waits until it answers `status`.
     pub fn start(lab: &Lab, config: &Path) -> Result<Self> {
-        let socket = lab.work_dir().join("xlb.sock");
+        Self::start_with(lab, config, &StartOptions::default())
+    }
+
+    /// Starts `xlb daemon --config CONFIG --socket <work dir>/xlb.sock` under `opts`
+    /// without waiting for anything: for daemons expected to fail.
+    pub fn spawn(lab: &Lab, config: &Path, opts: &StartOptions) -> Result<NsChild> {
+        let socket = socket_path(lab);
         let bin = driver::xlb_bin()?;
-        let argv = [
+        let nofile = opts.nofile.map(|n| format!("--nofile={n}:{n}"));
+        let mut argv = Vec::new();
+        if let Some(limit) = &nofile {
+            // prlimit execs the daemon, so the child's pid stays the daemon's.
+            argv.extend(["prlimit", limit.as_str(), "--"]);
+        }
+        argv.extend([
             bin.to_str().context("xlb path is not UTF-8")?,
             "--socket",
             socket.to_str().context("socket path is not UTF-8")?,
             "daemon",
             "--config",
             config.to_str().context("config path is not UTF-8")?,
-        ];
-        let mut child = lab.spawn_in_lb(&argv)?;
+        ]);
+        lab.spawn_in_lb(&argv)
+    }
+
+    /// [`Daemon::start`] under `opts`.
+    pub fn start_with(lab: &Lab, config: &Path, opts: &StartOptions) -> Result<Self> {
+        let socket = socket_path(lab);
+        let mut child = Self::spawn(lab, config, opts)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -272,6 +310,11 @@ impl Daemon {
     pub fn status(&self, lab: &Lab) -> Result<serde_json::Value> {
         self.ctl(lab, &["status"])
     }
+}
+
+/// The control socket of a lab's daemon: `<work dir>/xlb.sock`.
+pub fn socket_path(lab: &Lab) -> PathBuf {
+    lab.work_dir().join("xlb.sock")
 }
 
 /// Runs `xlb --socket S --json ARGS` in the LB namespace; the status is not checked.

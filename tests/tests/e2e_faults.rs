@@ -1,6 +1,8 @@
 //! Faults under the real `xlb daemon` (issue 7): pins removed under it, a
 //! second writer beside it, a full disk under its state file, a lost state
-//! file, every backend failing and recovering, a backend added while down.
+//! file, every backend failing and recovering, a backend added while down,
+//! a metrics flood beyond the daemon's descriptor limit, an invalid state
+//! file, idle connections held on the control socket.
 //! Each test asserts what the daemon before the single-owner rework got
 //! wrong (commit 0ec7b36).
 //!
@@ -16,8 +18,8 @@ use std::time::{Duration, Instant};
 use xlb_tests::{
     HTTP_PORT, Lab, LabOptions, Proto, Servers, UDP_PORT,
     daemon::{
-        Daemon, HealthOptions, PROTOS, SERVICES, ask, assert_root, ctl_output, daemon_config,
-        only_moved_from, start_lab,
+        Daemon, HealthOptions, PROTOS, SERVICES, StartOptions, ask, assert_root, ctl_output,
+        daemon_config, only_moved_from, start_lab, start_lab_with,
     },
     driver::{self, Mapping, Mode},
     tmpfs::Tmpfs,
@@ -609,4 +611,344 @@ fn added_backend_starts_down() {
             "{svc}: earlier clients moved"
         );
     }
+}
+
+/// Raises this test process's soft open-file limit to its hard one: the
+/// floods below hold well over a thousand sockets here.
+fn raise_own_nofile(need: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own; raising
+    // the soft limit up to the hard one needs no privilege.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    assert!(
+        lim.rlim_cur >= need + 256,
+        "this test needs {need} descriptors; RLIMIT_NOFILE is {}",
+        lim.rlim_cur
+    );
+}
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The metrics endpoint of the flood test (lo is down in the LB namespace).
+const FLOOD_METRICS: &str = "10.77.0.2:9433";
+/// The daemon's soft and hard open-file limit in the flood test.
+const FLOOD_NOFILE: u64 = 256;
+/// Idle connections the flood opens to the metrics endpoint.
+const FLOOD_CONNECTIONS: usize = 1500;
+/// How long they stay open: 15 check intervals.
+const FLOOD_HOLD: Duration = Duration::from_secs(3);
+
+/// `GET /metrics` from inside the LB namespace; `None` if it got no answer.
+fn try_scrape(lab: &Lab) -> Option<String> {
+    lab.lb
+        .run(|| {
+            use std::io::{Read as _, Write as _};
+            let addr: SocketAddr = FLOOD_METRICS.parse()?;
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .ok()
+        .filter(|text| text.starts_with("HTTP/1.1 200"))
+}
+
+fn assert_all_up(lab: &Lab, d: &Daemon, backends: &[&str], when: &str) {
+    for svc in SERVICES {
+        let list = d.ctl(lab, &["backend", "list", svc]).expect("backend list");
+        for b in backends {
+            let be = list
+                .as_array()
+                .and_then(|l| l.iter().find(|x| x["name"] == *b))
+                .unwrap_or_else(|| panic!("{svc}/{b} not listed: {list}"));
+            assert_eq!(
+                (be["health"].as_str(), be["state"].as_str()),
+                (Some("up"), Some("active")),
+                "{when}: {svc}/{b}: {be}\ndaemon log:\n{}",
+                xlb_tests::cmd::tail(d.child.log().as_bytes())
+            );
+        }
+    }
+}
+
+#[test]
+fn metrics_flood_beyond_the_descriptor_limit_moves_no_client() {
+    assert_root();
+    raise_own_nofile(FLOOD_CONNECTIONS as u64);
+    let start = StartOptions {
+        nofile: Some(FLOOD_NOFILE),
+    };
+    let (lab, _servers, d) = start_lab_with(
+        "fmfd",
+        LabOptions::default(),
+        3,
+        &health(),
+        |c| format!("metrics_address = \"{FLOOD_METRICS}\"\n{c}"),
+        &start,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let names = ["b1", "b2", "b3"];
+    for b in names {
+        wait_all(&lab, &d, b, "health", "up");
+    }
+    // The daemon really runs under the low limit and could not raise it.
+    let pid = d.child.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    assert_eq!(
+        nofile
+            .split_whitespace()
+            .skip(3)
+            .take(2)
+            .collect::<Vec<_>>(),
+        [FLOOD_NOFILE.to_string(), FLOOD_NOFILE.to_string()],
+        "{nofile}"
+    );
+    assert!(try_scrape(&lab).is_some(), "no scrape before the flood");
+    let before = observe(&lab, 1);
+    let fds_before = open_fds(pid);
+
+    // Opened inside the LB namespace, held here: a socket stays in the
+    // namespace it was created in.
+    let flood_start = Instant::now();
+    let (streams, retried) = lab
+        .lb
+        .run(|| {
+            let addr: SocketAddr = FLOOD_METRICS.parse()?;
+            let mut streams = Vec::with_capacity(FLOOD_CONNECTIONS);
+            let mut retried = 0;
+            while streams.len() < FLOOD_CONNECTIONS {
+                // The listen backlog is 128: when the daemon falls that far
+                // behind, the kernel drops a SYN and connect would wait 1 s
+                // for its retransmission. A new attempt is quicker.
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(250)) {
+                    Ok(s) => streams.push(s),
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => retried += 1,
+                    Err(e) => return Err(e.into()),
+                }
+                // Bounded: the whole flood fails rather than hangs.
+                anyhow::ensure!(
+                    flood_start.elapsed() < Duration::from_secs(15),
+                    "opened only {} of {FLOOD_CONNECTIONS} connections in 15 s",
+                    streams.len()
+                );
+            }
+            Ok((streams, retried))
+        })
+        .expect("opening the idle connections");
+    let opened = flood_start.elapsed();
+    let held = Instant::now();
+    let (mut status_max, mut fds_max, mut rounds) = (Duration::ZERO, 0, 0);
+    while held.elapsed() < FLOOD_HOLD {
+        let t = Instant::now();
+        let s = status(&lab, &d);
+        status_max = status_max.max(t.elapsed());
+        assert_eq!(s["backends_up"], 12, "during the flood: {s}");
+        fds_max = fds_max.max(open_fds(pid));
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_all_up(&lab, &d, &names, "with the idle connections open");
+    drop(streams);
+    let log = d.child.log();
+    eprintln!(
+        "{FLOOD_CONNECTIONS} idle metrics connections opened in {opened:?} ({retried} connects \
+         retried after a full backlog), held {FLOOD_HOLD:?}; \
+         daemon under RLIMIT_NOFILE {FLOOD_NOFILE}: {fds_before} fds before, at most {fds_max} \
+         during; {rounds} `xlb status` during the flood, slowest {status_max:?}"
+    );
+
+    // Afterwards: scraping works again (the slots held by idle connections
+    // free as their clients close), nobody moved, every backend still up.
+    let mut text = String::new();
+    let scraped = wait_for("a scrape after the flood", Duration::from_secs(7), || {
+        try_scrape(&lab).map(|t| text = t).is_some()
+    });
+    // Printed, not asserted: a single slow check on this shared machine is
+    // not what this test is about; the backends' health below is.
+    let total = |family: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(family))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(0.0, |a, b| a + b)
+    };
+    eprintln!(
+        "after the flood: {} failed and {} not-run health checks in all",
+        total("xlb_health_check_failures_total"),
+        total("xlb_health_checks_not_run_total")
+    );
+    assert_all_up(&lab, &d, &names, "after the flood");
+    let after = observe(&lab, 1);
+    assert_eq!(after, before, "clients moved during the metrics flood");
+    let s = status(&lab, &d);
+    assert_eq!(s["backends_up"], 12, "{s}");
+    let log_bytes = std::fs::metadata(d.child.log_path())
+        .expect("daemon log")
+        .len();
+    eprintln!("scrape answered {scraped:?} after the flood; daemon log {log_bytes} bytes");
+    assert!(
+        log_bytes < 1 << 20,
+        "daemon log is {log_bytes} bytes:\n{}",
+        { xlb_tests::cmd::tail(log.as_bytes()) }
+    );
+}
+
+#[test]
+fn invalid_state_file_is_refused_naming_the_field() {
+    assert_root();
+    let lab = Lab::new("fbad", LabOptions::default()).expect("building the lab");
+    let config = lab.work_dir().join("xlb.toml");
+    std::fs::write(&config, daemon_config(&lab, Mode::Generic, 3, &health()))
+        .expect("writing the config");
+    let state = lab.work_dir().join("state.json");
+    let pins = lab.bpffs_dir().join(lab.lb_if);
+    let b9 = lab.backend("b3").expect("b3");
+    // Each parses as a state file; each entry is one the CLI refuses.
+    let cases = [
+        (
+            format!(
+                r#"{{"version":1,"services":{{"http-v4":{{"added":[
+                    {{"name":"b9","address":"{}","mac":"02:00:00:00:00:29","weight":1}}]}}}}}}"#,
+                b9.ipv6
+            ),
+            format!(
+                r#"services["http-v4"].added[0].address: {} is IPv6 but the service vip {} is IPv4"#,
+                b9.ipv6, lab.vip4
+            ),
+        ),
+        (
+            r#"{"version":1,"services":{"echo-v6":{"weights":{"b2":1}, "added":[
+                {"name":"b9","address":"fd00:77::29","mac":"02:00:00:00:00:29","weight":2},
+                {"name":"b8","address":"fd00:77::28","mac":"02:00:00:00:00:28","weight":0}]}}}"#
+                .to_string(),
+            r#"services["echo-v6"].added[1].weight: 0 is out of range"#.to_string(),
+        ),
+    ];
+    for (text, field) in cases {
+        std::fs::write(&state, &text).expect("writing the state file");
+        let mut child =
+            Daemon::spawn(&lab, &config, &StartOptions::default()).expect("spawning the daemon");
+        let exit = child
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", child.log()));
+        let log = child.log();
+        assert!(
+            !exit.success(),
+            "started with an invalid state file:\n{log}"
+        );
+        let error = log
+            .lines()
+            .find(|l| l.starts_with("xlb: error:"))
+            .unwrap_or_else(|| panic!("no error line:\n{log}"));
+        assert!(
+            error.contains(&format!("state file {}", state.display())) && error.contains(&field),
+            "the error does not name the file and {field}:\n{log}"
+        );
+        eprintln!("{exit}: {error}");
+        // Refused before anything was attached or pinned.
+        assert!(listing(&pins).is_empty(), "pinned: {:?}", listing(&pins));
+        let link = lab
+            .lb
+            .ip_json(&["link", "show", "dev", lab.lb_if])
+            .expect("ip link");
+        assert!(
+            link[0].get("xdp").is_none(),
+            "XDP attached to {}: {link}",
+            lab.lb_if
+        );
+        assert!(
+            !lab.work_dir().join("xlb.sock").exists(),
+            "the control socket was created"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&state).expect("state file"),
+            text,
+            "the state file was rewritten"
+        );
+    }
+}
+
+/// Idle connections the control-socket test holds.
+const IDLE_CONTROL: usize = 1000;
+
+/// One `status` request straight on the control socket (no CLI process in
+/// between): how long until the answer line, and the line.
+fn status_direct(socket: &Path) -> (Duration, String) {
+    use std::io::{BufRead as _, Write as _};
+    let t = Instant::now();
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"{\"op\":\"status\"}\n").expect("send");
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .expect("answer");
+    (t.elapsed(), line)
+}
+
+#[test]
+fn idle_control_connections_do_not_delay_status_or_sigterm() {
+    raise_own_nofile(IDLE_CONTROL as u64);
+    let (lab, _servers, d) = setup("fidle", LabOptions::default(), 3);
+    wait_all(&lab, &d, "b3", "health", "up");
+    let client = lab.client_addrs()[0];
+    let served = xlb_tests::who_serves(&lab, client, Proto::Tcp).expect("request via the VIP");
+    let (unloaded, _) = status_direct(&d.socket);
+
+    let open = Instant::now();
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..IDLE_CONTROL)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.socket).expect("idle connect"))
+        .collect();
+    let opened = open.elapsed();
+    // Give the daemon a moment to accept them all, well inside its 5 s read timeout.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let (t, line) = status_direct(&d.socket);
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON answer");
+        assert_eq!(v["kind"], "status", "{line}");
+        took.push(t);
+    }
+    let fds = open_fds(d.child.pid());
+    eprintln!(
+        "{IDLE_CONTROL} idle control connections opened in {opened:?} (daemon holds {fds} fds); \
+         status answered in {took:?} (without them: {unloaded:?})"
+    );
+    for t in &took {
+        assert!(
+            *t <= Duration::from_millis(200),
+            "status took {t:?} with {IDLE_CONTROL} idle connections"
+        );
+    }
+
+    // SIGTERM with the idle connections still open.
+    let term = Instant::now();
+    let (exit, log) = d.child.stop().expect("stopping the daemon");
+    let exited = term.elapsed();
+    drop(idle);
+    eprintln!("SIGTERM with {IDLE_CONTROL} idle connections: exited in {exited:?} ({exit})");
+    assert!(exit.success(), "{exit}\n{log}");
+    assert!(
+        exited <= Duration::from_secs(1),
+        "SIGTERM took {exited:?}\n{log}"
+    );
+    assert!(log.contains("SIGTERM"), "{log}");
+    let after = xlb_tests::who_serves(&lab, client, Proto::Tcp).expect("request after SIGTERM");
+    assert_eq!(after, served, "the session changed after the daemon exited");
 }
