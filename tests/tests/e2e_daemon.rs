@@ -198,6 +198,20 @@ fn cli_against_live_daemon() {
         m.contains("xlb_health_check_duration_seconds_bucket"),
         "{m}"
     );
+    // The kernel holds what the daemon wants, nothing needed repairing, and the
+    // control socket's served connections are counted (this test made many).
+    assert_eq!(sample(&m, "xlb_dataplane_in_sync"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(&m, "xlb_dataplane_write_failures_total"),
+        Some(0.0),
+        "{m}"
+    );
+    let served = sample(
+        &m,
+        "xlb_listener_connections_total{listener=\"control\",outcome=\"served\"}",
+    )
+    .unwrap_or_else(|| panic!("no control listener counter: {m}"));
+    assert!(served >= 5.0, "{served} control connections: {m}");
     assert!(m.contains("xlb_backend_sessions{"), "{m}");
 
     // Changes: weight, add, remove; invalid arguments change nothing.

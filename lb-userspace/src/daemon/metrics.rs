@@ -7,6 +7,7 @@
 //! [`super::http`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
@@ -17,6 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use super::accept::ServerStats;
 use super::health::CheckOutcome;
 use super::http::{self, HttpLimits};
 use super::lb::{BackendRef, Lb};
@@ -32,6 +34,8 @@ fn histogram() -> Histogram {
 
 /// Metrics kept between scrapes.
 pub struct Metrics {
+    /// The daemon's listeners (control socket, metrics endpoint) and their counters.
+    listeners: std::sync::Mutex<Vec<(&'static str, Arc<ServerStats>)>>,
     check_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     check_failures: Family<Labels, Counter>,
     /// Checks this host could not run (local errors): never counted as failures.
@@ -44,6 +48,7 @@ impl Default for Metrics {
             check_seconds: Family::new_with_constructor(histogram as fn() -> Histogram),
             check_failures: Family::default(),
             checks_not_run: Family::default(),
+            listeners: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
@@ -56,6 +61,15 @@ fn labels(r: &BackendRef) -> Labels {
 }
 
 impl Metrics {
+    /// Exports the counters of a listener (`control`, `metrics`).
+    pub fn add_listener(&self, name: &'static str, stats: Arc<ServerStats>) {
+        self.listeners().push((name, stats));
+    }
+
+    fn listeners(&self) -> std::sync::MutexGuard<'_, Vec<(&'static str, Arc<ServerStats>)>> {
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Records one health-check outcome.
     pub fn observe_check(&self, r: &BackendRef, outcome: &CheckOutcome) {
         match outcome {
@@ -245,6 +259,32 @@ impl Metrics {
             in_sync,
         );
 
+        let conns = Family::<Labels, Counter>::default();
+        let accept_errors = Family::<Labels, Counter>::default();
+        for (name, st) in self.listeners().iter() {
+            for (outcome, counter) in [("served", &st.served), ("refused", &st.refused)] {
+                conns
+                    .get_or_create(&vec![
+                        ("listener".to_string(), (*name).to_string()),
+                        ("outcome".to_string(), outcome.to_string()),
+                    ])
+                    .inc_by(ServerStats::get(counter));
+            }
+            accept_errors
+                .get_or_create(&vec![("listener".to_string(), (*name).to_string())])
+                .inc_by(ServerStats::get(&st.accept_errors));
+        }
+        reg.register(
+            "listener_connections",
+            "Connections to the control socket and the metrics endpoint: served, or refused over the cap",
+            conns,
+        );
+        reg.register(
+            "listener_accept_errors",
+            "accept() calls that failed (out of descriptors, ...); each backs the accept loop off",
+            accept_errors,
+        );
+
         let mut out = String::new();
         encode_registry(&mut out, &reg).context("encoding metrics")?;
         let mut kept = Registry::with_prefix("xlb");
@@ -271,10 +311,27 @@ impl Metrics {
 
 /// Binds the metrics listener.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint {addr}"))
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .context("creating the metrics socket")?;
+    socket
+        .set_reuseaddr(true)
+        .context("setting SO_REUSEADDR on the metrics socket")?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    // A burst of connections larger than tokio's default backlog (128) would
+    // have SYNs dropped and their clients wait a second for the retry.
+    socket
+        .listen(LISTEN_BACKLOG)
+        .with_context(|| format!("listening on the metrics endpoint {addr}"))
 }
+
+/// Listen backlog of the metrics endpoint.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Serves `/metrics` (see [`super::http`]) until the task is aborted; the
 /// text is rendered on the owner thread, where the kernel counters are read.

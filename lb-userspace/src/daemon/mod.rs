@@ -128,6 +128,7 @@ async fn serve_until_signal(
             max_connections: metrics_max,
             ..http::HttpLimits::default()
         };
+        metrics.add_listener("metrics", limits.stats.clone());
         tasks.push(tokio::spawn(metrics::serve(
             listener,
             owner.clone(),
@@ -140,6 +141,7 @@ async fn serve_until_signal(
         max_connections: control_max,
         ..control::ControlLimits::default()
     };
+    metrics.add_listener("control", limits.stats.clone());
     let handler = {
         let owner = owner.clone();
         move |req: Request| {
