@@ -329,3 +329,41 @@ pub fn ctl_output(lab: &Lab, socket: &Path, args: &[&str]) -> Result<Output> {
     argv.extend_from_slice(args);
     lab.run_in_lb(&argv)
 }
+
+/// Address of the metrics endpoint the daemon tests configure: the LB's own
+/// address (lo is down in the LB namespace).
+pub const METRICS: &str = "10.77.0.2:9433";
+
+/// `GET /metrics` from inside the LB namespace, the whole answer (status line
+/// included); fails if nothing answers within `timeout`.
+pub fn try_scrape(lab: &Lab, timeout: Duration) -> Result<String> {
+    lab.lb.run(|| {
+        use std::io::{Read as _, Write as _};
+        let addr: std::net::SocketAddr = METRICS.parse()?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout * 2))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+}
+
+/// [`try_scrape`] that must succeed.
+pub fn scrape(lab: &Lab) -> String {
+    match try_scrape(lab, Duration::from_secs(2)) {
+        Ok(text) => text,
+        Err(e) => panic!("scraping /metrics: {e:#}"),
+    }
+}
+
+/// The value of the sample `name{labels}` in exposition text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use xlb_tests::{
     Lab, LabOptions, Proto, Servers,
     daemon::{
-        Daemon, HealthOptions, PROTOS, SERVICES, ask, assert_root, ctl_output, daemon_config,
-        only_moved_from, start_lab,
+        Daemon, HealthOptions, METRICS, PROTOS, SERVICES, ask, assert_root, ctl_output,
+        daemon_config, only_moved_from, sample, scrape, start_lab,
     },
     driver::{self, Mode},
 };
@@ -45,37 +45,6 @@ fn wait_all(lab: &Lab, d: &Daemon, backend: &str, field: &str, value: &str) -> D
 /// [`ask`], panicking with the error.
 fn ask_ok(lab: &Lab, clients: &[IpAddr], proto: Proto) -> BTreeMap<IpAddr, String> {
     ask(lab, clients, proto).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// Address of the metrics endpoint in the tests: the LB's own address (lo is down in the
-/// LB namespace).
-const METRICS: &str = "10.77.0.2:9433";
-
-/// `GET /metrics` from inside the LB namespace.
-fn scrape(lab: &Lab) -> String {
-    lab.lb
-        .run(|| {
-            use std::io::{Read as _, Write as _};
-            let addr: std::net::SocketAddr = METRICS.parse()?;
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .expect("scraping /metrics")
-}
-
-/// The value of the sample `name{labels}` in exposition text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 #[test]

@@ -639,8 +639,6 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// The metrics endpoint of the flood test (lo is down in the LB namespace).
-const FLOOD_METRICS: &str = "10.77.0.2:9433";
 /// The daemon's soft and hard open-file limit in the flood test.
 const FLOOD_NOFILE: u64 = 256;
 /// Idle connections the flood opens to the metrics endpoint.
@@ -648,19 +646,9 @@ const FLOOD_CONNECTIONS: usize = 1500;
 /// How long they stay open: 15 check intervals.
 const FLOOD_HOLD: Duration = Duration::from_secs(3);
 
-/// `GET /metrics` from inside the LB namespace; `None` if it got no answer.
+/// `GET /metrics` from inside the LB namespace; `None` if it got no 200 answer.
 fn try_scrape(lab: &Lab) -> Option<String> {
-    lab.lb
-        .run(|| {
-            use std::io::{Read as _, Write as _};
-            let addr: SocketAddr = FLOOD_METRICS.parse()?;
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
+    xlb_tests::daemon::try_scrape(lab, Duration::from_secs(1))
         .ok()
         .filter(|text| text.starts_with("HTTP/1.1 200"))
 }
@@ -695,7 +683,7 @@ fn metrics_flood_beyond_the_descriptor_limit_moves_no_client() {
         LabOptions::default(),
         3,
         &health(),
-        |c| format!("metrics_address = \"{FLOOD_METRICS}\"\n{c}"),
+        |c| format!("metrics_address = \"{}\"\n{c}", xlb_tests::daemon::METRICS),
         &start,
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
@@ -729,7 +717,7 @@ fn metrics_flood_beyond_the_descriptor_limit_moves_no_client() {
     let (streams, retried) = lab
         .lb
         .run(|| {
-            let addr: SocketAddr = FLOOD_METRICS.parse()?;
+            let addr: SocketAddr = xlb_tests::daemon::METRICS.parse()?;
             let mut streams = Vec::with_capacity(FLOOD_CONNECTIONS);
             let mut retried = 0;
             while streams.len() < FLOOD_CONNECTIONS {

@@ -14,16 +14,13 @@ use std::time::{Duration, Instant};
 
 use xlb_tests::{
     Lab, LabOptions, Proto, Servers,
-    daemon::{Daemon, HealthOptions, daemon_config},
+    daemon::{Daemon, HealthOptions, METRICS, daemon_config, sample, scrape},
     driver::Mode,
     who_serves,
 };
 
 const SERVICES: [&str; 4] = ["http-v4", "echo-v4", "http-v6", "echo-v6"];
 const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
-/// The metrics endpoint on the LB's own address (lo is down in the LB namespace).
-const METRICS: &str = "10.77.0.2:9433";
-
 fn assert_root() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -58,33 +55,6 @@ fn not_up(all: &[(String, String, String)]) -> Vec<String> {
         }
     }
     out
-}
-
-/// `GET /metrics` from inside the LB namespace.
-fn scrape(lab: &Lab) -> String {
-    lab.lb
-        .run(|| {
-            use std::io::{Read as _, Write as _};
-            let addr: std::net::SocketAddr = METRICS.parse()?;
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .expect("scraping /metrics")
-}
-
-/// The value of the sample `series` in exposition text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 #[test]
