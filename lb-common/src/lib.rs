@@ -9,7 +9,7 @@
 #![no_std]
 
 /// Version of the layouts below; bumped together with the map-name suffixes.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Services keyed by (VIP, port, protocol): `HASH<ServiceKey, Service>`.
 pub const MAP_SERVICES: &str = "XLB_SERVICES_V1";
@@ -19,8 +19,9 @@ pub const MAP_AFFINITY: &str = "XLB_AFFINITY_V1";
 pub const MAP_BACKENDS: &str = "XLB_BACKENDS_V1";
 /// All Maglev lookup tables, two slots per service: `ARRAY<u32 backend id>`.
 pub const MAP_MAGLEV: &str = "XLB_MAGLEV_V1";
-/// Global verdict/reason counters: `PERCPU_ARRAY<u64>` indexed by `STAT_*`.
-pub const MAP_STATS: &str = "XLB_STATS_V1";
+/// Global verdict/reason counters: `PERCPU_ARRAY<u64>` indexed by `stat::*`,
+/// `stat::CAPACITY` slots (V2: room for counters added later without a rename).
+pub const MAP_STATS: &str = "XLB_STATS_V2";
 /// Per-service traffic: `PERCPU_ARRAY<TrafficStats>` indexed by service id.
 pub const MAP_SERVICE_STATS: &str = "XLB_SVCSTAT_V1";
 /// Per-backend traffic: `PERCPU_ARRAY<TrafficStats>` indexed by backend id.
@@ -37,6 +38,10 @@ pub const PINNED_MAPS: [&str; 7] = [
     MAP_BACKEND_STATS,
 ];
 
+/// Pins older xlb builds left that no map of this build uses: removed with
+/// the dataplane (`xlb detach`) so the pin directory can go too.
+pub const LEGACY_PINS: [&str; 1] = ["XLB_STATS_V1"];
+
 /// Load-time global (`u8`): non-zero turns on per-packet debug logging.
 pub const GLOBAL_DEBUG: &str = "XLB_DEBUG";
 /// Load-time global (`[u8; 6]`): the MAC of the interface the program runs on.
@@ -44,8 +49,15 @@ pub const GLOBAL_IFACE_MAC: &str = "XLB_IFACE_MAC";
 
 /// Capacity of the service map and the per-service stats (service ids are `< MAX_SERVICES`).
 pub const MAX_SERVICES: u32 = 256;
-/// Capacity of the backend array (backend ids are `< MAX_BACKENDS`).
+/// Capacity of the backend array (backend ids are `1..MAX_BACKENDS`).
 pub const MAX_BACKENDS: u32 = 4096;
+/// Backend id 0 is never assigned: a never-written Maglev slot reads 0, so
+/// 0 must mean "no backend" (the kernel never forwards to it).
+pub const RESERVED_BACKEND_ID: u32 = 0;
+/// Assigned backend ids start here.
+pub const FIRST_BACKEND_ID: u32 = RESERVED_BACKEND_ID + 1;
+/// How many backends xlb holds in total (ids `FIRST_BACKEND_ID..MAX_BACKENDS`).
+pub const BACKEND_CAPACITY: u32 = MAX_BACKENDS - FIRST_BACKEND_ID;
 /// Compiled-in affinity capacity; userspace resizes it at load time from the config.
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 262_144;
 /// Compiled-in Maglev capacity; userspace resizes it to `service slots * 2 * table size`.
@@ -72,7 +84,8 @@ pub const PROTO_UDP: u8 = 17;
 ///
 /// Port 0 is never a real service: the entry at (VIP, 0, proto) is the
 /// fragment entry, a copy of the service that IP fragments to that VIP and
-/// protocol follow (non-first fragments carry no ports).
+/// protocol follow (non-first fragments carry no ports). A non-fragment with
+/// destination port 0 never looks it up (`stat::PASS_PORT_ZERO`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
@@ -184,7 +197,8 @@ pub struct TrafficStats {
     pub new_sessions: u64,
 }
 
-/// Global counters, the index into `XLB_STATS_V1`. Every verdict has one.
+/// Global counters, the index into `XLB_STATS_V2`. Every verdict has one.
+/// New counters go at the end so existing indices keep their meaning.
 pub mod stat {
     /// Not IPv4/IPv6 (ARP, QinQ and others): passed.
     pub const PASS_NOT_IP: u32 = 0;
@@ -202,7 +216,7 @@ pub mod stat {
     pub const NEW_SESSION: u32 = 6;
     /// Affinity entry idle past the service timeout: re-selected.
     pub const RESELECT_EXPIRED: u32 = 7;
-    /// Affinity entry pointed at a down/removed backend: re-selected.
+    /// Affinity entry pointed at a down/removed backend (or the reserved id 0): re-selected.
     pub const RESELECT_DOWN: u32 = 8;
     /// Maglev slot unusable (down/draining/empty): a later slot was taken.
     pub const MAGLEV_PROBED: u32 = 9;
@@ -222,12 +236,23 @@ pub mod stat {
     pub const DROP_BAD_IHL: u32 = 16;
     /// IP total/payload length inconsistent with the header or the frame: dropped.
     pub const DROP_BAD_LENGTH: u32 = 17;
-    /// Frame ends inside the TCP/UDP header: dropped.
+    /// The TCP/UDP header does not fit: the frame, or the IP datagram as its
+    /// length field says (the rest is padding), ends inside it; also a first
+    /// fragment too short to hold it. Dropped.
     pub const DROP_TRUNCATED_L4: u32 = 18;
     /// Service has no usable backend: dropped.
     pub const DROP_NO_BACKEND: u32 = 19;
+    /// Affinity entry pointed at a backend of another service: re-selected.
+    pub const RESELECT_FOREIGN: u32 = 20;
+    /// Non-fragment with destination port 0 (never a service): passed.
+    pub const PASS_PORT_ZERO: u32 = 21;
+    /// Another CPU recorded this new client first; its backend was used
+    /// (counted besides `NEW_SESSION`).
+    pub const AFFINITY_INSERT_RACE: u32 = 22;
     /// Number of counters.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 23;
+    /// Slots in `XLB_STATS_V2` (>= `COUNT`; the rest stay zero).
+    pub const CAPACITY: u32 = 64;
 
     /// Names in index order, for userspace display (snake_case, stable).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -251,6 +276,9 @@ pub mod stat {
         "drop_bad_length",
         "drop_truncated_l4",
         "drop_no_backend",
+        "reselect_foreign",
+        "pass_port_zero",
+        "affinity_insert_race",
     ];
 }
 
@@ -284,6 +312,7 @@ pub fn prefix_mask(prefix: u8, bits: u8) -> [u32; 4] {
 }
 
 /// Converts 16 network-order bytes into the native-word layout used in keys.
+#[inline(always)]
 pub fn words_from_bytes(b: &[u8; 16]) -> [u32; 4] {
     [
         u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
@@ -402,6 +431,11 @@ mod tests {
             "drop_no_backend"
         );
         assert_eq!(stat::NAMES[stat::AFFINITY_HIT as usize], "affinity_hit");
+        assert_eq!(
+            stat::NAMES[stat::AFFINITY_INSERT_RACE as usize],
+            "affinity_insert_race"
+        );
+        const { assert!(stat::COUNT <= stat::CAPACITY) };
     }
 
     #[test]

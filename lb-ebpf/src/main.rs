@@ -2,7 +2,7 @@
 //!
 //! Per frame: parse -> service lookup -> affinity (or Maglev) -> MAC rewrite
 //! -> XDP_TX. Anything not addressed to a service passes untouched. Every
-//! frame is counted under exactly one reason in `XLB_STATS_V1`.
+//! frame is counted under exactly one reason in `XLB_STATS_V2`.
 #![no_std]
 #![no_main]
 
@@ -14,7 +14,7 @@ mod stats;
 mod verdict;
 
 use aya_ebpf::{Global, macros::xdp, programs::XdpContext};
-use lb_common::{FORWARD_DSR_L2, ServiceKey, stat};
+use lb_common::{FORWARD_DSR_L2, Service, ServiceKey, stat};
 
 use crate::{maps::SERVICES, parse::ptr_at, verdict::Verdict};
 
@@ -57,8 +57,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let svc = SERVICES
         .get_ptr(key)
         .ok_or(Verdict::pass(stat::PASS_NOT_SERVICE))?;
-    // SAFETY: map value pointer, valid for this program run.
-    let svc = unsafe { &*svc };
+    let svc = &snapshot(svc);
     if pkt.fragment {
         stats::count(stat::FRAGMENT);
     }
@@ -89,6 +88,28 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         choice.reason != stat::AFFINITY_HIT,
     );
     Ok(Verdict::tx(choice.reason))
+}
+
+/// Copies a service record out of its map element once, so the whole packet
+/// sees one record: userspace updates services back to back, and a freed
+/// preallocated element is reused at once, so fields read later through the
+/// map pointer could come from another service. Volatile word loads keep the
+/// compiler from deferring reads to the element.
+#[inline(always)]
+fn snapshot(p: *const Service) -> Service {
+    const WORDS: usize = core::mem::size_of::<Service>() / 8;
+    let words = p as *const u64;
+    let mut out = [0u64; WORDS];
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: p is a map value of size_of::<Service>() bytes, valid for
+        // this run; hash map values are 8-byte aligned.
+        out[i] = unsafe { core::ptr::read_volatile(words.add(i)) };
+        i += 1;
+    }
+    // SAFETY: Service is repr(C), 64 bytes of integers (size asserted in
+    // lb-common), so any bit pattern is a valid value.
+    unsafe { core::mem::transmute::<[u64; WORDS], Service>(out) }
 }
 
 lb_ebpf::program_boilerplate!();

@@ -27,9 +27,9 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map(name = "XLB_MAGLEV_V1")]
 pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_ENTRIES, 0);
 
-/// Global per-verdict counters.
-#[map(name = "XLB_STATS_V1")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+/// Global per-verdict counters (`stat::COUNT` used of `stat::CAPACITY`).
+#[map(name = "XLB_STATS_V2")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::CAPACITY, 0);
 
 /// Per-service traffic.
 #[map(name = "XLB_SVCSTAT_V1")]

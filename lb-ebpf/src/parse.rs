@@ -2,12 +2,13 @@
 //! header plus Fragment), TCP and UDP. All reads go through [`ptr_at`].
 //!
 //! Policy for what cannot be parsed: frames the kernel would discard anyway
-//! (truncated, bad version/IHL/length) are dropped here with a reason;
-//! anything well-formed that is not TCP/UDP, and IPv6 with extension headers
-//! other than Fragment, passes to the stack untouched.
+//! (truncated, bad version/IHL/length, a TCP/UDP header past the end of the
+//! IP datagram) are dropped here with a reason; anything well-formed that is
+//! not TCP/UDP, and IPv6 with extension headers other than Fragment, passes
+//! to the stack untouched.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, stat};
+use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, stat, words_from_bytes};
 use network_types::{ip::Ipv4Hdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::verdict::Verdict;
@@ -21,6 +22,8 @@ const IPV6_FRAGMENT: u8 = 44;
 const IPV6_FRAG_LEN: usize = 8;
 /// IPv4 `frags` bits that make a packet a fragment: MF and the offset.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
+/// IPv4 `frags` bits of the fragment offset: zero in a first fragment.
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
 /// The one bounds-checked accessor: a pointer to a `T` at `offset` bytes into
 /// the frame, or `None` if the frame is too short. Callers read and write it
@@ -41,7 +44,7 @@ pub struct Packet {
     pub family: u8,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
-    /// Destination port as on the wire; 0 for fragments.
+    /// Destination port as on the wire (never 0 for a non-fragment); 0 for fragments.
     pub dport: u16,
     /// IPv4 fragment, or IPv6 with a Fragment header.
     pub fragment: bool,
@@ -101,10 +104,18 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     if tot_len < hdr_len || tot_len > frame_left {
         return Err(Verdict::drop(stat::DROP_BAD_LENGTH));
     }
-    let fragment = u16::from_be_bytes(ip.frags) & IPV4_FRAG_MASK != 0;
+    let frags = u16::from_be_bytes(ip.frags);
+    let frag = Frag {
+        fragment: frags & IPV4_FRAG_MASK != 0,
+        first: frags & IPV4_OFFSET_MASK == 0,
+    };
     let src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
     let dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
-    finish(ctx, FAMILY_V4, ip.proto, l3 + hdr_len, fragment, src, dst)
+    let l4 = L4At {
+        start: l3 + hdr_len,
+        end: l3 + tot_len,
+    };
+    finish(ctx, FAMILY_V4, ip.proto, l4, frag, src, dst)
 }
 
 #[inline(always)]
@@ -114,26 +125,39 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
         return Err(Verdict::drop(stat::DROP_BAD_VERSION));
     }
     let frame_left = ctx.data_end() - ctx.data() - l3 - Ipv6Hdr::LEN;
-    if u16::from_be_bytes(ip.payload_len) as usize > frame_left {
+    let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
+    if payload_len > frame_left {
         return Err(Verdict::drop(stat::DROP_BAD_LENGTH));
     }
-    let src = words(&ip.src_addr);
-    let dst = words(&ip.dst_addr);
-    let mut l4 = l3 + Ipv6Hdr::LEN;
+    let src = words_from_bytes(&ip.src_addr);
+    let dst = words_from_bytes(&ip.dst_addr);
+    let mut l4 = L4At {
+        start: l3 + Ipv6Hdr::LEN,
+        end: l3 + Ipv6Hdr::LEN + payload_len,
+    };
     let mut next = ip.next_hdr;
-    let mut fragment = false;
+    let mut frag = Frag {
+        fragment: false,
+        first: true,
+    };
     if next == IPV6_FRAGMENT {
-        // Fragment header: next header (1 byte), reserved, offset/flags, id.
-        next = read::<u8>(ctx, l4, Verdict::drop(stat::DROP_TRUNCATED_IP))?;
-        if ptr_at::<[u8; IPV6_FRAG_LEN]>(ctx, l4).is_none() {
-            return Err(Verdict::drop(stat::DROP_TRUNCATED_IP));
+        // Fragment header: next header (1 byte), reserved, offset (13 bits)
+        // and flags, identification.
+        let fh: [u8; IPV6_FRAG_LEN] = read(ctx, l4.start, Verdict::drop(stat::DROP_TRUNCATED_IP))?;
+        l4.start += IPV6_FRAG_LEN;
+        if l4.start > l4.end {
+            // The payload length does not even cover the Fragment header.
+            return Err(Verdict::drop(stat::DROP_BAD_LENGTH));
         }
-        l4 += IPV6_FRAG_LEN;
-        fragment = true;
+        next = fh[0];
+        frag = Frag {
+            fragment: true,
+            first: u16::from_be_bytes([fh[2], fh[3]]) >> 3 == 0,
+        };
     } else if is_v6_extension(next) {
         return Err(Verdict::pass(stat::PASS_V6_EXT_HEADER));
     }
-    finish(ctx, FAMILY_V6, next, l4, fragment, src, dst)
+    finish(ctx, FAMILY_V6, next, l4, frag, src, dst)
 }
 
 /// IPv6 extension headers (RFC 8200 and successors) other than Fragment.
@@ -142,14 +166,17 @@ fn is_v6_extension(next: u8) -> bool {
     matches!(next, 0 | 43 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
-#[inline(always)]
-fn words(b: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
-        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
-        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
-    ]
+/// Where the L4 part of the IP datagram lies in the frame: from `start` to
+/// `end` (exclusive) as the IP length field says; `end` is inside the frame.
+struct L4At {
+    start: usize,
+    end: usize,
+}
+
+/// Whether the datagram is a fragment, and if so whether the first.
+struct Frag {
+    fragment: bool,
+    first: bool,
 }
 
 #[inline(always)]
@@ -157,8 +184,8 @@ fn finish(
     ctx: &XdpContext,
     family: u8,
     proto: u8,
-    l4: usize,
-    fragment: bool,
+    l4: L4At,
+    frag: Frag,
     src: [u32; 4],
     dst: [u32; 4],
 ) -> Result<Packet, Verdict> {
@@ -168,21 +195,43 @@ fn finish(
         _ => return Err(Verdict::pass(stat::PASS_NOT_L4)),
     };
     // Fragments are steered by address only: non-first ones have no ports,
-    // and the first must go where the rest go.
-    let dport = if fragment {
-        0
-    } else {
-        if ptr_at::<u8>(ctx, l4 + header_len - 1).is_none() {
-            return Err(Verdict::drop(stat::DROP_TRUNCATED_L4));
-        }
-        // TCP and UDP both carry the destination port at bytes 2..4.
-        read::<u16>(ctx, l4 + 2, Verdict::drop(stat::DROP_TRUNCATED_L4))?
-    };
+    // and the first must go where the rest go. Whatever starts an L4 header
+    // (a whole datagram, a first fragment) must hold all of it inside the
+    // datagram: bytes past the IP length are padding, not ports.
+    if frag.fragment && !frag.first {
+        return Ok(Packet {
+            family,
+            proto,
+            dport: 0,
+            fragment: true,
+            src,
+            dst,
+        });
+    }
+    if l4.start + header_len > l4.end {
+        return Err(Verdict::drop(stat::DROP_TRUNCATED_L4));
+    }
+    // TCP and UDP both carry the destination port at bytes 2..4.
+    let port = read::<u16>(ctx, l4.start + 2, Verdict::drop(stat::DROP_TRUNCATED_L4))?;
+    if frag.fragment {
+        return Ok(Packet {
+            family,
+            proto,
+            dport: 0,
+            fragment: true,
+            src,
+            dst,
+        });
+    }
+    if port == 0 {
+        // Port 0 keys the fragment entry; it is never a service.
+        return Err(Verdict::pass(stat::PASS_PORT_ZERO));
+    }
     Ok(Packet {
         family,
         proto,
-        dport,
-        fragment,
+        dport: port,
+        fragment: false,
         src,
         dst,
     })

@@ -1,9 +1,9 @@
 //! Backend choice: the affinity map first, Maglev on a miss.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, MAGLEV_PROBES, Service,
-    client_hash, mask_addr, stat,
+    Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, MAGLEV_PROBES,
+    RESERVED_BACKEND_ID, Service, client_hash, mask_addr, stat,
 };
 
 use crate::{
@@ -18,14 +18,16 @@ pub struct Choice {
     pub id: u32,
     /// The backend record.
     pub backend: *const Backend,
-    /// `stat::AFFINITY_HIT`, `NEW_SESSION`, `RESELECT_EXPIRED` or `RESELECT_DOWN`.
+    /// `stat::AFFINITY_HIT`, `NEW_SESSION`, `RESELECT_EXPIRED`, `RESELECT_DOWN`
+    /// or `RESELECT_FOREIGN`.
     pub reason: u32,
 }
 
 /// Finds the client's backend, creating or rewriting its affinity entry
-/// when needed. An entry is rewritten here, at once, when it expired or its
-/// backend went down: the kernel never keeps sending a client to a dead
-/// backend while userspace catches up.
+/// when needed. An entry is rewritten here, at once, when it expired, its
+/// backend went down, or its backend belongs to another service (an id
+/// reused while the entry lived): the kernel never keeps sending a client to
+/// a dead or foreign backend while userspace catches up.
 #[inline(always)]
 pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
     let key = AffinityKey {
@@ -45,18 +47,21 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
             let idle = now.saturating_sub(entry.last_seen_ns);
             if idle > svc.timeout_ns {
                 stat::RESELECT_EXPIRED
-            } else if let Some(backend) = usable_for_existing(entry.backend_id) {
-                // Coarse refresh: most hits only read the entry.
-                if idle > svc.refresh_ns {
-                    entry.last_seen_ns = now;
-                }
-                return Ok(Choice {
-                    id: entry.backend_id,
-                    backend,
-                    reason: stat::AFFINITY_HIT,
-                });
             } else {
-                stat::RESELECT_DOWN
+                match usable_for_existing(entry.backend_id, svc.id) {
+                    Ok(backend) => {
+                        // Coarse refresh: most hits only read the entry.
+                        if idle > svc.refresh_ns {
+                            entry.last_seen_ns = now;
+                        }
+                        return Ok(Choice {
+                            id: entry.backend_id,
+                            backend,
+                            reason: stat::AFFINITY_HIT,
+                        });
+                    }
+                    Err(reason) => reason,
+                }
             }
         }
         None => stat::NEW_SESSION,
@@ -76,8 +81,26 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
                 _pad: 0,
                 last_seen_ns: now,
             };
-            if AFFINITY.insert(key, value, 0).is_err() {
-                count(stat::AFFINITY_INSERT_FAILED);
+            // NOEXIST: another CPU may have recorded this client since the
+            // lookup (with another answer across a table flip); the first
+            // record wins, so one client never has two backends.
+            match AFFINITY.insert(key, value, u64::from(BPF_NOEXIST)) {
+                Ok(()) => {}
+                Err(EEXIST) => {
+                    count(stat::AFFINITY_INSERT_RACE);
+                    if let Some(won) = AFFINITY.get_ptr(key) {
+                        // SAFETY: map value pointer, valid for this program run.
+                        let won = unsafe { (*won).backend_id };
+                        if let Ok(backend) = usable_for_existing(won, svc.id) {
+                            return Ok(Choice {
+                                id: won,
+                                backend,
+                                reason,
+                            });
+                        }
+                    }
+                }
+                Err(_) => count(stat::AFFINITY_INSERT_FAILED),
             }
         }
     }
@@ -88,13 +111,26 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
     })
 }
 
-/// An existing session keeps its backend while it is active or draining.
+/// `-EEXIST` as the map helpers return it.
+const EEXIST: i32 = -17;
+
+/// An existing session keeps its backend while it is active or draining and
+/// belongs to the session's service; otherwise the re-selection reason.
+/// Id 0 is never assigned, so its slot is empty (state `BACKEND_EMPTY`) and
+/// fails the state test without a comparison of its own on the hit path.
 #[inline(always)]
-fn usable_for_existing(id: u32) -> Option<*const Backend> {
-    let backend = BACKENDS.get_ptr(id)?;
+fn usable_for_existing(id: u32, service_id: u32) -> Result<*const Backend, u32> {
+    let backend = BACKENDS.get_ptr(id).ok_or(stat::RESELECT_DOWN)?;
     // SAFETY: map value pointer, valid for this program run.
-    let state = unsafe { (*backend).state };
-    (state == BACKEND_ACTIVE || state == BACKEND_DRAINING).then_some(backend)
+    let b = unsafe { &*backend };
+    if b.state != BACKEND_ACTIVE && b.state != BACKEND_DRAINING {
+        return Err(stat::RESELECT_DOWN);
+    }
+    // The record carries its owner: no extra lookup to check membership.
+    if u32::from(b.service_id) != service_id {
+        return Err(stat::RESELECT_FOREIGN);
+    }
+    Ok(backend)
 }
 
 /// Looks the client up in the service's live Maglev table. If the slot names
@@ -113,8 +149,12 @@ fn maglev(svc: &Service, masked: &[u32; 4]) -> Result<(u32, *const Backend), Ver
     };
     let mut slot = client_hash(masked) % size;
     for probe in 0..MAGLEV_PROBES {
-        if let Some(id) = MAGLEV.get(base.wrapping_add(slot)) {
-            let id = *id;
+        // 0 is what a never-written slot reads: never a backend, even
+        // while a dataplane pinned by an older xlb still holds one there.
+        let id = MAGLEV
+            .get(base.wrapping_add(slot))
+            .map_or(RESERVED_BACKEND_ID, |id| *id);
+        if id != RESERVED_BACKEND_ID {
             if let Some(backend) = BACKENDS.get_ptr(id) {
                 // SAFETY: map value pointer, valid for this program run.
                 if unsafe { (*backend).state } == BACKEND_ACTIVE {

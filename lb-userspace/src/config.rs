@@ -592,10 +592,10 @@ fn validate(raw: RawConfig) -> Result<Config> {
         total_backends += service.backends.len();
         services.push(service);
     }
-    if total_backends > lb_common::MAX_BACKENDS as usize {
+    if total_backends > lb_common::BACKEND_CAPACITY as usize {
         bail!(
             "service[*].backend: {total_backends} backends in total, more than the {} xlb supports",
-            lb_common::MAX_BACKENDS
+            lb_common::BACKEND_CAPACITY
         );
     }
 
@@ -1494,7 +1494,7 @@ mac = "02:00:00:00:00:21"
         }
         rejects(
             &text,
-            &["service[*].backend: 4352 backends in total, more than the 4096"],
+            &["service[*].backend: 4352 backends in total, more than the 4095"],
         );
     }
 

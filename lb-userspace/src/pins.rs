@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray};
 use lb_common::{
-    Affinity, AffinityKey, Backend, MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MAX_BACKENDS, MAX_SERVICES, PINNED_MAPS, Service,
-    ServiceKey, TrafficStats, stat,
+    Affinity, AffinityKey, Backend, LEGACY_PINS, MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_MAGLEV, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MAX_BACKENDS, MAX_SERVICES,
+    PINNED_MAPS, Service, ServiceKey, TrafficStats, stat,
 };
 
 use crate::{bpf_batch, dataplane::KnownTables};
@@ -132,7 +132,7 @@ pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 7
         spec::<AffinityKey, Affinity>(MAP_AFFINITY, MapType::LruHash, affinity_entries),
         spec::<u32, Backend>(MAP_BACKENDS, MapType::Array, MAX_BACKENDS),
         spec::<u32, u32>(MAP_MAGLEV, MapType::Array, maglev_entries),
-        spec::<u32, u64>(MAP_STATS, MapType::PerCpuArray, stat::COUNT),
+        spec::<u32, u64>(MAP_STATS, MapType::PerCpuArray, stat::CAPACITY),
         spec::<u32, TrafficStats>(MAP_SERVICE_STATS, MapType::PerCpuArray, MAX_SERVICES),
         spec::<u32, TrafficStats>(MAP_BACKEND_STATS, MapType::PerCpuArray, MAX_BACKENDS),
     ]
@@ -207,7 +207,7 @@ pub struct PinnedMaps {
     pub backends: Array<MapData, Backend>,
     /// `XLB_MAGLEV_V1`.
     pub maglev: Array<MapData, u32>,
-    /// `XLB_STATS_V1`.
+    /// `XLB_STATS_V2`.
     pub stats: PerCpuArray<MapData, u64>,
     /// `XLB_SVCSTAT_V1`.
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -307,6 +307,7 @@ pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let mut names: Vec<&str> = vec![LINK_PIN];
     names.extend(PINNED_MAPS);
+    names.extend(LEGACY_PINS);
     for name in names {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {

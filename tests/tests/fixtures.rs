@@ -27,14 +27,16 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
+/// The MACs of the "web" service's backends.
 const BACKEND_MACS: [[u8; 6]; 3] = [
     [0x02, 0, 0, 0, 0, 0x11],
     [0x02, 0, 0, 0, 0, 0x12],
     [0x02, 0, 0, 0, 0, 0x13],
 ];
 
-/// Three backends per VIP; a /24 service on port 8024; small tables so
-/// each fixture loads fast.
+/// Three backends per service, every service its own three MACs (shared
+/// MACs would hide a frame steered to another service's backend); a /24
+/// service on port 8024; small tables so each fixture loads fast.
 const CONFIG: &str = r#"
 interface = "fx0"
 maglev_table_size = 251
@@ -64,13 +66,13 @@ port = 53
 protocol = "udp"
 [[service.backend]]
 address = "10.0.0.21"
-mac = "02:00:00:00:00:11"
+mac = "02:00:00:00:00:21"
 [[service.backend]]
 address = "10.0.0.22"
-mac = "02:00:00:00:00:12"
+mac = "02:00:00:00:00:22"
 [[service.backend]]
 address = "10.0.0.23"
-mac = "02:00:00:00:00:13"
+mac = "02:00:00:00:00:23"
 
 [[service]]
 name = "subnet"
@@ -80,13 +82,13 @@ protocol = "tcp"
 affinity_prefix_v4 = 24
 [[service.backend]]
 address = "10.0.0.21"
-mac = "02:00:00:00:00:11"
+mac = "02:00:00:00:00:31"
 [[service.backend]]
 address = "10.0.0.22"
-mac = "02:00:00:00:00:12"
+mac = "02:00:00:00:00:32"
 [[service.backend]]
 address = "10.0.0.23"
-mac = "02:00:00:00:00:13"
+mac = "02:00:00:00:00:33"
 
 [[service]]
 name = "web6"
@@ -96,13 +98,13 @@ protocol = "tcp"
 affinity_prefix_v6 = 64
 [[service.backend]]
 address = "fd00::21"
-mac = "02:00:00:00:00:11"
+mac = "02:00:00:00:00:41"
 [[service.backend]]
 address = "fd00::22"
-mac = "02:00:00:00:00:12"
+mac = "02:00:00:00:00:42"
 [[service.backend]]
 address = "fd00::23"
-mac = "02:00:00:00:00:13"
+mac = "02:00:00:00:00:43"
 "#;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -112,6 +114,8 @@ struct Fixture {
     dp: Dataplane,
     maps: PinnedMaps,
     config: Config,
+    /// The text `config` was parsed from.
+    text: String,
     dir: PathBuf,
 }
 
@@ -137,6 +141,7 @@ impl Fixture {
             dp,
             maps,
             config,
+            text: text.to_string(),
             dir,
         }
     }
@@ -147,6 +152,7 @@ impl Fixture {
 
     fn reapply_report(&mut self, text: &str) -> dataplane::ApplyReport {
         self.config = Config::parse(text).expect("fixture config is valid");
+        self.text = text.to_string();
         dataplane::apply(&mut self.maps, &self.config).expect("re-applying config")
     }
 
@@ -1253,4 +1259,282 @@ fn apply_at_max_services_reuses_a_leaving_services_id_safely() {
         assert_eq!(verdict, XDP_TX);
         assert!(b_macs.contains(&mac_of(&out)), "client {i} not sent to B");
     }
+}
+
+// ---- exact steering (issue 8) ---------------------------------------------
+
+#[test]
+fn fixture_services_never_share_backend_macs() {
+    // A frame steered to another service's backend is only visible when the
+    // services' backends differ.
+    let config = Config::parse(CONFIG).expect("config");
+    let mut owner = std::collections::HashMap::new();
+    for svc in &config.services {
+        for be in &svc.backends {
+            if let Some(other) = owner.insert(be.mac, svc.name.clone()) {
+                assert_eq!(
+                    other, svc.name,
+                    "services {other} and {} share a backend MAC",
+                    svc.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn affinity_entry_of_another_services_backend_is_reselected() {
+    let mut fx = Fixture::new();
+    let client = ip("10.0.0.120");
+    let want = fx.maglev_mac("web", client);
+    // An entry of "web" naming a backend of "dns" (what a reused id could
+    // leave behind): it must not be obeyed.
+    let foreign = fx.backend_id_by_mac([0x02, 0, 0, 0, 0, 0x21], "dns");
+    let key = AffinityKey {
+        service_id: fx.service_id("web"),
+        addr: addr_words(client),
+    };
+    let value = Affinity {
+        backend_id: foreign,
+        _pad: 0,
+        last_seen_ns: monotonic_ns(),
+    };
+    fx.maps.affinity.insert(key, value, 0).expect("insert");
+    let hits = fx.counter(stat::AFFINITY_HIT);
+    let down = fx.counter(stat::RESELECT_DOWN);
+    let frame = Frame::tcp("10.0.0.120", "10.0.0.10", 80).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::RESELECT_FOREIGN);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, want);
+    assert_eq!(fx.counter(stat::AFFINITY_HIT), hits, "counted as a hit too");
+    assert_eq!(fx.counter(stat::RESELECT_DOWN), down, "counted as down");
+    let entry = fx.affinity("web", client, 32).expect("entry kept");
+    assert_eq!(entry.backend_id, fx.backend_id_by_mac(want, "web"));
+    // And from now on it is an ordinary hit.
+    let (_, again) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+    assert_eq!(mac_of(&again), want);
+}
+
+#[test]
+fn backend_id_0_is_never_assigned_and_never_forwarded_to() {
+    let mut fx = Fixture::with_config(TWO_SERVICES);
+    let report = fx.reapply_report(TWO_SERVICES);
+    assert!(
+        report.backend_ids.values().all(|id| *id != 0),
+        "id 0 assigned: {report:?}"
+    );
+    assert_eq!(
+        fx.maps.backends.get(&0, 0).expect("slot 0").state,
+        lb_common::BACKEND_EMPTY
+    );
+    // An entry naming id 0 (an empty slot) is re-selected, not forwarded.
+    let client = ip("10.0.0.121");
+    let key = AffinityKey {
+        service_id: fx.service_id("A"),
+        addr: addr_words(client),
+    };
+    let value = Affinity {
+        backend_id: 0,
+        _pad: 0,
+        last_seen_ns: monotonic_ns(),
+    };
+    fx.maps.affinity.insert(key, value, 0).expect("insert");
+    let frame = Frame::tcp("10.0.0.121", "10.0.0.10", 80).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::RESELECT_DOWN);
+    assert_eq!(verdict, XDP_TX);
+    assert_ne!(mac_of(&out), [0; 6]);
+    assert_ne!(fx.affinity("A", client, 32).expect("entry").backend_id, 0);
+}
+
+/// Puts backend `name` of service `service` at id 0 the way an xlb before
+/// issue 8 could have: record at 0, its old slot cleared, the live table and
+/// its sessions naming 0. Returns its old id.
+fn plant_backend_at_id_0(fx: &mut Fixture, service: &str, name: &str) -> u32 {
+    let report = fx.reapply_report(&fx.config_text());
+    let old = report.backend_ids[&(service.to_string(), name.to_string())];
+    let record = fx.maps.backends.get(&old, 0).expect("record");
+    fx.maps.backends.set(0, record, 0).expect("record at 0");
+    fx.maps
+        .backends
+        .set(old, lb_common::Backend::default(), 0)
+        .expect("clear old slot");
+    let r = fx.record(service);
+    let base = r.maglev_base[r.active_slot as usize];
+    let table: Vec<u32> = fx
+        .live_table(service)
+        .iter()
+        .map(|id| if *id == old { 0 } else { *id })
+        .collect();
+    let keys: Vec<u32> = (base..base + table.len() as u32).collect();
+    xlb::bpf_batch::update_array(&mut fx.maps.maglev, &keys, &table).expect("table with 0");
+    let mut planted = Vec::new();
+    for entry in fx.maps.affinity.iter() {
+        let (k, v) = entry.expect("affinity entry");
+        if v.backend_id == old {
+            planted.push((k, Affinity { backend_id: 0, ..v }));
+        }
+    }
+    for (k, v) in planted {
+        fx.maps.affinity.insert(k, v, 0).expect("entry at 0");
+    }
+    // This process did not write what is there now.
+    fx.maps.forget_tables();
+    old
+}
+
+impl Fixture {
+    fn config_text(&self) -> String {
+        self.text.clone()
+    }
+}
+
+#[test]
+fn backend_left_at_id_0_by_an_old_xlb_moves_with_its_sessions() {
+    let mut fx = Fixture::with_config(TWO_SERVICES);
+    // Sessions on every backend of A, then a2 is put at id 0.
+    let clients: Vec<String> = (0..48).map(|i| format!("10.4.{i}.1")).collect();
+    let mut before = Vec::new();
+    for c in &clients {
+        before.push(mac_of(&fx.run(&Frame::tcp(c, "10.0.0.10", 80).build()).1));
+    }
+    let a2 = BACKEND_MACS[1];
+    assert!(before.contains(&a2), "the test needs clients on a2");
+    plant_backend_at_id_0(&mut fx, "A", "a2");
+    // A session of B pointing at 0 is foreign to A's backend at 0.
+    let b_client = ip("10.4.200.1");
+    let b_key = AffinityKey {
+        service_id: fx.service_id("B"),
+        addr: addr_words(b_client),
+    };
+    let stale = Affinity {
+        backend_id: 0,
+        _pad: 0,
+        last_seen_ns: monotonic_ns(),
+    };
+    fx.maps.affinity.insert(b_key, stale, 0).expect("B entry");
+
+    // Before the new apply: a2's sessions still reach it through id 0 ...
+    for (c, old) in clients.iter().zip(&before) {
+        let f = Frame::tcp(c, "10.0.0.10", 80).build();
+        let (verdict, out) = fx.run_counted(&f, stat::AFFINITY_HIT);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(mac_of(&out), *old, "client {c} moved before the apply");
+    }
+    // ... but no new client is sent to id 0 through a table slot naming it,
+    // and B's entry is not obeyed.
+    for i in 0..64 {
+        let f = Frame::tcp(&format!("10.3.{i}.9"), "10.0.0.10", 80).build();
+        let (verdict, out) = fx.run_counted(&f, stat::NEW_SESSION);
+        assert_eq!(verdict, XDP_TX);
+        assert_ne!(mac_of(&out), a2, "new client {i} sent to id 0");
+    }
+    let f = Frame::tcp("10.4.200.1", "10.0.0.11", 80).build();
+    let (_, out) = fx.run_counted(&f, stat::RESELECT_FOREIGN);
+    assert_ne!(mac_of(&out), a2);
+    // Put B's stale entry back for the apply to clean up.
+    fx.maps.affinity.insert(b_key, stale, 0).expect("B entry");
+
+    let report = fx.reapply_report(TWO_SERVICES);
+    assert_eq!(report.backends_moved, 1, "{report:?}");
+    let moved_to = report.backend_ids[&("A".to_string(), "a2".to_string())];
+    assert_ne!(moved_to, 0);
+    let on_a2 = before.iter().filter(|m| **m == a2).count();
+    assert_eq!(report.sessions_moved, on_a2, "{report:?}");
+    assert_eq!(report.backends_removed, 0, "{report:?}");
+    assert!(report.sessions_removed >= 1, "B's entry at 0 is deleted");
+    assert_eq!(
+        fx.maps.backends.get(&0, 0).expect("slot 0").state,
+        lb_common::BACKEND_EMPTY
+    );
+    fx.assert_ids_match_maps(&report);
+    assert!(!fx.live_table("A").contains(&0), "table still names id 0");
+    assert_eq!(fx.live_table("A"), fx.expected_table("A", &report));
+    for entry in fx.maps.affinity.iter() {
+        let (_, v) = entry.expect("affinity entry");
+        assert_ne!(v.backend_id, 0, "a session still names id 0");
+    }
+    // Every client stays where it was.
+    for (c, old) in clients.iter().zip(&before) {
+        let f = Frame::tcp(c, "10.0.0.10", 80).build();
+        let (_, out) = fx.run_counted(&f, stat::AFFINITY_HIT);
+        assert_eq!(mac_of(&out), *old, "client {c} moved by the apply");
+    }
+    // And a second apply has nothing left to move.
+    let again = fx.reapply_report(TWO_SERVICES);
+    assert_eq!((again.backends_moved, again.sessions_moved), (0, 0));
+}
+
+#[test]
+fn destination_port_0_is_never_a_service() {
+    let mut fx = Fixture::new();
+    // Port 0 keys the fragment entries of TCP and UDP on 10.0.0.10 and
+    // fd00::10; a whole datagram to port 0 must not match them.
+    for frame in [
+        Frame::tcp("10.0.0.130", "10.0.0.10", 0).build(),
+        Frame::udp("10.0.0.130", "10.0.0.10", 0).build(),
+        Frame::tcp("fd00::130", "fd00::10", 0).build(),
+    ] {
+        let (verdict, out) = fx.run_counted(&frame, stat::PASS_PORT_ZERO);
+        assert_eq!((verdict, out), (XDP_PASS, frame));
+    }
+    assert!(fx.affinity("web", ip("10.0.0.130"), 32).is_none());
+    // Fragments still follow the entry.
+    let mut frag = Frame::udp("10.0.0.130", "10.0.0.10", 53);
+    frag.frags = 185;
+    assert_eq!(fx.run_counted(&frag.build(), stat::NEW_SESSION).0, XDP_TX);
+}
+
+#[test]
+fn l4_header_past_the_ip_datagram_drops() {
+    let mut fx = Fixture::new();
+    // IPv4 total length 20: the TCP header is padding.
+    let mut v4 = Frame::tcp("10.0.0.131", "10.0.0.10", 80).build();
+    v4[16..18].copy_from_slice(&20u16.to_be_bytes());
+    assert_eq!(fx.run_counted(&v4, stat::DROP_TRUNCATED_L4).0, XDP_DROP);
+    // Ending inside the TCP header, or the UDP header.
+    v4[16..18].copy_from_slice(&(20u16 + 19).to_be_bytes());
+    assert_eq!(fx.run_counted(&v4, stat::DROP_TRUNCATED_L4).0, XDP_DROP);
+    let mut udp = Frame::udp("10.0.0.131", "10.0.0.10", 53).build();
+    udp[16..18].copy_from_slice(&(20u16 + 7).to_be_bytes());
+    assert_eq!(fx.run_counted(&udp, stat::DROP_TRUNCATED_L4).0, XDP_DROP);
+    // A first fragment too short to hold the ports.
+    let mut first = Frame::udp("10.0.0.131", "10.0.0.10", 53);
+    first.frags = 0x2000;
+    let mut first = first.build();
+    first[16..18].copy_from_slice(&(20u16 + 4).to_be_bytes());
+    assert_eq!(fx.run_counted(&first, stat::DROP_TRUNCATED_L4).0, XDP_DROP);
+    // IPv6 payload length 0 with a TCP header behind it.
+    let mut v6 = Frame::tcp("fd00::131", "fd00::10", 80).build();
+    v6[18..20].copy_from_slice(&0u16.to_be_bytes());
+    assert_eq!(fx.run_counted(&v6, stat::DROP_TRUNCATED_L4).0, XDP_DROP);
+    // After a Fragment header: the payload holds the Fragment header only,
+    // or not even that.
+    let mut f6 = Frame::tcp("fd00::131", "fd00::10", 80);
+    f6.v6_fragment = Some(0);
+    let mut f6 = f6.build();
+    f6[18..20].copy_from_slice(&8u16.to_be_bytes());
+    assert_eq!(fx.run_counted(&f6, stat::DROP_TRUNCATED_L4).0, XDP_DROP);
+    f6[18..20].copy_from_slice(&4u16.to_be_bytes());
+    assert_eq!(fx.run_counted(&f6, stat::DROP_BAD_LENGTH).0, XDP_DROP);
+    assert!(
+        fx.affinity("web", ip("10.0.0.131"), 32).is_none(),
+        "no session"
+    );
+    assert!(
+        fx.affinity("web6", ip("fd00::131"), 64).is_none(),
+        "no session"
+    );
+
+    // The same frames with their true lengths are forwarded; a later
+    // fragment carries no L4 header and needs none.
+    let whole = Frame::tcp("10.0.0.131", "10.0.0.10", 80).build();
+    assert_eq!(fx.run_counted(&whole, stat::NEW_SESSION).0, XDP_TX);
+    let mut later = Frame::udp("10.0.0.131", "10.0.0.10", 53);
+    later.frags = 185;
+    let mut later = later.build();
+    later[16..18].copy_from_slice(&(20u16 + 4).to_be_bytes());
+    assert_eq!(fx.run(&later).0, XDP_TX);
+    let mut f6 = Frame::tcp("fd00::131", "fd00::10", 80);
+    f6.v6_fragment = Some(0);
+    assert_eq!(fx.run_counted(&f6.build(), stat::NEW_SESSION).0, XDP_TX);
 }

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAX_BACKENDS, NO_BACKEND, PINNED_MAPS, Service,
+    BACKEND_ACTIVE, BACKEND_CAPACITY, BACKEND_DOWN, BACKEND_DRAINING, NO_BACKEND, PINNED_MAPS,
+    Service,
 };
 
 use super::desired::{Health, Panic, Transition, panic_step};
@@ -1037,8 +1038,8 @@ impl Lb {
                 b.address
             );
         }
-        if self.backend_count() >= MAX_BACKENDS as usize {
-            bail!("xlb supports at most {MAX_BACKENDS} backends in total");
+        if self.backend_count() >= BACKEND_CAPACITY as usize {
+            bail!("xlb supports at most {BACKEND_CAPACITY} backends in total");
         }
         let added = AddedBackend {
             name: name.clone(),

@@ -307,11 +307,11 @@ impl State {
             .filter(|s| !self.services.contains_key(&s.name))
             .map(|s| s.backends.len())
             .sum();
-        if total + untouched > lb_common::MAX_BACKENDS as usize {
+        if total + untouched > lb_common::BACKEND_CAPACITY as usize {
             bail!(
                 "services[*].added: {} backends in total with the config's, more than the {} xlb supports",
                 total + untouched,
-                lb_common::MAX_BACKENDS
+                lb_common::BACKEND_CAPACITY
             );
         }
         Ok(stale)
@@ -561,7 +561,7 @@ mac = "02:00:00:00:00:31"
     fn too_many_backends_with_the_added_ones() {
         let s = state(|web| {
             web.added.clear();
-            for i in 0..lb_common::MAX_BACKENDS - 2 {
+            for i in 0..lb_common::BACKEND_CAPACITY - 2 {
                 web.added.push(added(
                     &format!("a{i}"),
                     &format!("10.1.{}.{}", i / 256, i % 256),
@@ -570,8 +570,8 @@ mac = "02:00:00:00:00:31"
                 ));
             }
         });
-        // 3 config backends + 4094 added.
-        assert!(refused(&s).contains("4097 backends in total"));
+        // 3 config backends + 4093 added: one more than the 4095 ids (0 is reserved).
+        assert!(refused(&s).contains("4096 backends in total"));
     }
 
     #[test]

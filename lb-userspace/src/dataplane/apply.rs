@@ -7,19 +7,29 @@
 //! 2. each changed service's Maglev table into its idle slot;
 //! 3. service records that are new or changed, which flips the live slot;
 //!    then records of services gone from the config are removed;
-//! 4. affinity entries of removed services and backends are deleted;
+//! 4. affinity entries of removed services and backends are deleted (those
+//!    of a backend moved off the reserved id 0 are rewritten to its new id);
 //! 5. only then are the removed backends' slots cleared, freeing their ids.
 //!
 //! A failure anywhere leaves the removed backends' slots occupied, so no
 //! later apply hands their ids out before their sessions are gone; the next
 //! apply finds them still there and repeats steps 4 and 5.
+//!
+//! Backend id 0 is reserved (`lb_common::RESERVED_BACKEND_ID`): the kernel
+//! reads 0 from a never-written Maglev slot. A dataplane pinned by an older
+//! xlb may hold a backend there; it is moved like this: a copy of the record
+//! at a fresh id (1), tables naming the new id (2, 3), its sessions
+//! rewritten to the new id (4; until then they still reach it at 0, which
+//! stays active), slot 0 cleared (5). No session of it is lost, and a
+//! failure at any step leaves slot 0 occupied, so the next apply repeats it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
-    BACKEND_EMPTY, Backend, FAMILY_V4, FORWARD_DSR_L2, MAX_BACKENDS, NO_BACKEND,
-    SERVICE_F_FRAGMENTS, Service, ServiceKey, prefix_mask,
+    Affinity, AffinityKey, BACKEND_CAPACITY, BACKEND_EMPTY, Backend, FAMILY_V4, FIRST_BACKEND_ID,
+    FORWARD_DSR_L2, MAX_BACKENDS, NO_BACKEND, RESERVED_BACKEND_ID, SERVICE_F_FRAGMENTS, Service,
+    ServiceKey, prefix_mask,
 };
 
 use super::{
@@ -47,6 +57,10 @@ pub struct ApplyReport {
     pub backends_removed: usize,
     /// Affinity entries deleted because their service or backend was removed.
     pub sessions_removed: usize,
+    /// Backends moved off the reserved id 0 (left there by an older xlb).
+    pub backends_moved: usize,
+    /// Affinity entries rewritten from id 0 to their backend's new id.
+    pub sessions_moved: usize,
     /// Service id per service name.
     pub service_ids: BTreeMap<String, u32>,
     /// Backend id per (service name, backend name).
@@ -93,6 +107,10 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
     for (id, be) in (0u32..).zip(&live) {
         if be.state != BACKEND_EMPTY {
             existing.insert(id);
+            if id == RESERVED_BACKEND_ID {
+                // Never kept: the backend gets a fresh id (see the module doc).
+                continue;
+            }
             by_addr
                 .entry((u32::from(be.service_id), be.addr))
                 .or_insert(id);
@@ -173,18 +191,36 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
         }
         backend_ids.push(ids);
     }
-    let mut free = (0..MAX_BACKENDS)
+    let mut free = (FIRST_BACKEND_ID..MAX_BACKENDS)
         .filter(|i| !taken.contains(i) && !existing.contains(i))
         .collect::<Vec<_>>()
         .into_iter();
     for (si, bi) in pending {
         let id = free
             .next()
-            .ok_or_else(|| anyhow!("more than {MAX_BACKENDS} backends in total"))?;
+            .ok_or_else(|| anyhow!("more than {BACKEND_CAPACITY} backends in total"))?;
         backend_ids[si][bi] = id;
         taken.insert(id);
     }
     let removed_backends: BTreeSet<u32> = existing.difference(&taken).copied().collect();
+    // A backend at the reserved id that the config still has: (service id,
+    // its new id). Its sessions follow it in step 4.
+    let legacy = live
+        .get(RESERVED_BACKEND_ID as usize)
+        .filter(|b| b.state != BACKEND_EMPTY)
+        .and_then(|b| {
+            let sid = u32::from(b.service_id);
+            wanted.iter().enumerate().find_map(|(si, (_, svc))| {
+                (service_ids[si] == sid && !reused.contains(&sid))
+                    .then(|| {
+                        svc.backends
+                            .iter()
+                            .position(|be| addr_words(be.address) == b.addr)
+                            .map(|bi| (sid, backend_ids[si][bi]))
+                    })
+                    .flatten()
+            })
+        });
     for (si, (_, svc)) in wanted.iter().enumerate() {
         report.service_ids.insert(svc.name.clone(), service_ids[si]);
         for (bi, be) in svc.backends.iter().enumerate() {
@@ -332,7 +368,12 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
     }
 
     // 4. Sessions of removed services/backends would otherwise point at ids
-    //    that a later config may give to someone else.
+    //    that a later config may give to someone else. Those of a backend
+    //    leaving id 0 follow it first; whatever else points at 0 goes.
+    if let Some((service_id, new_id)) = legacy {
+        report.sessions_moved = move_sessions(maps, service_id, RESERVED_BACKEND_ID, new_id)?;
+        report.backends_moved = 1;
+    }
     report.sessions_removed += purge_sessions(maps, &removed_services, &removed_backends)?;
 
     // 5. Free the removed backends' slots, now that nothing refers to them.
@@ -340,8 +381,37 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
     let empty = vec![Backend::default(); gone.len()];
     bpf_batch::update_array(&mut maps.backends, &gone, &empty)
         .context("clearing removed backends")?;
-    report.backends_removed = gone.len();
+    report.backends_removed = gone.len() - report.backends_moved;
     Ok(report)
+}
+
+/// Rewrites the affinity entries of service `service_id` that point at
+/// backend `from` to point at `to`; returns how many.
+fn move_sessions(maps: &mut PinnedMaps, service_id: u32, from: u32, to: u32) -> Result<usize> {
+    let mut moving: Vec<(AffinityKey, Affinity)> = Vec::new();
+    for entry in maps.affinity.iter() {
+        let (key, value) = entry.context("reading the affinity map")?;
+        if key.service_id == service_id && value.backend_id == from {
+            moving.push((key, value));
+        }
+    }
+    let mut moved = 0;
+    for (key, value) in moving {
+        let value = Affinity {
+            backend_id: to,
+            ..value
+        };
+        // BPF_EXIST: an entry evicted meanwhile stays gone (the client gets
+        // its Maglev choice, which is this backend's new id or its peer's).
+        const BPF_EXIST: u64 = 2;
+        match maps.affinity.insert(key, value, BPF_EXIST) {
+            Ok(()) => moved += 1,
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e).context("moving a session off the reserved backend id 0"),
+        }
+    }
+    Ok(moved)
 }
 
 /// Deletes the affinity entries of `services` and of `backends`; returns how many.
