@@ -125,6 +125,11 @@ impl Metrics {
                         .get_or_create(&vec![("reason".to_string(), "backend_down".to_string())])
                         .inc_by(*value);
                 }
+                stat::RESELECT_FOREIGN => {
+                    reselect
+                        .get_or_create(&vec![("reason".to_string(), "foreign_backend".to_string())])
+                        .inc_by(*value);
+                }
                 _ => {}
             }
         }
