@@ -26,9 +26,12 @@ pub const MAP_STATS: &str = "XLB_STATS_V2";
 pub const MAP_SERVICE_STATS: &str = "XLB_SVCSTAT_V1";
 /// Per-backend traffic: `PERCPU_ARRAY<TrafficStats>` indexed by backend id.
 pub const MAP_BACKEND_STATS: &str = "XLB_BESTAT_V1";
+/// The ports of first fragments, for the fragments that follow:
+/// `LRU_HASH<FragmentKey, FragmentPorts>`, `FRAGMENT_ENTRIES` entries.
+pub const MAP_FRAGMENTS: &str = "XLB_FRAGS_V1";
 
 /// Every pinned map, in the order userspace checks and reports them.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     MAP_SERVICES,
     MAP_AFFINITY,
     MAP_BACKENDS,
@@ -36,6 +39,7 @@ pub const PINNED_MAPS: [&str; 7] = [
     MAP_STATS,
     MAP_SERVICE_STATS,
     MAP_BACKEND_STATS,
+    MAP_FRAGMENTS,
 ];
 
 /// Pins older xlb builds left that no map of this build uses: removed with
@@ -60,6 +64,12 @@ pub const FIRST_BACKEND_ID: u32 = RESERVED_BACKEND_ID + 1;
 pub const BACKEND_CAPACITY: u32 = MAX_BACKENDS - FIRST_BACKEND_ID;
 /// Compiled-in affinity capacity; userspace resizes it at load time from the config.
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 262_144;
+/// Capacity of the fragment map: datagrams whose later fragments can be
+/// steered at once. Fixed (not configurable): an entry is needed only between
+/// a datagram's first and last fragment, and the LRU drops the oldest when a
+/// burst of fragmented datagrams exceeds it (their later fragments then pass,
+/// `stat::PASS_FRAGMENT_UNSEEN`).
+pub const FRAGMENT_ENTRIES: u32 = 16_384;
 /// Compiled-in Maglev capacity; userspace resizes it to `service slots * 2 * table size`.
 pub const DEFAULT_MAGLEV_ENTRIES: u32 = 2 * 65_537;
 /// Default Maglev table size (a prime, as Maglev requires).
@@ -82,16 +92,15 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Key of `XLB_SERVICES_V1`.
 ///
-/// Port 0 is never a real service: the entry at (VIP, 0, proto) is the
-/// fragment entry, a copy of the service that IP fragments to that VIP and
-/// protocol follow (non-first fragments carry no ports). A non-fragment with
-/// destination port 0 never looks it up (`stat::PASS_PORT_ZERO`).
+/// Port 0 is never a service: a datagram or first fragment to port 0 passes
+/// without a lookup (`stat::PASS_PORT_ZERO`). xlb builds before the fragment
+/// map kept a per-VIP "fragment entry" under port 0; `apply` deletes those.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
     /// VIP as raw network-order bytes read as native words; IPv4 in word 0, words 1..3 zero.
     pub addr: [u32; 4],
-    /// Destination port, network byte order (as on the wire); 0 = fragment entry.
+    /// Destination port, network byte order (as on the wire); never 0.
     pub port: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
@@ -109,7 +118,8 @@ pub const FORWARD_DSR_L2: u8 = 0;
 pub struct Service {
     /// Service id: index into per-service stats and part of every affinity key.
     pub id: u32,
-    /// `SERVICE_F_*` bits.
+    /// Flag bits; none defined (bit 0 marked the port-0 fragment entry of
+    /// older builds), written as zero.
     pub flags: u32,
     /// Affinity timeout in ns (CLOCK_MONOTONIC): an entry idle longer is re-selected.
     pub timeout_ns: u64,
@@ -132,9 +142,6 @@ pub struct Service {
     /// Explicit padding; always zero.
     pub _pad: [u8; 5],
 }
-
-/// `Service::flags`: this record is the fragment entry of its VIP (port 0 key).
-pub const SERVICE_F_FRAGMENTS: u32 = 1;
 
 /// `Backend::state`: slot unused; never selected.
 pub const BACKEND_EMPTY: u8 = 0;
@@ -185,6 +192,36 @@ pub struct Affinity {
     pub last_seen_ns: u64,
 }
 
+/// Key of `XLB_FRAGS_V1`: one fragmented datagram, as RFC 791 / RFC 8200
+/// identify it (source, destination, protocol, identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// `PROTO_TCP` or `PROTO_UDP` (the upper-layer protocol, after the IPv6 Fragment header).
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u16,
+    /// Identification in host byte order: IPv4's 16-bit `id`, the IPv6
+    /// Fragment header's 32-bit identification.
+    pub id: u32,
+    /// Client (source) address, same word layout as `ServiceKey::addr`.
+    pub src: [u32; 4],
+    /// VIP (destination) address, same word layout as `ServiceKey::addr`.
+    pub dst: [u32; 4],
+}
+
+/// Value of `XLB_FRAGS_V1`: the ports of the datagram's first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentPorts {
+    /// Source port, network byte order (as on the wire).
+    pub sport: u16,
+    /// Destination port, network byte order (as on the wire); never 0.
+    pub dport: u16,
+}
+
 /// Value of the per-service and per-backend traffic counters (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -220,7 +257,9 @@ pub mod stat {
     pub const RESELECT_DOWN: u32 = 8;
     /// Maglev slot unusable (down/draining/empty): a later slot was taken.
     pub const MAGLEV_PROBED: u32 = 9;
-    /// An IP fragment followed its VIP's fragment entry (counted besides its verdict).
+    /// An IP fragment matched its service: a first fragment by its own ports,
+    /// a later one by the ports its first fragment recorded in `XLB_FRAGS_V1`
+    /// (counted besides its verdict).
     pub const FRAGMENT: u32 = 10;
     /// Affinity insert failed (the frame is still forwarded).
     pub const AFFINITY_INSERT_FAILED: u32 = 11;
@@ -249,8 +288,12 @@ pub mod stat {
     /// Another CPU recorded this new client first; its backend was used
     /// (counted besides `NEW_SESSION`).
     pub const AFFINITY_INSERT_RACE: u32 = 22;
+    /// Non-first fragment with no entry in `XLB_FRAGS_V1` (its first fragment
+    /// was not seen, came later, or was evicted; or it is not for a VIP at
+    /// all): passed, since without a VIP set it may be the host's own traffic.
+    pub const PASS_FRAGMENT_UNSEEN: u32 = 23;
     /// Number of counters.
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
     /// Slots in `XLB_STATS_V2` (>= `COUNT`; the rest stay zero).
     pub const CAPACITY: u32 = 64;
 
@@ -279,6 +322,7 @@ pub mod stat {
         "reselect_foreign",
         "pass_port_zero",
         "affinity_insert_race",
+        "pass_fragment_unseen",
     ];
 }
 
@@ -370,6 +414,8 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<Affinity>() == 16);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
+    assert!(core::mem::size_of::<FragmentKey>() == 40);
+    assert!(core::mem::size_of::<FragmentPorts>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -382,6 +428,8 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::TrafficStats {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentPorts {}
 }
 
 #[cfg(test)]
@@ -435,6 +483,10 @@ mod tests {
             stat::NAMES[stat::AFFINITY_INSERT_RACE as usize],
             "affinity_insert_race"
         );
+        assert_eq!(
+            stat::NAMES[stat::PASS_FRAGMENT_UNSEEN as usize],
+            "pass_fragment_unseen"
+        );
         const { assert!(stat::COUNT <= stat::CAPACITY) };
     }
 
@@ -447,5 +499,8 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Service, prefix_v4), 56);
         assert_eq!(core::mem::offset_of!(Backend, mac), 16);
         assert_eq!(core::mem::offset_of!(Affinity, last_seen_ns), 8);
+        assert_eq!(core::mem::offset_of!(FragmentKey, id), 4);
+        assert_eq!(core::mem::offset_of!(FragmentKey, src), 8);
+        assert_eq!(core::mem::offset_of!(FragmentPorts, dport), 2);
     }
 }

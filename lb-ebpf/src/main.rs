@@ -7,6 +7,7 @@
 #![no_main]
 
 mod forward;
+mod fragments;
 mod maps;
 mod parse;
 mod select;
@@ -16,7 +17,11 @@ mod verdict;
 use aya_ebpf::{Global, macros::xdp, programs::XdpContext};
 use lb_common::{FORWARD_DSR_L2, Service, ServiceKey, stat};
 
-use crate::{maps::SERVICES, parse::ptr_at, verdict::Verdict};
+use crate::{
+    maps::SERVICES,
+    parse::{Fragment, ptr_at},
+    verdict::Verdict,
+};
 
 /// Non-zero: log each new session (set at load time; off in production).
 #[unsafe(no_mangle)]
@@ -48,9 +53,20 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     }
 
     let pkt = parse::parse(ctx)?;
+    // A later fragment takes the port its first fragment recorded. Without
+    // one it passes: the program has no set of VIPs, so it may be the
+    // host's own fragmented traffic, which a drop would break; one meant for
+    // a VIP ends in the LB's reassembly queue and times out there (the
+    // datagram is lost either way, as its first fragment never came).
+    let port = match pkt.fragment {
+        Fragment::Later => {
+            fragments::dport(&pkt).ok_or(Verdict::pass(stat::PASS_FRAGMENT_UNSEEN))?
+        }
+        Fragment::Whole | Fragment::First => pkt.dport,
+    };
     let key = ServiceKey {
         addr: pkt.dst,
-        port: pkt.dport,
+        port,
         proto: pkt.proto,
         family: pkt.family,
     };
@@ -58,8 +74,14 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         .get_ptr(key)
         .ok_or(Verdict::pass(stat::PASS_NOT_SERVICE))?;
     let svc = &snapshot(svc);
-    if pkt.fragment {
-        stats::count(stat::FRAGMENT);
+    match pkt.fragment {
+        Fragment::Whole => {}
+        Fragment::First => {
+            // Only for a service: other traffic never fills the map.
+            fragments::record(&pkt);
+            stats::count(stat::FRAGMENT);
+        }
+        Fragment::Later => stats::count(stat::FRAGMENT),
     }
 
     let choice = select::choose(svc, &pkt.src)?;

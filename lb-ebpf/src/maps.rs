@@ -6,11 +6,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, DEFAULT_AFFINITY_ENTRIES, DEFAULT_MAGLEV_ENTRIES, MAX_BACKENDS,
-    MAX_SERVICES, Service, ServiceKey, TrafficStats, stat,
+    Affinity, AffinityKey, Backend, DEFAULT_AFFINITY_ENTRIES, DEFAULT_MAGLEV_ENTRIES,
+    FRAGMENT_ENTRIES, FragmentKey, FragmentPorts, MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey,
+    TrafficStats, stat,
 };
 
-/// (VIP, port, protocol) -> service record; port 0 holds the VIP's fragment entry.
+/// (VIP, port, protocol) -> service record. Twice `MAX_SERVICES`: older
+/// builds kept port-0 fragment entries here too, and the capacity is part
+/// of the pinned spec, so it stays.
 #[map(name = "XLB_SERVICES_V1")]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(2 * MAX_SERVICES, 0);
 
@@ -38,3 +41,9 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SE
 /// Per-backend traffic.
 #[map(name = "XLB_BESTAT_V1")]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// (family, protocol, client, VIP, IP id) -> the first fragment's ports, so
+/// later fragments (which carry none) follow their datagram's service.
+#[map(name = "XLB_FRAGS_V1")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
+    LruHashMap::pinned(FRAGMENT_ENTRIES, 0);

@@ -38,16 +38,31 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// Whether a datagram is whole or which kind of fragment it is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not a fragment.
+    Whole,
+    /// Offset 0 with more to come: carries the ports and records them.
+    First,
+    /// Any other fragment: no ports, found through the fragment map.
+    Later,
+}
+
 /// What the rest of the program needs from a frame addressed to an IP host.
 pub struct Packet {
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
-    /// Destination port as on the wire (never 0 for a non-fragment); 0 for fragments.
+    /// Destination port as on the wire: never 0, except 0 for a later fragment.
     pub dport: u16,
-    /// IPv4 fragment, or IPv6 with a Fragment header.
-    pub fragment: bool,
+    /// Source port as on the wire; 0 for a later fragment.
+    pub sport: u16,
+    /// Whole datagram, first or later fragment.
+    pub fragment: Fragment,
+    /// IP identification in host order (IPv4 16 bits, IPv6 32); 0 when whole.
+    pub id: u32,
     /// Source address in key layout (`lb_common::ServiceKey::addr`).
     pub src: [u32; 4],
     /// Destination address in key layout.
@@ -108,6 +123,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     let frag = Frag {
         fragment: frags & IPV4_FRAG_MASK != 0,
         first: frags & IPV4_OFFSET_MASK == 0,
+        id: u32::from(u16::from_be_bytes(ip.id)),
     };
     let src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
     let dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
@@ -139,6 +155,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     let mut frag = Frag {
         fragment: false,
         first: true,
+        id: 0,
     };
     if next == IPV6_FRAGMENT {
         // Fragment header: next header (1 byte), reserved, offset (13 bits)
@@ -153,6 +170,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
         frag = Frag {
             fragment: true,
             first: u16::from_be_bytes([fh[2], fh[3]]) >> 3 == 0,
+            id: u32::from_be_bytes([fh[4], fh[5], fh[6], fh[7]]),
         };
     } else if is_v6_extension(next) {
         return Err(Verdict::pass(stat::PASS_V6_EXT_HEADER));
@@ -173,10 +191,11 @@ struct L4At {
     end: usize,
 }
 
-/// Whether the datagram is a fragment, and if so whether the first.
+/// Whether the datagram is a fragment, and if so whether the first, and its id.
 struct Frag {
     fragment: bool,
     first: bool,
+    id: u32,
 }
 
 #[inline(always)]
@@ -194,16 +213,18 @@ fn finish(
         PROTO_UDP => UdpHdr::LEN,
         _ => return Err(Verdict::pass(stat::PASS_NOT_L4)),
     };
-    // Fragments are steered by address only: non-first ones have no ports,
-    // and the first must go where the rest go. Whatever starts an L4 header
-    // (a whole datagram, a first fragment) must hold all of it inside the
-    // datagram: bytes past the IP length are padding, not ports.
+    // A later fragment has no ports: the fragment map supplies them. Whatever
+    // starts an L4 header (a whole datagram, a first fragment) must hold all
+    // of it inside the datagram: bytes past the IP length are padding, not
+    // ports.
     if frag.fragment && !frag.first {
         return Ok(Packet {
             family,
             proto,
             dport: 0,
-            fragment: true,
+            sport: 0,
+            fragment: Fragment::Later,
+            id: frag.id,
             src,
             dst,
         });
@@ -211,27 +232,23 @@ fn finish(
     if l4.start + header_len > l4.end {
         return Err(Verdict::drop(stat::DROP_TRUNCATED_L4));
     }
-    // TCP and UDP both carry the destination port at bytes 2..4.
-    let port = read::<u16>(ctx, l4.start + 2, Verdict::drop(stat::DROP_TRUNCATED_L4))?;
-    if frag.fragment {
-        return Ok(Packet {
-            family,
-            proto,
-            dport: 0,
-            fragment: true,
-            src,
-            dst,
-        });
-    }
-    if port == 0 {
-        // Port 0 keys the fragment entry; it is never a service.
+    // TCP and UDP both carry the source port at bytes 0..2, the destination at 2..4.
+    let ports = read::<[u16; 2]>(ctx, l4.start, Verdict::drop(stat::DROP_TRUNCATED_L4))?;
+    if ports[1] == 0 {
+        // Never a service, and never recorded for later fragments.
         return Err(Verdict::pass(stat::PASS_PORT_ZERO));
     }
     Ok(Packet {
         family,
         proto,
-        dport: port,
-        fragment: false,
+        dport: ports[1],
+        sport: ports[0],
+        fragment: if frag.fragment {
+            Fragment::First
+        } else {
+            Fragment::Whole
+        },
+        id: frag.id,
         src,
         dst,
     })

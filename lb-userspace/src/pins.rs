@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray};
 use lb_common::{
-    Affinity, AffinityKey, Backend, LEGACY_PINS, MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_MAGLEV, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MAX_BACKENDS, MAX_SERVICES,
-    PINNED_MAPS, Service, ServiceKey, TrafficStats, stat,
+    Affinity, AffinityKey, Backend, FRAGMENT_ENTRIES, FragmentKey, FragmentPorts, LEGACY_PINS,
+    MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FRAGMENTS, MAP_MAGLEV, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_STATS, MAX_BACKENDS, MAX_SERVICES, PINNED_MAPS, Service, ServiceKey,
+    TrafficStats, stat,
 };
 
 use crate::{bpf_batch, dataplane::KnownTables};
@@ -115,7 +116,7 @@ pub struct MapSpec {
 }
 
 /// The expected spec of every pinned map, given the sizes chosen at load time.
-pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 7] {
+pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 8] {
     fn spec<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapSpec {
         MapSpec {
             name,
@@ -135,6 +136,7 @@ pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 7
         spec::<u32, u64>(MAP_STATS, MapType::PerCpuArray, stat::CAPACITY),
         spec::<u32, TrafficStats>(MAP_SERVICE_STATS, MapType::PerCpuArray, MAX_SERVICES),
         spec::<u32, TrafficStats>(MAP_BACKEND_STATS, MapType::PerCpuArray, MAX_BACKENDS),
+        spec::<FragmentKey, FragmentPorts>(MAP_FRAGMENTS, MapType::LruHash, FRAGMENT_ENTRIES),
     ]
 }
 
@@ -213,6 +215,8 @@ pub struct PinnedMaps {
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     /// `XLB_BESTAT_V1`.
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
+    /// `XLB_FRAGS_V1` (read-only for userspace: the kernel fills it).
+    pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
     /// What this process wrote into (or read from) the Maglev map, so an
     /// apply compares and writes only the tables that change.
     pub(crate) known_tables: KnownTables,
@@ -249,7 +253,7 @@ impl PinnedMaps {
                 dir.display()
             );
         }
-        debug_assert_eq!(PINNED_MAPS.len(), 7);
+        debug_assert_eq!(PINNED_MAPS.len(), 8);
         let maglev_entries = MapInfo::from_pin(dir.join(MAP_MAGLEV))
             .context("reading Maglev map info")?
             .max_entries();
@@ -263,6 +267,7 @@ impl PinnedMaps {
             stats: typed!(dir, MAP_STATS),
             service_stats: typed!(dir, MAP_SERVICE_STATS),
             backend_stats: typed!(dir, MAP_BACKEND_STATS),
+            fragments: typed!(dir, MAP_FRAGMENTS),
             known_tables: KnownTables::default(),
         })
     }

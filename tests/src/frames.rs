@@ -42,8 +42,10 @@ pub struct Frame {
     pub ip_options: Vec<u8>,
     /// IPv4 only: the raw `frags` field (flags + offset).
     pub frags: u16,
-    /// IPv6 only: insert a Fragment header with this offset (in 8-byte units).
+    /// IPv6 only: insert a Fragment header with this offset (in 8-byte units) and M set.
     pub v6_fragment: Option<u16>,
+    /// IP identification: IPv4 takes the low 16 bits, the IPv6 Fragment header all 32.
+    pub ip_id: u32,
 }
 
 impl Frame {
@@ -62,6 +64,7 @@ impl Frame {
             ip_options: Vec::new(),
             frags: 0,
             v6_fragment: None,
+            ip_id: 0x1234,
         }
     }
 
@@ -119,7 +122,7 @@ impl Frame {
                 f.push(0x40 | (hdr_len / 4) as u8);
                 f.push(0);
                 f.extend(((hdr_len + l4.len()) as u16).to_be_bytes());
-                f.extend([0x12, 0x34]);
+                f.extend((self.ip_id as u16).to_be_bytes());
                 f.extend(self.frags.to_be_bytes());
                 f.push(64);
                 f.push(self.proto());
@@ -144,7 +147,7 @@ impl Frame {
                     f.push(self.proto());
                     f.push(0);
                     f.extend(((offset << 3) | 1).to_be_bytes());
-                    f.extend([0, 0, 0, 7]);
+                    f.extend(self.ip_id.to_be_bytes());
                 }
             }
             _ => panic!("mixed address families in a test frame"),

@@ -12,7 +12,10 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{Affinity, AffinityKey, BACKEND_DOWN, BACKEND_DRAINING, prefix_mask, stat};
+use lb_common::{
+    Affinity, AffinityKey, BACKEND_DOWN, BACKEND_DRAINING, FAMILY_V4, FAMILY_V6, FragmentKey,
+    FragmentPorts, PROTO_TCP, PROTO_UDP, ServiceKey, prefix_mask, stat,
+};
 use xlb::{
     config::Config,
     dataplane::{self, Dataplane, LoadOptions, addr_words},
@@ -635,7 +638,7 @@ fn ipv6_down_backend_reselected() {
 }
 
 #[test]
-fn ipv6_extension_headers_pass_and_fragments_follow_the_vip() {
+fn ipv6_extension_headers_pass_and_first_fragments_are_steered() {
     let mut fx = Fixture::new();
     let mut hbh = Frame::tcp("fd00:9::2", "fd00::10", 80).build();
     hbh[20] = 0; // next header: hop-by-hop options
@@ -643,14 +646,13 @@ fn ipv6_extension_headers_pass_and_fragments_follow_the_vip() {
 
     let mut f = Frame::tcp("fd00:9::3", "fd00::10", 80);
     let (_, direct) = fx.run(&f.build());
-    f.v6_fragment = Some(100);
+    f.v6_fragment = Some(0);
     let frag = f.build();
     let before = fx.counter(stat::FRAGMENT);
-    let (verdict, out) = fx.run(&frag);
+    let (verdict, out) = fx.run_counted(&frag, stat::AFFINITY_HIT);
     assert_eq!(verdict, XDP_TX);
     assert_eq!(fx.counter(stat::FRAGMENT), before + 1);
-    // web6 is the only TCP service on fd00::10, so its fragments share its sessions.
-    assert_eq!(mac_of(&out), mac_of(&direct));
+    assert_forwarded(&frag, &out, mac_of(&direct));
 }
 
 // ---- malformed input -----------------------------------------------------
@@ -745,32 +747,199 @@ fn ipv4_options_vlan_and_empty_payloads_are_forwarded() {
     assert_eq!(fx.run_counted(&syn.build(), stat::NEW_SESSION).0, XDP_TX);
 }
 
+/// Two more services on the VIPs of `CONFIG`, each with its own MACs:
+/// UDP 5353 beside UDP 53 on 10.0.0.10, TCP 8080 beside TCP 80 on fd00::10.
+const MORE_SERVICES: &str = r#"
+[[service]]
+name = "mdns"
+vip = "10.0.0.10"
+port = 5353
+protocol = "udp"
+[[service.backend]]
+address = "10.0.0.21"
+mac = "02:00:00:00:00:51"
+[[service.backend]]
+address = "10.0.0.22"
+mac = "02:00:00:00:00:52"
+[[service.backend]]
+address = "10.0.0.23"
+mac = "02:00:00:00:00:53"
+
+[[service]]
+name = "alt6"
+vip = "fd00::10"
+port = 8080
+protocol = "tcp"
+affinity_prefix_v6 = 64
+[[service.backend]]
+address = "fd00::21"
+mac = "02:00:00:00:00:61"
+[[service.backend]]
+address = "fd00::22"
+mac = "02:00:00:00:00:62"
+[[service.backend]]
+address = "fd00::23"
+mac = "02:00:00:00:00:63"
+"#;
+
+/// The backend MACs of a configured service.
+fn service_macs(fx: &Fixture, name: &str) -> Vec<[u8; 6]> {
+    fx.config
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .expect("service in config")
+        .backends
+        .iter()
+        .map(|b| b.mac)
+        .collect()
+}
+
+/// A fragment of `f`'s datagram with identification `id`: the first (offset
+/// 0, more to come) or a later one (a bare payload at offset 1480, no ports).
+fn fragment(f: &Frame, id: u32, first: bool) -> Vec<u8> {
+    let mut f = f.clone();
+    f.ip_id = id;
+    let v4 = f.src.is_ipv4();
+    if first {
+        if v4 {
+            f.frags = 0x2000; // MF, offset 0
+        } else {
+            f.v6_fragment = Some(0);
+        }
+        return f.build();
+    }
+    if v4 {
+        f.frags = 185; // offset 1480 bytes, last fragment
+    } else {
+        f.v6_fragment = Some(185);
+    }
+    let mut frame = f.build();
+    // Replace the L4 header and payload by 40 bytes of plain data, with the
+    // IP length fixed up: a later fragment carries no ports at all.
+    let l3 = 14;
+    let l4 = if v4 { l3 + 20 } else { l3 + 40 + 8 };
+    frame.truncate(l4);
+    frame.extend([0xab; 40]);
+    if v4 {
+        frame[l3 + 2..l3 + 4].copy_from_slice(&(20u16 + 40).to_be_bytes());
+    } else {
+        frame[l3 + 4..l3 + 6].copy_from_slice(&(8u16 + 40).to_be_bytes());
+    }
+    frame
+}
+
+fn fragment_key(f: &Frame, id: u32) -> FragmentKey {
+    FragmentKey {
+        family: if f.src.is_ipv4() {
+            FAMILY_V4
+        } else {
+            FAMILY_V6
+        },
+        proto: match f.l4 {
+            xlb_tests::frames::L4::Tcp => PROTO_TCP,
+            xlb_tests::frames::L4::Udp => PROTO_UDP,
+        },
+        _pad: 0,
+        id,
+        src: addr_words(f.src),
+        dst: addr_words(f.dst),
+    }
+}
+
 #[test]
-fn ipv4_fragments_follow_the_vips_fragment_entry() {
-    let mut fx = Fixture::new();
-    // UDP 53 is the lowest-port UDP service on 10.0.0.10: its fragment entry.
-    let client = "10.0.0.108";
-    let (_, whole) = fx.run(&Frame::udp(client, "10.0.0.10", 53).build());
-    let mut first = Frame::udp(client, "10.0.0.10", 53);
-    first.frags = 0x2000; // MF, offset 0
-    let mut later = Frame::udp(client, "10.0.0.10", 53);
-    later.frags = 185; // offset 1480 bytes, last fragment
-    later.payload = vec![0xab; 40];
-    for f in [first, later] {
-        let frame = f.build();
+fn fragments_follow_their_own_service() {
+    let mut fx = Fixture::with_config(&format!("{CONFIG}{MORE_SERVICES}"));
+    // Two services on one VIP and protocol per family, one client sending a
+    // fragmented datagram to each, interleaved: every fragment must reach
+    // its own service's backend (the MAC sets are disjoint), the later one
+    // the same backend as its first.
+    let cases = [
+        ("dns", Frame::udp("10.0.0.108", "10.0.0.10", 53), 0x0101u32),
+        ("mdns", Frame::udp("10.0.0.108", "10.0.0.10", 5353), 0x0202),
+        ("web6", Frame::tcp("fd00:9::8", "fd00::10", 80), 0x0303_0303),
+        (
+            "alt6",
+            Frame::tcp("fd00:9::8", "fd00::10", 8080),
+            0x0404_0404,
+        ),
+    ];
+    let mut firsts = Vec::new();
+    for (service, f, id) in &cases {
+        let frame = fragment(f, *id, true);
+        let before = fx.counter(stat::FRAGMENT);
+        let (verdict, out) = fx.run_counted(&frame, stat::NEW_SESSION);
+        assert_eq!(verdict, XDP_TX, "{service}: first fragment");
+        assert_eq!(fx.counter(stat::FRAGMENT), before + 1);
+        let want = fx.maglev_mac(service, f.src);
+        assert!(service_macs(&fx, service).contains(&want));
+        assert_forwarded(&frame, &out, want);
+        // The first fragment recorded its ports for the rest of its datagram.
+        let ports = fx
+            .maps
+            .fragments
+            .get(&fragment_key(f, *id), 0)
+            .expect("fragment map entry after the first fragment");
+        assert_eq!(
+            ports,
+            FragmentPorts {
+                sport: f.sport.to_be(),
+                dport: f.dport.to_be()
+            },
+            "{service}"
+        );
+        firsts.push(want);
+    }
+    for ((service, f, id), want) in cases.iter().zip(&firsts).rev() {
+        let frame = fragment(f, *id, false);
         let before = fx.counter(stat::FRAGMENT);
         let (verdict, out) = fx.run_counted(&frame, stat::AFFINITY_HIT);
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, XDP_TX, "{service}: later fragment");
         assert_eq!(fx.counter(stat::FRAGMENT), before + 1);
-        assert_forwarded(&frame, &out, mac_of(&whole));
+        assert_forwarded(&frame, &out, *want);
     }
-    // Fragments to an address without services are not ours.
-    let mut stray = Frame::udp(client, "10.0.0.99", 53);
-    stray.frags = 185;
+    // Distinct services, distinct backends: the test would not notice
+    // fragments steered to the wrong service otherwise.
+    assert!(!service_macs(&fx, "dns").contains(&firsts[1]));
+    assert!(!service_macs(&fx, "web6").contains(&firsts[3]));
+}
+
+#[test]
+fn later_fragment_without_its_first_passes() {
+    let mut fx = Fixture::with_config(&format!("{CONFIG}{MORE_SERVICES}"));
+    let v4 = Frame::udp("10.0.0.109", "10.0.0.10", 5353);
+    let v6 = Frame::tcp("fd00:9::9", "fd00::10", 8080);
+    for f in [&v4, &v6] {
+        let frame = fragment(f, 0x77, false);
+        let (verdict, out) = fx.run_counted(&frame, stat::PASS_FRAGMENT_UNSEEN);
+        assert_eq!((verdict, out), (XDP_PASS, frame));
+        // Another datagram's first fragment (another id, or another client
+        // with the same id) does not stand in for it.
+        fx.run_counted(&fragment(f, 0x78, true), stat::NEW_SESSION);
+        let mut other = f.clone();
+        other.src = if f.src.is_ipv4() {
+            ip("10.0.0.110")
+        } else {
+            ip("fd00:8::10")
+        };
+        fx.run_counted(&fragment(&other, 0x77, true), stat::NEW_SESSION);
+        let frame = fragment(f, 0x77, false);
+        let (verdict, out) = fx.run_counted(&frame, stat::PASS_FRAGMENT_UNSEEN);
+        assert_eq!((verdict, out), (XDP_PASS, frame));
+    }
     assert_eq!(
-        fx.run_counted(&stray.build(), stat::PASS_NOT_SERVICE).0,
-        XDP_PASS
+        fx.counter(stat::FRAGMENT),
+        4,
+        "only the first fragments matched"
     );
+    // A fragment to an address without services: the first is not recorded,
+    // so the later one passes the same way.
+    let stray = Frame::udp("10.0.0.109", "10.0.0.99", 53);
+    let (verdict, _) = fx.run_counted(&fragment(&stray, 5, true), stat::PASS_NOT_SERVICE);
+    assert_eq!(verdict, XDP_PASS);
+    assert!(fx.maps.fragments.get(&fragment_key(&stray, 5), 0).is_err());
+    let (verdict, _) = fx.run_counted(&fragment(&stray, 5, false), stat::PASS_FRAGMENT_UNSEEN);
+    assert_eq!(verdict, XDP_PASS);
 }
 
 // ---- userspace around the maps ------------------------------------------
@@ -1467,21 +1636,54 @@ fn backend_left_at_id_0_by_an_old_xlb_moves_with_its_sessions() {
 #[test]
 fn destination_port_0_is_never_a_service() {
     let mut fx = Fixture::new();
-    // Port 0 keys the fragment entries of TCP and UDP on 10.0.0.10 and
-    // fd00::10; a whole datagram to port 0 must not match them.
+    // No service map key has port 0, and a datagram or first fragment to
+    // port 0 passes without a lookup and records nothing.
+    let mut first0 = Frame::udp("10.0.0.130", "10.0.0.10", 0);
+    first0.frags = 0x2000;
     for frame in [
         Frame::tcp("10.0.0.130", "10.0.0.10", 0).build(),
         Frame::udp("10.0.0.130", "10.0.0.10", 0).build(),
         Frame::tcp("fd00::130", "fd00::10", 0).build(),
+        first0.build(),
     ] {
         let (verdict, out) = fx.run_counted(&frame, stat::PASS_PORT_ZERO);
         assert_eq!((verdict, out), (XDP_PASS, frame));
     }
     assert!(fx.affinity("web", ip("10.0.0.130"), 32).is_none());
-    // Fragments still follow the entry.
-    let mut frag = Frame::udp("10.0.0.130", "10.0.0.10", 53);
-    frag.frags = 185;
-    assert_eq!(fx.run_counted(&frag.build(), stat::NEW_SESSION).0, XDP_TX);
+    assert!(
+        fx.maps.fragments.keys().next().is_none(),
+        "nothing recorded"
+    );
+    let port0 = |fx: &Fixture| {
+        fx.maps
+            .services
+            .keys()
+            .filter(|k| k.as_ref().is_ok_and(|k| k.port == 0))
+            .count()
+    };
+    assert_eq!(port0(&fx), 0);
+
+    // An older xlb left port-0 fragment entries (copies of a service
+    // record): apply deletes them.
+    let dns = fx
+        .config
+        .services
+        .iter()
+        .find(|s| s.name == "dns")
+        .expect("dns")
+        .clone();
+    let key = dataplane::service_key(&dns);
+    let record = fx.maps.services.get(&key, 0).expect("dns record");
+    let legacy = ServiceKey { port: 0, ..key };
+    fx.maps
+        .services
+        .insert(legacy, record, 0)
+        .expect("writing a legacy entry");
+    assert_eq!(port0(&fx), 1);
+    let text = fx.text.clone();
+    fx.reapply(&text);
+    assert_eq!(port0(&fx), 0, "apply removes legacy port-0 entries");
+    assert_eq!(fx.maps.services.get(&key, 0).expect("dns kept"), record);
 }
 
 #[test]
@@ -1529,6 +1731,9 @@ fn l4_header_past_the_ip_datagram_drops() {
     // fragment carries no L4 header and needs none.
     let whole = Frame::tcp("10.0.0.131", "10.0.0.10", 80).build();
     assert_eq!(fx.run_counted(&whole, stat::NEW_SESSION).0, XDP_TX);
+    let mut first = Frame::udp("10.0.0.131", "10.0.0.10", 53);
+    first.frags = 0x2000;
+    assert_eq!(fx.run(&first.build()).0, XDP_TX);
     let mut later = Frame::udp("10.0.0.131", "10.0.0.10", 53);
     later.frags = 185;
     let mut later = later.build();

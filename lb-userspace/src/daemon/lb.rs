@@ -726,7 +726,7 @@ impl Lb {
             .unwrap_or_else(|| format!("#{id}"))
     }
 
-    /// Service records by service id (port-0 fragment entries left out).
+    /// Service records by service id (port-0 fragment entries of older builds left out).
     pub(super) fn service_records(&self) -> Result<HashMap<u32, Service>> {
         let mut out = HashMap::new();
         for entry in self.maps.services.iter() {

@@ -28,8 +28,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
     Affinity, AffinityKey, BACKEND_CAPACITY, BACKEND_EMPTY, Backend, FAMILY_V4, FIRST_BACKEND_ID,
-    FORWARD_DSR_L2, MAX_BACKENDS, NO_BACKEND, RESERVED_BACKEND_ID, SERVICE_F_FRAGMENTS, Service,
-    ServiceKey, prefix_mask,
+    FORWARD_DSR_L2, MAX_BACKENDS, NO_BACKEND, RESERVED_BACKEND_ID, Service, ServiceKey,
+    prefix_mask,
 };
 
 use super::{
@@ -71,7 +71,7 @@ pub struct ApplyReport {
     pub table_entries_written: usize,
     /// Backend records written (new or changed).
     pub backends_written: usize,
-    /// Service records written (new or changed, fragment entries included).
+    /// Service records written (new or changed).
     pub services_written: usize,
 }
 
@@ -89,16 +89,17 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
         ..ApplyReport::default()
     };
 
-    // What is there now: service records by key (fragment entries apart),
-    // and every backend slot (one batch read).
+    // What is there now: service records by key, and every backend slot
+    // (one batch read). Port 0 is never a service: an entry there is the
+    // fragment entry of an older xlb, deleted below.
     let mut current: BTreeMap<ServiceKeyOrd, Service> = BTreeMap::new();
-    let mut current_frag: BTreeMap<ServiceKeyOrd, Service> = BTreeMap::new();
+    let mut legacy_frag: Vec<ServiceKey> = Vec::new();
     for entry in maps.services.iter() {
         let (key, svc) = entry.context("reading the service map")?;
         if key.port != 0 {
             current.insert(ServiceKeyOrd(key), svc);
         } else {
-            current_frag.insert(ServiceKeyOrd(key), svc);
+            legacy_frag.push(key);
         }
     }
     let live = maps.backend_records()?;
@@ -260,7 +261,6 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
     if !reused.is_empty() {
         let leaving: Vec<ServiceKeyOrd> = current
             .iter()
-            .chain(&current_frag)
             .filter(|(_, r)| reused.contains(&r.id))
             .map(|(k, _)| *k)
             .collect();
@@ -268,10 +268,8 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
             maps.services
                 .remove(&key.0)
                 .context("removing a service whose id is reused")?;
-            if current.remove(&key).is_some() {
-                report.services_removed += 1;
-            }
-            current_frag.remove(&key);
+            current.remove(&key);
+            report.services_removed += 1;
         }
         report.sessions_removed += purge_sessions(maps, &reused, &BTreeSet::new())?;
         for id in &reused {
@@ -307,24 +305,11 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
         }
     }
 
-    // 3. Service records (and fragment entries) that differ: this flips
-    //    the changed tables live.
+    // 3. Service records that differ: this flips the changed tables live.
     let mut records: Vec<(ServiceKey, Service)> = Vec::with_capacity(wanted.len());
     for (si, (key, svc)) in wanted.iter().enumerate() {
         let record = service_record(svc, service_ids[si], table_size, live_slot[si]);
         records.push((*key, record));
-    }
-    let mut frag: BTreeMap<ServiceKeyOrd, (u16, Service)> = BTreeMap::new();
-    for (key, record) in &records {
-        let fkey = ServiceKeyOrd(ServiceKey { port: 0, ..*key });
-        let port = u16::from_be(key.port);
-        if frag.get(&fkey).is_none_or(|(p, _)| port < *p) {
-            let copy = Service {
-                flags: record.flags | SERVICE_F_FRAGMENTS,
-                ..*record
-            };
-            frag.insert(fkey, (port, copy));
-        }
     }
     for (si, (key, record)) in records.iter().enumerate() {
         if current.get(&ServiceKeyOrd(*key)) != Some(record) {
@@ -332,14 +317,6 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
                 .insert(*key, *record, 0)
                 .with_context(|| format!("writing service {}", wanted[si].1.name))?;
             maps.known_tables.flipped(record.id, record.active_slot);
-            report.services_written += 1;
-        }
-    }
-    for (fkey, (_, record)) in &frag {
-        if current_frag.get(fkey) != Some(record) {
-            maps.services
-                .insert(fkey.0, *record, 0)
-                .context("writing a fragment entry")?;
             report.services_written += 1;
         }
     }
@@ -356,11 +333,14 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
             report.services_removed += 1;
         }
     }
-    for fkey in current_frag.keys() {
-        if !frag.contains_key(fkey) {
-            maps.services
-                .remove(&fkey.0)
-                .context("removing a stale fragment entry")?;
+    // The kernel never looks port 0 up (fragments use `XLB_FRAGS_V1`), so
+    // an older xlb's fragment entries are dead weight holding a service id.
+    for key in &legacy_frag {
+        match maps.services.remove(key) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e).context("removing a port-0 fragment entry of an older xlb"),
         }
     }
     for id in &removed_services {
