@@ -11,7 +11,6 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
     net::{IpAddr, SocketAddr},
     path::Path,
     sync::Mutex,
@@ -24,13 +23,12 @@ use serde::Serialize;
 
 use super::{
     Budget, Series,
-    peers::{self, NftDnat, Proxy, XlbAttached},
+    contenders::{Contender, Lineup, ensure_packages, no_time_wait_on_backends, wait_served},
     progress,
 };
 use crate::{
     Lab, LabOptions, Proto, Servers, client,
-    daemon::{Daemon, HealthOptions, daemon_config},
-    driver::{self, Mode},
+    daemon::{Daemon, HealthOptions},
     netns,
     servers::HTTP_PORT,
     who_serves,
@@ -53,65 +51,19 @@ const KILL_AFTER: Duration = Duration::from_millis(1025);
 const ASK_BEFORE_RESTORE: Duration = Duration::from_millis(500);
 /// How often the control thread looks at the probes while waiting for the failover.
 const POLL: Duration = Duration::from_millis(20);
-/// How long a contender gets to come up (and xlb's checks to see every backend up).
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// The xlb service the prober uses (HTTP on the IPv4 VIP).
-const XLB_SERVICE: &str = "http-v4";
 /// HAProxy's checks: as close as HAProxy allows to xlb's (interval 500 ms, fall 3, rise 2).
 const HAPROXY_CHECK: &str = "check inter 500ms fall 3 rise 2";
 
 /// The contenders, in the order they run within a round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Contender {
-    Xlb,
-    Nft,
-    Haproxy,
-    Nginx,
-}
-
-impl Contender {
-    const ALL: [Contender; 4] = [
-        Contender::Xlb,
+const LINEUP: Lineup = Lineup {
+    all: &[
+        Contender::XlbDaemon,
         Contender::Nft,
         Contender::Haproxy,
         Contender::Nginx,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Contender::Xlb => "xlb daemon (native XDP)",
-            Contender::Nft => "nftables DNAT jhash + SNAT",
-            Contender::Haproxy => "HAProxy TCP, stick on src",
-            Contender::Nginx => "nginx stream, hash consistent",
-        }
-    }
-
-    /// What it does to notice a dead backend, for the table.
-    fn health_checks(self) -> String {
-        let h = HealthOptions::default();
-        match self {
-            Contender::Xlb => format!(
-                "active: HTTP GET every {}, timeout {}, fall {}, rise {}",
-                h.interval, h.timeout, h.fall, h.rise
-            ),
-            Contender::Nft => "none (DNAT has no notion of a dead backend)".to_owned(),
-            Contender::Haproxy => format!("active: TCP connect, `{HAPROXY_CHECK}`"),
-            Contender::Nginx => {
-                "passive only: `max_fails=1 fail_timeout=2s`, retries the next server".to_owned()
-            }
-        }
-    }
-
-    /// The programs it needs, as part 4 knows them.
-    fn needs(self) -> Vec<&'static str> {
-        match self {
-            Contender::Xlb => Vec::new(),
-            Contender::Nft => vec!["nft"],
-            Contender::Haproxy => peers::Contender::Haproxy.needs().to_vec(),
-            Contender::Nginx => peers::Contender::Nginx.needs().to_vec(),
-        }
-    }
-}
+    ],
+    haproxy_check: HAPROXY_CHECK,
+};
 
 /// One probe of the pinned client.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -249,19 +201,8 @@ pub fn part5(budget: Budget) -> Result<FailoverOutcome> {
     if KILL_AFTER + down >= probing {
         bail!("the restore ({down:?} after the kill) must fall within the {probing:?} of probing");
     }
-    let missing = peers::ensure_packages();
-    let mut failed: Vec<(Contender, String)> = Vec::new();
-    for c in Contender::ALL {
-        if let Some(t) = c.needs().into_iter().find(|t| !peers::have(t)) {
-            let why = missing
-                .clone()
-                .unwrap_or_else(|| "not installed".to_owned());
-            failed.push((c, format!("{t} is missing: {why}")));
-        }
-    }
-    if let Err(e) = driver::xlb_bin() {
-        failed.push((Contender::Xlb, format!("{e:#}")));
-    }
+    let missing = ensure_packages();
+    let mut failed = LINEUP.unavailable(missing.as_deref());
 
     let lab = Lab::new(
         "failover",
@@ -271,48 +212,36 @@ pub fn part5(budget: Budget) -> Result<FailoverOutcome> {
             clients_v6: 0,
         },
     )?;
-    peers::no_time_wait_on_backends(&lab)?;
+    no_time_wait_on_backends(&lab)?;
     let mut servers = Servers::start(&lab)?;
     // xlb's native XDP_TX needs XDP on lb0's peer; it stays for every contender (as in
     // part 4) so all of them see the same lb0.
     lab.attach_lb_peer_pass()?;
 
-    for round in 0..budget.failover_rounds {
-        for c in Contender::ALL {
-            if failed.iter().any(|(f, _)| *f == c) {
-                continue;
-            }
-            progress(&format!(
-                "part 5: round {}/{}: {}",
-                round + 1,
-                budget.failover_rounds,
-                c.name()
-            ));
-            match measure(&lab, &mut servers, c, round, budget) {
-                Ok(run) => {
-                    progress(&format!(
-                        "part 5: {}: {} errors, served again after {}, moved back: {}",
-                        c.name(),
-                        run.errors,
-                        run.served_again_ms
-                            .map_or("never".to_owned(), |ms| format!("{ms:.0} ms")),
-                        run.moved_back
-                            .map_or("– (never left)", |b| if b { "yes" } else { "no" })
-                    ));
-                    out.runs.push(run);
+    LINEUP.rounds("part 5", budget.failover_rounds, &mut failed, |c, round| {
+        let run = match measure(&lab, &mut servers, c, round, budget) {
+            Ok(run) => run,
+            Err(e) => {
+                // The next contender needs every backend up; a restore that failed inside
+                // the run is tried once more here ("running already" is fine).
+                for b in &lab.backends {
+                    let _ = servers.start_backend(&lab, &b.name);
                 }
-                Err(e) => {
-                    progress(&format!("part 5: {} failed: {e:#}", c.name()));
-                    failed.push((c, format!("round {}: {e:#}", round + 1)));
-                    // The next contender needs every backend up; a restore that failed
-                    // inside the run is tried once more here ("running already" is fine).
-                    for b in &lab.backends {
-                        let _ = servers.start_backend(&lab, &b.name);
-                    }
-                }
+                return Err(e);
             }
-        }
-    }
+        };
+        progress(&format!(
+            "part 5: {}: {} errors, served again after {}, moved back: {}",
+            c.name(),
+            run.errors,
+            run.served_again_ms
+                .map_or("never".to_owned(), |ms| format!("{ms:.0} ms")),
+            run.moved_back
+                .map_or("– (never left)", |b| if b { "yes" } else { "no" })
+        ));
+        out.runs.push(run);
+        Ok(())
+    });
 
     // A contender that failed in a later round keeps no samples: rows must be comparable.
     out.runs
@@ -321,7 +250,8 @@ pub fn part5(budget: Budget) -> Result<FailoverOutcome> {
         out.skipped
             .push((format!("failover: {}", c.name()), why.clone()));
     }
-    let rows: Vec<FailoverRow> = Contender::ALL
+    let rows: Vec<FailoverRow> = LINEUP
+        .all
         .iter()
         .filter_map(|c| row(*c, &out.runs))
         .collect();
@@ -345,15 +275,13 @@ fn measure(
     round: usize,
     budget: Budget,
 ) -> Result<FailoverRun> {
-    let started = Started::start(lab, c)?;
-    let watch = match &started {
-        Started::Xlb {
-            daemon: Some(d), ..
-        } => Some(KernelWatch::new(lab, d)?),
-        _ => None,
+    let running = LINEUP.start(lab, c)?;
+    let watch = match running.daemon() {
+        Some(d) => Some(KernelWatch::new(lab, d)?),
+        None => None,
     };
     let vip = IpAddr::V4(lab.vip4);
-    peers::wait_served(lab, vip)?;
+    wait_served(lab, vip)?;
     let pinned = IpAddr::V4(*lab.client_v4.first().context("the lab has no client")?);
     let clients = lab.client_addrs();
     let before = ask_all(lab, &clients);
@@ -389,7 +317,7 @@ fn measure(
         )
     })?;
     let after = ask_all(lab, &clients);
-    started.stop()?;
+    running.stop()?;
 
     let mut probe_log = log.into_inner().unwrap_or_else(|p| p.into_inner());
     probe_log.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
@@ -690,7 +618,7 @@ fn row(c: Contender, runs: &[FailoverRun]) -> Option<FailoverRow> {
     let failed_over: Vec<&&FailoverRun> = rs.iter().filter(|r| r.moved_back.is_some()).collect();
     Some(FailoverRow {
         contender: c.name().to_owned(),
-        health_checks: c.health_checks(),
+        health_checks: LINEUP.health_checks(c),
         rounds: rs.len(),
         errors: series("probes", &|r| r.errors as f64),
         served_again_ms: Series::new(
@@ -736,7 +664,10 @@ fn humantime_ms(text: &str) -> f64 {
 /// Per service, xlb's kill-to-kernel-DOWN times over the rounds.
 fn kernel_down(runs: &[FailoverRun]) -> BTreeMap<String, Series> {
     let mut per: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for r in runs.iter().filter(|r| r.contender == Contender::Xlb.name()) {
+    for r in runs
+        .iter()
+        .filter(|r| r.contender == Contender::XlbDaemon.name())
+    {
         for (svc, t) in &r.kernel_down_ms {
             per.entry(svc.clone())
                 .or_default()
@@ -745,7 +676,7 @@ fn kernel_down(runs: &[FailoverRun]) -> BTreeMap<String, Series> {
     }
     per.into_iter()
         .map(|(svc, v)| {
-            let s = Series::new(Contender::Xlb.name(), "ms", v);
+            let s = Series::new(Contender::XlbDaemon.name(), "ms", v);
             (svc, s)
         })
         .collect()
@@ -795,65 +726,6 @@ fn about(budget: Budget) -> String {
         fall = h.fall,
         rise = h.rise,
     )
-}
-
-/// A contender started for one round; dropping it stops and removes everything.
-enum Started<'a> {
-    /// The daemon is stopped first (fields drop in order), then the dataplane it leaves
-    /// attached is detached.
-    Xlb {
-        daemon: Option<Daemon>,
-        attached: XlbAttached<'a>,
-    },
-    Nft(NftDnat<'a>),
-    Proxy(Proxy),
-}
-
-impl<'a> Started<'a> {
-    fn start(lab: &'a Lab, c: Contender) -> Result<Self> {
-        Ok(match c {
-            Contender::Xlb => {
-                let config = lab.work_dir().join("xlb-failover.toml");
-                let text = daemon_config(lab, Mode::Native, BACKENDS, &HealthOptions::default());
-                fs::write(&config, text)
-                    .with_context(|| format!("writing {}", config.display()))?;
-                // Taken first: a daemon that attached and then failed is detached too.
-                let attached = XlbAttached::guard(lab, &config)?;
-                let daemon = Daemon::start(lab, &config)?;
-                for b in &lab.backends {
-                    daemon.wait_backend(lab, XLB_SERVICE, &b.name, READY_TIMEOUT, |v| {
-                        v["health"] == "up"
-                    })?;
-                }
-                Started::Xlb {
-                    daemon: Some(daemon),
-                    attached,
-                }
-            }
-            Contender::Nft => Started::Nft(NftDnat::load(lab)?),
-            Contender::Haproxy => Started::Proxy(Proxy::haproxy(lab, HAPROXY_CHECK)?),
-            Contender::Nginx => Started::Proxy(Proxy::nginx(lab)?),
-        })
-    }
-
-    /// Stops it, reporting an error that dropping would only print.
-    fn stop(self) -> Result<()> {
-        match self {
-            Started::Xlb {
-                mut daemon,
-                mut attached,
-            } => {
-                let stopped = match daemon.take() {
-                    Some(d) => d.child.stop().map(|_| ()),
-                    None => Ok(()),
-                };
-                let detached = attached.detach();
-                stopped.and(detached)
-            }
-            Started::Nft(mut n) => n.unload(),
-            Started::Proxy(p) => p.stop(),
-        }
-    }
 }
 
 /// A backend whose servers are stopped; started again on [`Killed::restore`] or on drop.
@@ -969,7 +841,7 @@ mod tests {
     #[test]
     fn rows_render_as_a_table() {
         let run = |round, moved_back| FailoverRun {
-            contender: Contender::Xlb.name().to_owned(),
+            contender: Contender::XlbDaemon.name().to_owned(),
             round,
             client: "10.77.0.100".into(),
             killed: "b2".into(),
@@ -995,7 +867,7 @@ mod tests {
             probe_log: Vec::new(),
         };
         let runs = vec![run(0, false), run(1, false), run(2, true)];
-        let r = row(Contender::Xlb, &runs).expect("a row");
+        let r = row(Contender::XlbDaemon, &runs).expect("a row");
         assert_eq!((r.rounds, r.failed_over, r.moved_back), (3, 3, 1));
         assert_eq!(r.errors.median, 21.0);
         assert_eq!(r.moved_during_pct.median, 25.0);

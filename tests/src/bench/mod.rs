@@ -3,6 +3,7 @@
 //! and noisy; every figure is a median with its min–max and a ratio to a
 //! baseline measured in the same run.
 
+mod contenders;
 pub mod failover;
 pub mod peers;
 pub mod prog_cost;
