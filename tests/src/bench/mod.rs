@@ -79,8 +79,10 @@ impl Budget {
         peer_rounds: 1,
         peer_secs: 1,
         failover_rounds: 1,
-        failover_probes: 80,
-        failover_down_ms: 2_000,
+        failover_probes: 90,
+        // Above fall × interval + 100 ms + ASK_BEFORE_RESTORE (2.1 s): the kernel is
+        // watched until the clients are asked, and DOWN may land at up to 1.6 s.
+        failover_down_ms: 2_500,
         transition_rounds: 2,
     };
 }
