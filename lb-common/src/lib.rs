@@ -241,7 +241,8 @@ pub mod stat {
     pub const PASS_NOT_IP: u32 = 0;
     /// Destination MAC is not this interface's (multicast, broadcast, flooded unicast): passed.
     pub const PASS_OTHER_HOST: u32 = 1;
-    /// Neither TCP nor UDP (ICMP, neighbour discovery, ...): passed.
+    /// Neither TCP nor UDP (ICMP, neighbour discovery, ...), including ICMP
+    /// errors whose quote is malformed or matches no service: passed.
     pub const PASS_NOT_L4: u32 = 2;
     /// No service at (destination, port, protocol): passed.
     pub const PASS_NOT_SERVICE: u32 = 3;
@@ -292,8 +293,13 @@ pub mod stat {
     /// was not seen, came later, or was evicted; or it is not for a VIP at
     /// all): passed, since without a VIP set it may be the host's own traffic.
     pub const PASS_FRAGMENT_UNSEEN: u32 = 23;
+    /// ICMP "fragmentation needed" (type 3 code 4) or ICMPv6 "packet too
+    /// big" to a VIP, quoting a datagram from a service's VIP:port to a
+    /// client: forwarded unchanged to that client's backend (its affinity
+    /// entry, else the Maglev answer; no session is created).
+    pub const ICMP_TOO_BIG_FORWARDED: u32 = 24;
     /// Number of counters.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 25;
     /// Slots in `XLB_STATS_V2` (>= `COUNT`; the rest stay zero).
     pub const CAPACITY: u32 = 64;
 
@@ -323,6 +329,7 @@ pub mod stat {
         "pass_port_zero",
         "affinity_insert_race",
         "pass_fragment_unseen",
+        "icmp_too_big_forwarded",
     ];
 }
 

@@ -53,6 +53,9 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     }
 
     let pkt = parse::parse(ctx)?;
+    if pkt.too_big {
+        return too_big(ctx, &pkt, &own_mac);
+    }
     // A later fragment takes the port its first fragment recorded. Without
     // one it passes: the program has no set of VIPs, so it may be the
     // host's own fragmented traffic, which a drop would break; one meant for
@@ -110,6 +113,32 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         choice.reason != stat::AFFINITY_HIT,
     );
     Ok(Verdict::tx(choice.reason))
+}
+
+/// Sends an ICMP "fragmentation needed" / "packet too big" about a service's
+/// reply to the backend that sent it (with DSR the router returns it to the
+/// VIP, that is to us), so the backend learns the path MTU. The backend is
+/// the client's as the next packet would find it, but no session is created
+/// or refreshed: an ICMP error is not client traffic. Only the MACs change.
+/// Not counted per service/backend, whose counters are the clients' traffic.
+/// Anything that cannot be forwarded passes as other ICMP does.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, pkt: &parse::Packet, own_mac: &[u8; 6]) -> Result<Verdict, Verdict> {
+    let not_ours = Verdict::pass(stat::PASS_NOT_L4);
+    let key = ServiceKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+    };
+    let svc = SERVICES.get_ptr(key).ok_or(not_ours)?;
+    let svc = &snapshot(svc);
+    let (_, backend) = select::peek(svc, &pkt.src).map_err(|_| not_ours)?;
+    // SAFETY: map value pointer from BACKENDS, valid for this program run.
+    if !forward::dsr_l2(ctx, unsafe { &*backend }, own_mac) {
+        return Err(Verdict::drop(stat::DROP_TRUNCATED_ETH));
+    }
+    Ok(Verdict::tx(stat::ICMP_TOO_BIG_FORWARDED))
 }
 
 /// Copies a service record out of its map element once, so the whole packet

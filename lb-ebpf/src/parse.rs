@@ -1,11 +1,13 @@
 //! Packet parsing: Ethernet (one 802.1Q tag), IPv4 (with options), IPv6 (fixed
-//! header plus Fragment), TCP and UDP. All reads go through [`ptr_at`].
+//! header plus Fragment), TCP and UDP, and the datagram an ICMP "fragmentation
+//! needed" / ICMPv6 "packet too big" quotes. All reads go through [`ptr_at`].
 //!
 //! Policy for what cannot be parsed: frames the kernel would discard anyway
 //! (truncated, bad version/IHL/length, a TCP/UDP header past the end of the
 //! IP datagram) are dropped here with a reason; anything well-formed that is
 //! not TCP/UDP, and IPv6 with extension headers other than Fragment, passes
-//! to the stack untouched.
+//! to the stack untouched. So does an ICMP error whose quote cannot be read
+//! (it may be the load balancer host's own ICMP).
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, stat, words_from_bytes};
@@ -24,6 +26,16 @@ const IPV6_FRAG_LEN: usize = 8;
 const IPV4_FRAG_MASK: u16 = 0x3fff;
 /// IPv4 `frags` bits of the fragment offset: zero in a first fragment.
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+/// ICMP type and code of "fragmentation needed and DF set" (RFC 792/1191).
+const ICMP_FRAG_NEEDED: [u8; 2] = [3, 4];
+/// ICMPv6 type of "packet too big" (RFC 4443; the code is always 0).
+const ICMPV6_TOO_BIG: u8 = 2;
+/// ICMP/ICMPv6 error header: type, code, checksum, 4 bytes (MTU/unused).
+const ICMP_HDR_LEN: usize = 8;
+/// Bytes of the quoted L4 header an ICMP error is sure to carry.
+const QUOTED_L4_LEN: usize = 8;
 
 /// The one bounds-checked accessor: a pointer to a `T` at `offset` bytes into
 /// the frame, or `None` if the frame is too short. Callers read and write it
@@ -67,6 +79,13 @@ pub struct Packet {
     pub src: [u32; 4],
     /// Destination address in key layout.
     pub dst: [u32; 4],
+    /// An ICMP "fragmentation needed" / ICMPv6 "packet too big" about a
+    /// datagram a backend sent from a VIP. The other fields then describe
+    /// the quoted datagram turned around, as the client's traffic would
+    /// look: `src` is the client (the quote's destination), `dst` the VIP
+    /// (the quote's source, equal to the ICMP's destination), `dport` the
+    /// service port (the quote's source port); always `Fragment::Whole`.
+    pub too_big: bool,
 }
 
 #[inline(always)]
@@ -211,6 +230,13 @@ fn finish(
     let header_len = match proto {
         PROTO_TCP => TcpHdr::LEN,
         PROTO_UDP => UdpHdr::LEN,
+        // A fragmented ICMP error is no router's: it passes like other ICMP.
+        PROTO_ICMP if family == FAMILY_V4 && !frag.fragment => {
+            return too_big_v4(ctx, l4, dst).ok_or(Verdict::pass(stat::PASS_NOT_L4));
+        }
+        PROTO_ICMPV6 if family == FAMILY_V6 && !frag.fragment => {
+            return too_big_v6(ctx, l4, dst).ok_or(Verdict::pass(stat::PASS_NOT_L4));
+        }
         _ => return Err(Verdict::pass(stat::PASS_NOT_L4)),
     };
     // A later fragment has no ports: the fragment map supplies them. Whatever
@@ -227,6 +253,7 @@ fn finish(
             id: frag.id,
             src,
             dst,
+            too_big: false,
         });
     }
     if l4.start + header_len > l4.end {
@@ -251,5 +278,113 @@ fn finish(
         id: frag.id,
         src,
         dst,
+        too_big: false,
+    })
+}
+
+#[inline(always)]
+fn read_opt<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: ptr_at checked that size_of::<T>() bytes at p are inside the frame.
+    Some(unsafe { p.read_unaligned() })
+}
+
+/// An IPv4 "fragmentation needed" to `dst` quoting a TCP/UDP datagram (IPv4
+/// header with options, then at least 8 bytes of its L4 header inside the
+/// ICMP datagram) sent from `dst`; `None` for other ICMP or a bad quote.
+#[inline(always)]
+fn too_big_v4(ctx: &XdpContext, l4: L4At, dst: [u32; 4]) -> Option<Packet> {
+    let icmp: [u8; 2] = read_opt(ctx, l4.start)?;
+    if icmp != ICMP_FRAG_NEEDED {
+        return None;
+    }
+    let inner_at = l4.start + ICMP_HDR_LEN;
+    let inner: Ipv4Hdr = read_opt(ctx, inner_at)?;
+    if inner.vihl >> 4 != 4 {
+        return None;
+    }
+    // Masked to 4 bits so the verifier sees hdr_len <= 60.
+    let hdr_len = ((inner.vihl & 0x0f) as usize) * 4;
+    // A quoted later fragment has no ports where they would be.
+    if hdr_len < Ipv4Hdr::LEN || u16::from_be_bytes(inner.frags) & IPV4_OFFSET_MASK != 0 {
+        return None;
+    }
+    let src = [u32::from_ne_bytes(inner.dst_addr), 0, 0, 0];
+    let vip = [u32::from_ne_bytes(inner.src_addr), 0, 0, 0];
+    quoted(
+        ctx,
+        l4,
+        inner_at + hdr_len,
+        FAMILY_V4,
+        inner.proto,
+        src,
+        vip,
+        dst,
+    )
+}
+
+/// The ICMPv6 "packet too big" equivalent of [`too_big_v4`]; the quoted
+/// IPv6 header must be followed directly by TCP/UDP.
+#[inline(always)]
+fn too_big_v6(ctx: &XdpContext, l4: L4At, dst: [u32; 4]) -> Option<Packet> {
+    let icmp_type: u8 = read_opt(ctx, l4.start)?;
+    if icmp_type != ICMPV6_TOO_BIG {
+        return None;
+    }
+    let inner_at = l4.start + ICMP_HDR_LEN;
+    let inner: Ipv6Hdr = read_opt(ctx, inner_at)?;
+    if inner.vcf[0] >> 4 != 6 {
+        return None;
+    }
+    let src = words_from_bytes(&inner.dst_addr);
+    let vip = words_from_bytes(&inner.src_addr);
+    quoted(
+        ctx,
+        l4,
+        inner_at + Ipv6Hdr::LEN,
+        FAMILY_V6,
+        inner.next_hdr,
+        src,
+        vip,
+        dst,
+    )
+}
+
+/// The quoted datagram's ports at `at`, checked to lie inside the ICMP
+/// datagram, and its source checked to be the ICMP's destination.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn quoted(
+    ctx: &XdpContext,
+    l4: L4At,
+    at: usize,
+    family: u8,
+    proto: u8,
+    client: [u32; 4],
+    vip: [u32; 4],
+    dst: [u32; 4],
+) -> Option<Packet> {
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || vip != dst {
+        return None;
+    }
+    // Read before the length test: that test implies this one is in the
+    // frame, so LLVM would drop the bounds check the verifier needs.
+    let ports: [u16; 2] = read_opt(ctx, at)?;
+    if at + QUOTED_L4_LEN > l4.end {
+        return None;
+    }
+    if ports[0] == 0 {
+        return None;
+    }
+    Some(Packet {
+        family,
+        proto,
+        dport: ports[0],
+        sport: ports[1],
+        fragment: Fragment::Whole,
+        id: 0,
+        src: client,
+        dst: vip,
+        too_big: true,
     })
 }

@@ -111,6 +111,31 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
     })
 }
 
+/// The backend `src`'s traffic would go to now, without touching the maps:
+/// its affinity entry if that would be used as is (not expired, backend
+/// usable and of this service), else the Maglev answer. For frames about a
+/// session rather than of it (ICMP errors), which must not create one.
+#[inline(always)]
+pub fn peek(svc: &Service, src: &[u32; 4]) -> Result<(u32, *const Backend), Verdict> {
+    let key = AffinityKey {
+        service_id: svc.id,
+        addr: mask_addr(src, &svc.mask),
+    };
+    if let Some(entry) = AFFINITY.get_ptr(key) {
+        // SAFETY: map value pointer, valid for this program run.
+        let entry = unsafe { &*entry };
+        // SAFETY: helper without preconditions.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if now.saturating_sub(entry.last_seen_ns) <= svc.timeout_ns {
+            let id = entry.backend_id;
+            if let Ok(backend) = usable_for_existing(id, svc.id) {
+                return Ok((id, backend));
+            }
+        }
+    }
+    maglev(svc, &key.addr)
+}
+
 /// `-EEXIST` as the map helpers return it.
 const EEXIST: i32 = -17;
 

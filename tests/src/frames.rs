@@ -1,5 +1,7 @@
-//! Hand-built frames for fixtures and benchmarks. Checksums are left zero:
-//! the XDP program never reads them, and these frames are never delivered.
+//! Hand-built frames for fixtures and benchmarks. Checksums of [`Frame`] are
+//! left zero: the XDP program never reads them, and these frames are never
+//! delivered. [`IcmpError`] computes its outer IPv4 and ICMP checksums, so
+//! its frames are what a router really sends.
 
 use std::net::IpAddr;
 
@@ -161,4 +163,151 @@ impl Frame {
 pub fn ip(s: &str) -> IpAddr {
     s.parse()
         .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
+}
+
+/// An ICMP error from a router to `dst`, quoting the IP datagram of `quote`
+/// (its Ethernet header dropped), cut to `quote_len` bytes.
+#[derive(Clone, Debug)]
+pub struct IcmpError {
+    /// Destination MAC (default: the fixture LB's).
+    pub dst_mac: [u8; 6],
+    /// Source MAC (default: the client's, standing in for the router's).
+    pub src_mac: [u8; 6],
+    /// The router.
+    pub src: IpAddr,
+    /// Where the error is sent: the quoted datagram's source.
+    pub dst: IpAddr,
+    /// ICMP type (3 "destination unreachable" / ICMPv6 2 "packet too big" by default).
+    pub icmp_type: u8,
+    /// ICMP code (4 "fragmentation needed" for IPv4, 0 for IPv6 by default).
+    pub code: u8,
+    /// The next-hop MTU the router reports.
+    pub mtu: u32,
+    /// The datagram that did not fit; its frame's Ethernet header (no VLAN tag) is dropped.
+    pub quote: Frame,
+    /// How many bytes of the quoted datagram to include (capped at its length).
+    pub quote_len: usize,
+}
+
+impl IcmpError {
+    /// "Fragmentation needed" (IPv4) / "packet too big" (IPv6) with MTU 1400
+    /// about `quote`, sent by `router` to the quote's source; quotes the IP
+    /// header plus 8 bytes for IPv4 (the RFC 792 minimum), all of it for IPv6.
+    pub fn too_big(router: &str, quote: Frame) -> Self {
+        let v4 = quote.src.is_ipv4();
+        let quote_len = if v4 {
+            20 + quote.ip_options.len() + 8
+        } else {
+            usize::MAX
+        };
+        Self {
+            dst_mac: LB_MAC,
+            src_mac: CLIENT_MAC,
+            src: ip(router),
+            dst: quote.src,
+            icmp_type: if v4 { 3 } else { 2 },
+            code: if v4 { 4 } else { 0 },
+            mtu: 1400,
+            quote,
+            quote_len,
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn build(&self) -> Vec<u8> {
+        let quoted = self.quote.build();
+        let quoted = &quoted[14..];
+        let quoted = &quoted[..self.quote_len.min(quoted.len())];
+        let mut icmp = vec![self.icmp_type, self.code, 0, 0];
+        match self.src {
+            // RFC 1191: unused 16 bits, then the next-hop MTU.
+            IpAddr::V4(_) => icmp.extend((self.mtu as u16 as u32).to_be_bytes()),
+            IpAddr::V6(_) => icmp.extend(self.mtu.to_be_bytes()),
+        }
+        icmp.extend(quoted);
+
+        let mut f = Vec::new();
+        f.extend(self.dst_mac);
+        f.extend(self.src_mac);
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let sum = checksum(&[&icmp]);
+                icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+                f.extend(0x0800u16.to_be_bytes());
+                let mut hdr = vec![0x45, 0xc0];
+                hdr.extend(((20 + icmp.len()) as u16).to_be_bytes());
+                hdr.extend([0, 0, 0, 0, 64, 1, 0, 0]);
+                hdr.extend(s.octets());
+                hdr.extend(d.octets());
+                let sum = checksum(&[&hdr]);
+                hdr[10..12].copy_from_slice(&sum.to_be_bytes());
+                f.extend(hdr);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                // RFC 4443: the checksum covers the IPv6 pseudo-header.
+                let mut pseudo = Vec::new();
+                pseudo.extend(s.octets());
+                pseudo.extend(d.octets());
+                pseudo.extend((icmp.len() as u32).to_be_bytes());
+                pseudo.extend([0, 0, 0, 58]);
+                let sum = checksum(&[&pseudo, &icmp]);
+                icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+                f.extend(0x86ddu16.to_be_bytes());
+                f.extend([0x60, 0, 0, 0]);
+                f.extend((icmp.len() as u16).to_be_bytes());
+                f.extend([58, 64]);
+                f.extend(s.octets());
+                f.extend(d.octets());
+            }
+            _ => panic!("mixed address families in a test frame"),
+        }
+        f.extend(icmp);
+        f
+    }
+}
+
+/// The Internet checksum (RFC 1071) over the concatenated parts, each of
+/// even length except possibly the last.
+pub fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for part in parts {
+        for pair in part.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksums_verify_to_zero() {
+        let quote = Frame::tcp("10.0.0.10", "10.0.0.100", 40000);
+        let f = IcmpError::too_big("10.0.0.1", quote).build();
+        assert_eq!(checksum(&[&f[14..34]]), 0, "IPv4 header");
+        assert_eq!(checksum(&[&f[34..]]), 0, "ICMP");
+        assert_eq!(f.len(), 14 + 20 + 8 + 28);
+
+        let quote = Frame::tcp("fd00::10", "fd00::100", 40000);
+        let f = IcmpError::too_big("fd00::1", quote).build();
+        let mut pseudo = f[22..54].to_vec();
+        pseudo.extend(((f.len() - 54) as u32).to_be_bytes());
+        pseudo.extend([0, 0, 0, 58]);
+        assert_eq!(checksum(&[&pseudo, &f[54..]]), 0, "ICMPv6");
+    }
+
+    #[test]
+    fn rfc1071_example() {
+        // RFC 1071 section 3's sample bytes sum to 0xddf2.
+        assert_eq!(
+            checksum(&[&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]]),
+            !0xddf2
+        );
+    }
 }

@@ -24,7 +24,7 @@ use xlb::{
     sessions::monotonic_ns,
     stats,
 };
-use xlb_tests::frames::{CLIENT_MAC, Frame, LB_MAC, ip};
+use xlb_tests::frames::{CLIENT_MAC, Frame, IcmpError, LB_MAC, ip};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -1742,4 +1742,193 @@ fn l4_header_past_the_ip_datagram_drops() {
     let mut f6 = Frame::tcp("fd00::131", "fd00::10", 80);
     f6.v6_fragment = Some(0);
     assert_eq!(fx.run_counted(&f6.build(), stat::NEW_SESSION).0, XDP_TX);
+}
+
+// ---- ICMP errors about a service's replies ---------------------------------
+
+/// A reply from `vip:port` to `client` (what a backend sends with DSR).
+fn reply(vip: &str, port: u16, client: &str) -> Frame {
+    let mut f = Frame::tcp(vip, client, 40000);
+    f.sport = port;
+    f
+}
+
+/// Plants a session of `client` (masked by `prefix`) on `service`'s backend `mac`.
+fn plant_session(fx: &mut Fixture, service: &str, client: IpAddr, prefix: u8, mac: [u8; 6]) {
+    let bits = if client.is_ipv4() { 32 } else { 128 };
+    let key = AffinityKey {
+        service_id: fx.service_id(service),
+        addr: lb_common::mask_addr(&addr_words(client), &prefix_mask(prefix, bits)),
+    };
+    let value = Affinity {
+        backend_id: fx.backend_id_by_mac(mac, service),
+        _pad: 0,
+        last_seen_ns: monotonic_ns(),
+    };
+    fx.maps.affinity.insert(key, value, 0).expect("insert");
+}
+
+/// A backend MAC of `service` other than `not`.
+fn other_mac(fx: &Fixture, service: &str, not: [u8; 6]) -> [u8; 6] {
+    *service_macs(fx, service)
+        .iter()
+        .find(|m| **m != not)
+        .expect("another backend")
+}
+
+#[test]
+fn frag_needed_goes_to_the_clients_session_backend() {
+    let mut fx = Fixture::new();
+    let client = ip("10.0.0.100");
+    // The session points away from Maglev: the ICMP must follow the session.
+    let maglev = fx.maglev_mac("web", client);
+    let session = other_mac(&fx, "web", maglev);
+    plant_session(&mut fx, "web", client, 32, session);
+    let before = fx.affinity("web", client, 32).expect("entry");
+
+    let frame = IcmpError::too_big("10.0.0.1", reply("10.0.0.10", 80, "10.0.0.100")).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::ICMP_TOO_BIG_FORWARDED);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, session);
+    let after = fx.affinity("web", client, 32).expect("entry kept");
+    assert_eq!(after.backend_id, before.backend_id);
+    assert_eq!(after.last_seen_ns, before.last_seen_ns, "no refresh");
+    // Not the clients' traffic: no per-service or per-backend counts.
+    let snap = stats::snapshot(&fx.maps).expect("stats");
+    assert!(snap.services.iter().all(|(_, s)| s.packets == 0));
+    assert!(snap.backends.iter().all(|(_, b)| b.packets == 0));
+
+    // A quote with IPv4 options is read past them.
+    let mut quote = reply("10.0.0.10", 80, "10.0.0.100");
+    quote.ip_options = vec![1, 1, 1, 0];
+    let frame = IcmpError::too_big("10.0.0.1", quote).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::ICMP_TOO_BIG_FORWARDED);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, session);
+}
+
+#[test]
+fn frag_needed_without_a_session_takes_maglev_and_creates_none() {
+    let mut fx = Fixture::new();
+    let client = ip("10.0.0.150");
+    let want = fx.maglev_mac("web", client);
+    let frame = IcmpError::too_big("10.0.0.1", reply("10.0.0.10", 80, "10.0.0.150")).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::ICMP_TOO_BIG_FORWARDED);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, want);
+    assert!(
+        fx.affinity("web", client, 32).is_none(),
+        "no session created"
+    );
+    assert_eq!(fx.counter(stat::NEW_SESSION), 0);
+
+    // A UDP reply of the dns service goes to that service's backend.
+    let mut quote = Frame::udp("10.0.0.10", "10.0.0.150", 40000);
+    quote.sport = 53;
+    let frame = IcmpError::too_big("10.0.0.1", quote).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::ICMP_TOO_BIG_FORWARDED);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, fx.maglev_mac("dns", client));
+
+    // An expired session is not used: the Maglev answer is, and the entry stays.
+    let session = other_mac(&fx, "web", want);
+    plant_session(&mut fx, "web", client, 32, session);
+    let key = AffinityKey {
+        service_id: fx.service_id("web"),
+        addr: addr_words(client),
+    };
+    let mut old = fx.maps.affinity.get(&key, 0).expect("entry");
+    old.last_seen_ns = old.last_seen_ns.saturating_sub(2 * 3600 * 1_000_000_000);
+    fx.maps.affinity.insert(key, old, 0).expect("age entry");
+    let frame = IcmpError::too_big("10.0.0.1", reply("10.0.0.10", 80, "10.0.0.150")).build();
+    let (_, out) = fx.run_counted(&frame, stat::ICMP_TOO_BIG_FORWARDED);
+    assert_forwarded(&frame, &out, want);
+    let kept = fx.maps.affinity.get(&key, 0).expect("entry");
+    assert_eq!(
+        (kept.backend_id, kept.last_seen_ns),
+        (old.backend_id, old.last_seen_ns),
+        "entry not rewritten"
+    );
+}
+
+#[test]
+fn packet_too_big_v6_goes_to_the_clients_backend() {
+    let mut fx = Fixture::new();
+    // Session by the /64: another host of the prefix shares it.
+    let client = ip("fd00:1:2:3::100");
+    let maglev = fx.maglev_mac("web6", client);
+    let session = other_mac(&fx, "web6", maglev);
+    plant_session(&mut fx, "web6", client, 64, session);
+    let frame = IcmpError::too_big("fd00::1", reply("fd00::10", 80, "fd00:1:2:3::beef")).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::ICMP_TOO_BIG_FORWARDED);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, session);
+
+    // No session: the Maglev answer, and none created.
+    let lone = ip("fd00:9::1");
+    let frame = IcmpError::too_big("fd00::1", reply("fd00::10", 80, "fd00:9::1")).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::ICMP_TOO_BIG_FORWARDED);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, fx.maglev_mac("web6", lone));
+    assert!(fx.affinity("web6", lone, 64).is_none());
+}
+
+#[test]
+fn other_icmp_and_unusable_quotes_pass() {
+    let mut fx = Fixture::new();
+    let passes = |fx: &mut Fixture, frame: Vec<u8>, what: &str| {
+        let (verdict, out) = fx.run_counted(&frame, stat::PASS_NOT_L4);
+        assert_eq!((verdict, &out), (XDP_PASS, &frame), "{what}");
+    };
+    let too_big = || IcmpError::too_big("10.0.0.1", reply("10.0.0.10", 80, "10.0.0.100"));
+
+    let mut echo = too_big();
+    (echo.icmp_type, echo.code) = (8, 0);
+    passes(&mut fx, echo.build(), "echo request to the VIP");
+    let mut unreachable = too_big();
+    unreachable.code = 3;
+    passes(&mut fx, unreachable.build(), "port unreachable");
+    passes(
+        &mut fx,
+        IcmpError::too_big("10.0.0.1", reply("10.0.0.10", 81, "10.0.0.100")).build(),
+        "quote of a port without a service",
+    );
+    let mut udp80 = Frame::udp("10.0.0.10", "10.0.0.100", 40000);
+    udp80.sport = 80;
+    passes(
+        &mut fx,
+        IcmpError::too_big("10.0.0.1", udp80).build(),
+        "quote of a protocol without a service",
+    );
+    let mut short = too_big();
+    short.quote_len = 20 + 7;
+    passes(&mut fx, short.build(), "quote shorter than 8 L4 bytes");
+    let mut elsewhere = too_big();
+    elsewhere.dst = ip("10.0.0.99");
+    passes(
+        &mut fx,
+        elsewhere.build(),
+        "error to another address than the quote's source",
+    );
+    let mut echo6 = IcmpError::too_big("fd00::1", reply("fd00::10", 80, "fd00::100"));
+    echo6.icmp_type = 128;
+    passes(&mut fx, echo6.build(), "ICMPv6 echo request to the VIP");
+    let mut frag6 = reply("fd00::10", 80, "fd00::100");
+    frag6.v6_fragment = Some(0);
+    passes(
+        &mut fx,
+        IcmpError::too_big("fd00::1", frag6).build(),
+        "quote with an IPv6 extension header",
+    );
+    // A quote of a later IPv4 fragment has no ports.
+    let mut later = reply("10.0.0.10", 80, "10.0.0.100");
+    later.frags = 0x2001;
+    passes(
+        &mut fx,
+        IcmpError::too_big("10.0.0.1", later).build(),
+        "quoted later fragment",
+    );
+
+    assert_eq!(fx.counter(stat::ICMP_TOO_BIG_FORWARDED), 0);
+    assert!(fx.affinity("web", ip("10.0.0.100"), 32).is_none());
 }
