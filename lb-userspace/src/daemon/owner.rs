@@ -136,7 +136,6 @@ fn run(
                 tracing::error!("tick (drains, orphans, panic grace) failed: {e:#}");
             }
             next_tick = now + TICK;
-            targets_may_change = true;
         }
         if lb.is_dirty() {
             next_reconcile = next_reconcile.min(now + retry);
@@ -167,7 +166,9 @@ fn run(
     }
 }
 
-/// Whether a request can change which backends are checked.
+/// Whether a request can change which backends are checked: targets follow the
+/// config, the runtime changes and the source addresses, which only requests
+/// (add, remove, reload) change; ticks and reconciles never do.
 fn changes_targets(req: &Request) -> bool {
     matches!(
         req,
