@@ -23,6 +23,7 @@ pub mod client;
 pub mod cmd;
 pub mod daemon;
 pub mod driver;
+pub mod flood;
 pub mod frames;
 pub mod lab;
 pub mod netns;
