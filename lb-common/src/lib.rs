@@ -29,9 +29,18 @@ pub const MAP_BACKEND_STATS: &str = "XLB_BESTAT_V1";
 /// The ports of first fragments, for the fragments that follow:
 /// `LRU_HASH<FragmentKey, FragmentPorts>`, `FRAGMENT_ENTRIES` entries.
 pub const MAP_FRAGMENTS: &str = "XLB_FRAGS_V1";
+/// Sessions whose backend differs from their service's Maglev answer, kept
+/// where no LRU eviction reaches them: `HASH<AffinityKey, Affinity>`
+/// (`BPF_F_NO_PREALLOC`), as many entries as the affinity map. Only
+/// userspace adds or deletes entries; the kernel reads them on an affinity
+/// miss (when the service has `SERVICE_F_PROTECTED`) and rewrites in place.
+pub const MAP_PROTECTED: &str = "XLB_PROTECTED_V1";
+/// Per-CPU admission budget of each service for new affinity entries:
+/// `PERCPU_ARRAY<Admission>` indexed by service id.
+pub const MAP_ADMISSION: &str = "XLB_ADMIT_V1";
 
 /// Every pinned map, in the order userspace checks and reports them.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_SERVICES,
     MAP_AFFINITY,
     MAP_BACKENDS,
@@ -40,6 +49,8 @@ pub const PINNED_MAPS: [&str; 8] = [
     MAP_SERVICE_STATS,
     MAP_BACKEND_STATS,
     MAP_FRAGMENTS,
+    MAP_PROTECTED,
+    MAP_ADMISSION,
 ];
 
 /// Pins older xlb builds left that no map of this build uses: removed with
@@ -111,6 +122,16 @@ pub struct ServiceKey {
 /// `Service::forward_mode`: layer-2 direct server return (MAC rewrite, `XDP_TX`).
 pub const FORWARD_DSR_L2: u8 = 0;
 
+/// `Service::flags`: the service has sessions in `XLB_PROTECTED_V1`, so an
+/// affinity miss looks there before choosing by Maglev. Without it the
+/// miss path skips that lookup. (Bit 0 marked the port-0 fragment entry
+/// of older builds and is never set.)
+pub const SERVICE_F_PROTECTED: u32 = 1 << 1;
+
+/// Length of an admission window: `Service::admit_per_window` new affinity
+/// entries per CPU per window (100 ms on the coarse clock).
+pub const ADMIT_WINDOW_NS: u64 = 100_000_000;
+
 /// Value of `XLB_SERVICES_V1`. Everything the per-packet path needs is
 /// precomputed here by userspace (mask, slot bases, refresh interval).
 #[repr(C)]
@@ -118,8 +139,7 @@ pub const FORWARD_DSR_L2: u8 = 0;
 pub struct Service {
     /// Service id: index into per-service stats and part of every affinity key.
     pub id: u32,
-    /// Flag bits; none defined (bit 0 marked the port-0 fragment entry of
-    /// older builds), written as zero.
+    /// `SERVICE_F_*` bits.
     pub flags: u32,
     /// Affinity timeout in ns (CLOCK_MONOTONIC): an entry idle longer is re-selected.
     pub timeout_ns: u64,
@@ -140,7 +160,12 @@ pub struct Service {
     /// `FORWARD_*` mode.
     pub forward_mode: u8,
     /// Explicit padding; always zero.
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// New affinity entries a CPU may insert for this service per
+    /// `ADMIT_WINDOW_NS`; above it new clients are forwarded by Maglev
+    /// without an entry (`stat::AFFINITY_ADMISSION_SKIPPED`). 0: no limit
+    /// (what older builds' zero padding here means too).
+    pub admit_per_window: u32,
 }
 
 /// `Backend::state`: slot unused; never selected.
@@ -222,6 +247,18 @@ pub struct FragmentPorts {
     pub dport: u16,
 }
 
+/// Value of `XLB_ADMIT_V1` (per CPU): the current admission window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Start of the window (CLOCK_MONOTONIC_COARSE ns).
+    pub window_start_ns: u64,
+    /// Entries admitted in the window.
+    pub admitted: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
 /// Value of the per-service and per-backend traffic counters (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -298,8 +335,18 @@ pub mod stat {
     /// client: forwarded unchanged to that client's backend (its affinity
     /// entry, else the Maglev answer; no session is created).
     pub const ICMP_TOO_BIG_FORWARDED: u32 = 24;
+    /// Session found in `XLB_PROTECTED_V1` (the client's backend differs
+    /// from the Maglev answer, so it is kept out of the LRU's reach) and used.
+    pub const AFFINITY_HIT_PROTECTED: u32 = 25;
+    /// A new affinity entry was inserted into the LRU (counted besides the
+    /// frame's verdict).
+    pub const AFFINITY_ADMITTED: u32 = 26;
+    /// A new client was forwarded by its Maglev answer without an affinity
+    /// entry: its service's admission budget on this CPU was spent (counted
+    /// besides the frame's verdict).
+    pub const AFFINITY_ADMISSION_SKIPPED: u32 = 27;
     /// Number of counters.
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 28;
     /// Slots in `XLB_STATS_V2` (>= `COUNT`; the rest stay zero).
     pub const CAPACITY: u32 = 64;
 
@@ -330,6 +377,9 @@ pub mod stat {
         "affinity_insert_race",
         "pass_fragment_unseen",
         "icmp_too_big_forwarded",
+        "affinity_hit_protected",
+        "affinity_admitted",
+        "affinity_admission_skipped",
     ];
 }
 
@@ -423,6 +473,7 @@ const _: () = {
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     assert!(core::mem::size_of::<FragmentKey>() == 40);
     assert!(core::mem::size_of::<FragmentPorts>() == 4);
+    assert!(core::mem::size_of::<Admission>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -437,6 +488,7 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficStats {}
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentPorts {}
+    unsafe impl aya::Pod for super::Admission {}
 }
 
 #[cfg(test)]
@@ -504,6 +556,7 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Service, mask), 24);
         assert_eq!(core::mem::offset_of!(Service, maglev_base), 40);
         assert_eq!(core::mem::offset_of!(Service, prefix_v4), 56);
+        assert_eq!(core::mem::offset_of!(Service, admit_per_window), 60);
         assert_eq!(core::mem::offset_of!(Backend, mac), 16);
         assert_eq!(core::mem::offset_of!(Affinity, last_seen_ns), 8);
         assert_eq!(core::mem::offset_of!(FragmentKey, id), 4);

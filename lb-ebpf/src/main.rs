@@ -90,7 +90,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let choice = select::choose(svc, &pkt.src)?;
     // SAFETY: map value pointer from BACKENDS, valid for this program run.
     let backend = unsafe { &*choice.backend };
-    if XLB_DEBUG.load() != 0 && choice.reason != stat::AFFINITY_HIT {
+    if XLB_DEBUG.load() != 0 && choice.is_new() {
         aya_log_ebpf::debug!(
             ctx,
             "service {} backend {} reason {}",
@@ -106,12 +106,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         return Err(Verdict::drop(stat::DROP_TRUNCATED_ETH));
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_forward(
-        svc.id,
-        choice.id,
-        bytes,
-        choice.reason != stat::AFFINITY_HIT,
-    );
+    stats::count_forward(svc.id, choice.id, bytes, choice.is_new());
     Ok(Verdict::tx(choice.reason))
 }
 

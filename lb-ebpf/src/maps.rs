@@ -1,12 +1,13 @@
 //! Every map of the program, declared once; layouts live in lb-common.
 //! Pinned by name so they outlive the loader and are adopted on restart.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, DEFAULT_AFFINITY_ENTRIES, DEFAULT_MAGLEV_ENTRIES,
+    Admission, Affinity, AffinityKey, Backend, DEFAULT_AFFINITY_ENTRIES, DEFAULT_MAGLEV_ENTRIES,
     FRAGMENT_ENTRIES, FragmentKey, FragmentPorts, MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey,
     TrafficStats, stat,
 };
@@ -47,3 +48,15 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BA
 #[map(name = "XLB_FRAGS_V1")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
     LruHashMap::pinned(FRAGMENT_ENTRIES, 0);
+
+/// Sessions whose backend differs from the Maglev answer: (service, masked
+/// client) -> backend and last-seen time, out of the LRU's reach. Filled
+/// and emptied by userspace only (no preallocation: memory follows use);
+/// the kernel reads it on an affinity miss and rewrites entries in place.
+#[map(name = "XLB_PROTECTED_V1")]
+pub static PROTECTED: HashMap<AffinityKey, Affinity> =
+    HashMap::pinned(DEFAULT_AFFINITY_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Per-CPU, per-service admission window for new affinity entries.
+#[map(name = "XLB_ADMIT_V1")]
+pub static ADMISSION: PerCpuArray<Admission> = PerCpuArray::pinned(MAX_SERVICES, 0);

@@ -2,12 +2,12 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, MAGLEV_PROBES,
-    RESERVED_BACKEND_ID, Service, client_hash, mask_addr, stat,
+    ADMIT_WINDOW_NS, Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend,
+    MAGLEV_PROBES, RESERVED_BACKEND_ID, SERVICE_F_PROTECTED, Service, client_hash, mask_addr, stat,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, MAGLEV},
+    maps::{ADMISSION, AFFINITY, BACKENDS, MAGLEV, PROTECTED},
     stats::count,
     verdict::Verdict,
 };
@@ -18,9 +18,17 @@ pub struct Choice {
     pub id: u32,
     /// The backend record.
     pub backend: *const Backend,
-    /// `stat::AFFINITY_HIT`, `NEW_SESSION`, `RESELECT_EXPIRED`, `RESELECT_DOWN`
-    /// or `RESELECT_FOREIGN`.
+    /// `stat::AFFINITY_HIT`, `AFFINITY_HIT_PROTECTED`, `NEW_SESSION`,
+    /// `RESELECT_EXPIRED`, `RESELECT_DOWN` or `RESELECT_FOREIGN`.
     pub reason: u32,
+}
+
+impl Choice {
+    /// Whether the frame started or re-selected a session (not a hit).
+    #[inline(always)]
+    pub fn is_new(&self) -> bool {
+        self.reason != stat::AFFINITY_HIT && self.reason != stat::AFFINITY_HIT_PROTECTED
+    }
 }
 
 /// Finds the client's backend, creating or rewriting its affinity entry
@@ -28,6 +36,11 @@ pub struct Choice {
 /// backend went down, or its backend belongs to another service (an id
 /// reused while the entry lived): the kernel never keeps sending a client to
 /// a dead or foreign backend while userspace catches up.
+///
+/// A client has its entry in one of two maps: the LRU, or (when its backend
+/// differs from the Maglev answer, which userspace moved there) the
+/// protected map, looked at only on an LRU miss of a service that has
+/// protected sessions. A hit costs what it did before protection existed.
 #[inline(always)]
 pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
     let key = AffinityKey {
@@ -39,7 +52,13 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
 
-    let entry = AFFINITY.get_ptr_mut(key);
+    let (entry, hit) = match AFFINITY.get_ptr_mut(key) {
+        Some(entry) => (Some(entry), stat::AFFINITY_HIT),
+        None if svc.flags & SERVICE_F_PROTECTED != 0 => {
+            (PROTECTED.get_ptr_mut(key), stat::AFFINITY_HIT_PROTECTED)
+        }
+        None => (None, stat::AFFINITY_HIT),
+    };
     let reason = match entry {
         Some(entry) => {
             // SAFETY: map value pointer, valid for this program run.
@@ -57,7 +76,7 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
                         return Ok(Choice {
                             id: entry.backend_id,
                             backend,
-                            reason: stat::AFFINITY_HIT,
+                            reason: hit,
                         });
                     }
                     Err(reason) => reason,
@@ -70,10 +89,16 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
     let (id, backend) = maglev(svc, &key.addr)?;
     match entry {
         Some(entry) => {
-            // SAFETY: as above; rewriting in place avoids an LRU allocation.
+            // SAFETY: as above; rewriting in place avoids an LRU allocation
+            // (a protected entry stays protected until userspace sweeps it).
             let entry = unsafe { &mut *entry };
             entry.backend_id = id;
             entry.last_seen_ns = now;
+        }
+        None if !admit(svc, now) => {
+            // The client still gets its Maglev answer, which is what an
+            // entry would record; only a later table change could move it.
+            count(stat::AFFINITY_ADMISSION_SKIPPED);
         }
         None => {
             let value = Affinity {
@@ -85,7 +110,7 @@ pub fn choose(svc: &Service, src: &[u32; 4]) -> Result<Choice, Verdict> {
             // lookup (with another answer across a table flip); the first
             // record wins, so one client never has two backends.
             match AFFINITY.insert(key, value, u64::from(BPF_NOEXIST)) {
-                Ok(()) => {}
+                Ok(()) => count(stat::AFFINITY_ADMITTED),
                 Err(EEXIST) => {
                     count(stat::AFFINITY_INSERT_RACE);
                     if let Some(won) = AFFINITY.get_ptr(key) {
@@ -121,7 +146,12 @@ pub fn peek(svc: &Service, src: &[u32; 4]) -> Result<(u32, *const Backend), Verd
         service_id: svc.id,
         addr: mask_addr(src, &svc.mask),
     };
-    if let Some(entry) = AFFINITY.get_ptr(key) {
+    let entry = match AFFINITY.get_ptr(key) {
+        Some(entry) => Some(entry),
+        None if svc.flags & SERVICE_F_PROTECTED != 0 => PROTECTED.get_ptr(key),
+        None => None,
+    };
+    if let Some(entry) = entry {
         // SAFETY: map value pointer, valid for this program run.
         let entry = unsafe { &*entry };
         // SAFETY: helper without preconditions.
@@ -134,6 +164,34 @@ pub fn peek(svc: &Service, src: &[u32; 4]) -> Result<(u32, *const Backend), Verd
         }
     }
     maglev(svc, &key.addr)
+}
+
+/// Takes one unit of the service's admission budget on this CPU; false when
+/// the window's budget is spent. Per CPU, so no atomics: the budget is per
+/// CPU, as Katran's new-connection cap is, and a flood spread over all
+/// queues gets `ncpus` budgets. Keeps one flooded service from turning the
+/// shared LRU over faster than the budget allows.
+#[inline(always)]
+fn admit(svc: &Service, now: u64) -> bool {
+    let budget = svc.admit_per_window;
+    if budget == 0 {
+        return true;
+    }
+    let Some(window) = ADMISSION.get_ptr_mut(svc.id) else {
+        return true;
+    };
+    // SAFETY: per-CPU map value pointer, valid for this program run; XDP
+    // runs with preemption off, so nothing else on this CPU touches it.
+    let window = unsafe { &mut *window };
+    if now.wrapping_sub(window.window_start_ns) >= ADMIT_WINDOW_NS {
+        window.window_start_ns = now;
+        window.admitted = 0;
+    }
+    if window.admitted >= budget {
+        return false;
+    }
+    window.admitted += 1;
+    true
 }
 
 /// `-EEXIST` as the map helpers return it.

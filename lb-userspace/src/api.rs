@@ -210,8 +210,11 @@ pub struct StatusInfo {
     pub backends_up: usize,
     /// Services in panic mode (every backend failing its checks).
     pub panic_services: Vec<String>,
-    /// Affinity entries in the map.
+    /// Sessions (affinity entries), protected ones included.
     pub sessions: usize,
+    /// Sessions in the protected map (their backend differs from the Maglev answer).
+    #[serde(default)]
+    pub protected_sessions: usize,
     /// Whether the kernel holds the desired state (false after a failed write, until reconcile repairs it).
     #[serde(default)]
     pub in_sync: bool,
@@ -305,6 +308,10 @@ pub struct WhereInfo {
     pub backend_address: Option<IpAddr>,
     /// "session" (an affinity entry decides) or "maglev" (none: the table decides).
     pub source: String,
+    /// Whether the session is kept in the protected map (it differs from
+    /// the Maglev answer, so no LRU eviction may lose it).
+    #[serde(default)]
+    pub protected: bool,
     /// Milliseconds since the session was refreshed ("session" only).
     pub idle_ms: Option<u64>,
     /// Whether the entry is past the affinity timeout (the next packet re-selects).

@@ -238,6 +238,75 @@ pub fn read_array<V: Pod>(
     }
 }
 
+/// Elements fetched per `BPF_MAP_LOOKUP_BATCH` of a hash map.
+const HASH_CHUNK: usize = 4096;
+
+/// Every element of a hash (or LRU hash) map, read with `BPF_MAP_LOOKUP_BATCH`
+/// a chunk at a time, or one key at a time where the kernel has no batch ops
+/// (warned once). Concurrent updates may or may not be seen, as with any
+/// walk of a live hash map; no element present throughout is missed.
+pub fn read_hash<K: Pod + Eq + std::hash::Hash, V: Pod>(
+    map: &aya::maps::HashMap<MapData, K, V>,
+) -> anyhow::Result<Vec<(K, V)>> {
+    let fd = map.map().fd();
+    let mut out: Vec<(K, V)> = Vec::new();
+    let mut chunk = HASH_CHUNK;
+    // The batch token of a hash map is a bucket index (u32).
+    let mut token: Option<u32> = None;
+    loop {
+        // SAFETY: K and V are Pod: any bit pattern (zeroes included) is valid.
+        let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+        // SAFETY: as above.
+        let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
+        let in_batch = token.unwrap_or(0);
+        let mut out_batch: u32 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if token.is_some() {
+                std::ptr::from_ref(&in_batch) as u64
+            } else {
+                0
+            },
+            out_batch: std::ptr::from_mut(&mut out_batch) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(chunk).unwrap_or(u32::MAX),
+            map_fd: fd_u32(fd),
+            ..BatchAttr::default()
+        };
+        let result = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let done = (attr.count as usize).min(chunk);
+        match result {
+            Ok(()) => {}
+            // The end of the map, after `done` elements.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(keys.into_iter().zip(values).take(done));
+                return Ok(out);
+            }
+            // One bucket holds more elements than the chunk: retry bigger.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < (1 << 20) => {
+                chunk *= 2;
+                continue;
+            }
+            Err(e) if out.is_empty() && token.is_none() && unsupported(&e) => {
+                warn_fallback(&e);
+                let mut all = Vec::new();
+                for entry in map.iter() {
+                    all.push(entry.context("reading a map element")?);
+                }
+                return Ok(all);
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(BatchError::Failed {
+                    done: out.len() + done,
+                    error,
+                }));
+            }
+        }
+        out.extend(keys.into_iter().zip(values).take(done));
+        token = Some(out_batch);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::{FromRawFd as _, OwnedFd};

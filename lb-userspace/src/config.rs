@@ -30,6 +30,10 @@
 //! affinity_prefix_v4 = 32         # default 32, 0..=32
 //! affinity_prefix_v6 = 128        # default 128, 0..=128
 //! affinity_timeout = "300s"       # default "300s"; > 0 and <= 30 days
+//! affinity_admit_rate = 16384     # default max(affinity_max_entries / 16, 10000); new sessions per second
+//!                                 # per CPU this service may add to the affinity map (above it,
+//!                                 # new clients get their Maglev answer without an entry);
+//!                                 # 0 = no limit; 0..=100000000
 //! forward_mode = "dsr"            # default "dsr" (the only mode)
 //!
 //! [[service.backend]]
@@ -151,6 +155,9 @@ pub struct ServiceConfig {
     pub affinity_prefix_v6: u8,
     /// Idle time after which a client is re-selected; default 300s, > 0 and <= 30 days.
     pub affinity_timeout: Duration,
+    /// New affinity entries per second per CPU; 0 = no limit; default
+    /// [`default_admit_rate`].
+    pub affinity_admit_rate: u32,
     /// The backends (`[[service.backend]]`), in file order; at least one.
     pub backends: Vec<BackendConfig>,
     /// Health checks of every backend (`[service.health]`); none when absent.
@@ -491,6 +498,7 @@ struct RawService {
     affinity_prefix_v4: Option<i64>,
     affinity_prefix_v6: Option<i64>,
     affinity_timeout: Option<String>,
+    affinity_admit_rate: Option<i64>,
     forward_mode: Option<String>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -570,7 +578,7 @@ fn validate(raw: RawConfig) -> Result<Config> {
     let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
     let mut total_backends = 0usize;
     for (i, raw_service) in raw.service.into_iter().enumerate() {
-        let service = validate_service(i, raw_service, &vips)?;
+        let service = validate_service(i, raw_service, &vips, affinity_max_entries)?;
         if let Some(j) = services.iter().position(|s| s.name == service.name) {
             bail!(
                 "service[{i}].name: {:?} is already used by service[{j}]",
@@ -715,7 +723,19 @@ fn validate_table_size(raw: Option<i64>) -> Result<u32> {
     Ok(size)
 }
 
-fn validate_service(i: usize, raw: RawService, vips: &[(&str, IpAddr)]) -> Result<ServiceConfig> {
+/// Default `affinity_admit_rate`: a sixteenth of the map per second per
+/// CPU, so one flooded service on one CPU needs 16 s to turn the whole map
+/// over; at least 10000, so a small map does not throttle ordinary arrivals.
+pub fn default_admit_rate(affinity_max_entries: u32) -> u32 {
+    (affinity_max_entries / 16).max(10_000)
+}
+
+fn validate_service(
+    i: usize,
+    raw: RawService,
+    vips: &[(&str, IpAddr)],
+    affinity_max_entries: u32,
+) -> Result<ServiceConfig> {
     if !valid_name(&raw.name, false) {
         bail!(
             "service[{i}].name: {:?} is not a valid name (expected 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 _ . -)",
@@ -750,6 +770,13 @@ fn validate_service(i: usize, raw: RawService, vips: &[(&str, IpAddr)]) -> Resul
         None => DEFAULT_AFFINITY_TIMEOUT,
         Some(text) => validate_timeout(&format!("{path}.affinity_timeout"), &text)?,
     };
+    let affinity_admit_rate = int(
+        &format!("{path}.affinity_admit_rate"),
+        raw.affinity_admit_rate,
+        default_admit_rate(affinity_max_entries),
+        0,
+        MAX_AFFINITY_ENTRIES,
+    )?;
     // Only layer-2 DSR exists; the field is accepted so configs can say so.
     match raw.forward_mode.as_deref() {
         None | Some("dsr") => {}
@@ -792,6 +819,7 @@ fn validate_service(i: usize, raw: RawService, vips: &[(&str, IpAddr)]) -> Resul
         affinity_prefix_v4,
         affinity_prefix_v6,
         affinity_timeout,
+        affinity_admit_rate,
         backends,
         health,
     })

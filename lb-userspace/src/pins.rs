@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray};
 use lb_common::{
-    Affinity, AffinityKey, Backend, FRAGMENT_ENTRIES, FragmentKey, FragmentPorts, LEGACY_PINS,
-    MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FRAGMENTS, MAP_MAGLEV, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_STATS, MAX_BACKENDS, MAX_SERVICES, PINNED_MAPS, Service, ServiceKey,
-    TrafficStats, stat,
+    Admission, Affinity, AffinityKey, Backend, FRAGMENT_ENTRIES, FragmentKey, FragmentPorts,
+    LEGACY_PINS, MAP_ADMISSION, MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FRAGMENTS,
+    MAP_MAGLEV, MAP_PROTECTED, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MAX_BACKENDS,
+    MAX_SERVICES, PINNED_MAPS, Service, ServiceKey, TrafficStats, stat,
 };
 
 use crate::{bpf_batch, dataplane::KnownTables};
@@ -116,7 +116,7 @@ pub struct MapSpec {
 }
 
 /// The expected spec of every pinned map, given the sizes chosen at load time.
-pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 8] {
+pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 10] {
     fn spec<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapSpec {
         MapSpec {
             name,
@@ -124,10 +124,12 @@ pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 8
             key_size: size_of::<K>() as u32,
             value_size: size_of::<V>() as u32,
             max_entries,
-            // Every xlb map is created without flags (lb-ebpf/src/maps.rs).
+            // Maps are created without flags unless said (lb-ebpf/src/maps.rs).
             map_flags: 0,
         }
     }
+    /// `BPF_F_NO_PREALLOC` (include/uapi/linux/bpf.h).
+    const NO_PREALLOC: u32 = 1;
     [
         spec::<ServiceKey, Service>(MAP_SERVICES, MapType::Hash, 2 * MAX_SERVICES),
         spec::<AffinityKey, Affinity>(MAP_AFFINITY, MapType::LruHash, affinity_entries),
@@ -137,6 +139,11 @@ pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 8
         spec::<u32, TrafficStats>(MAP_SERVICE_STATS, MapType::PerCpuArray, MAX_SERVICES),
         spec::<u32, TrafficStats>(MAP_BACKEND_STATS, MapType::PerCpuArray, MAX_BACKENDS),
         spec::<FragmentKey, FragmentPorts>(MAP_FRAGMENTS, MapType::LruHash, FRAGMENT_ENTRIES),
+        MapSpec {
+            map_flags: NO_PREALLOC,
+            ..spec::<AffinityKey, Affinity>(MAP_PROTECTED, MapType::Hash, affinity_entries)
+        },
+        spec::<u32, Admission>(MAP_ADMISSION, MapType::PerCpuArray, MAX_SERVICES),
     ]
 }
 
@@ -217,6 +224,8 @@ pub struct PinnedMaps {
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
     /// `XLB_FRAGS_V1` (read-only for userspace: the kernel fills it).
     pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
+    /// `XLB_PROTECTED_V1`: divergent sessions, out of the LRU's reach.
+    pub protected: HashMap<MapData, AffinityKey, Affinity>,
     /// What this process wrote into (or read from) the Maglev map, so an
     /// apply compares and writes only the tables that change.
     pub(crate) known_tables: KnownTables,
@@ -253,7 +262,7 @@ impl PinnedMaps {
                 dir.display()
             );
         }
-        debug_assert_eq!(PINNED_MAPS.len(), 8);
+        debug_assert_eq!(PINNED_MAPS.len(), 10);
         let maglev_entries = MapInfo::from_pin(dir.join(MAP_MAGLEV))
             .context("reading Maglev map info")?
             .max_entries();
@@ -268,8 +277,44 @@ impl PinnedMaps {
             service_stats: typed!(dir, MAP_SERVICE_STATS),
             backend_stats: typed!(dir, MAP_BACKEND_STATS),
             fragments: typed!(dir, MAP_FRAGMENTS),
+            protected: typed!(dir, MAP_PROTECTED),
             known_tables: KnownTables::default(),
         })
+    }
+
+    /// Every session, from both maps (batched reads): (key, value, whether
+    /// it is in the protected map). A client has one entry, in one map.
+    pub fn all_sessions(&self) -> Result<Vec<(AffinityKey, Affinity, bool)>> {
+        let mut out: Vec<(AffinityKey, Affinity, bool)> = bpf_batch::read_hash(&self.affinity)
+            .context("reading the affinity map")?
+            .into_iter()
+            .map(|(k, v)| (k, v, false))
+            .collect();
+        out.extend(
+            bpf_batch::read_hash(&self.protected)
+                .context("reading the protected session map")?
+                .into_iter()
+                .map(|(k, v)| (k, v, true)),
+        );
+        Ok(out)
+    }
+
+    /// One client's session, as the kernel finds it: the LRU first, then
+    /// the protected map. The flag says which.
+    pub fn session(&self, key: &AffinityKey) -> Option<(Affinity, bool)> {
+        match self.affinity.get(key, 0) {
+            Ok(v) => Some((v, false)),
+            Err(_) => self.protected.get(key, 0).ok().map(|v| (v, true)),
+        }
+    }
+
+    /// The map a session lives in.
+    pub fn session_map(&mut self, protected: bool) -> &mut HashMap<MapData, AffinityKey, Affinity> {
+        if protected {
+            &mut self.protected
+        } else {
+            &mut self.affinity
+        }
     }
 
     /// Every backend slot, indexed by backend id (one batched read).

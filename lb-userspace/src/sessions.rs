@@ -26,6 +26,9 @@ pub struct Session {
     pub backend: Option<IpAddr>,
     /// Milliseconds since the entry was last refreshed (refresh is coarse).
     pub idle_ms: u64,
+    /// Kept in the protected map: its backend differs from the Maglev
+    /// answer, so no LRU eviction may lose it.
+    pub protected: bool,
 }
 
 /// Turns a key-layout address back into an `IpAddr` of `family`.
@@ -75,8 +78,7 @@ pub fn list(maps: &PinnedMaps) -> Result<Vec<Session>> {
     }
     let now = monotonic_ns();
     let mut out = Vec::new();
-    for entry in maps.affinity.iter() {
-        let (key, value) = entry.context("reading the affinity map")?;
+    for (key, value, protected) in maps.all_sessions()? {
         let (label, family, prefix) = match services.get(&key.service_id) {
             Some((skey, p4, p6)) => (
                 service_label(skey),
@@ -104,6 +106,7 @@ pub fn list(maps: &PinnedMaps) -> Result<Vec<Session>> {
             backend,
             idle_ms: Duration::from_nanos(now.saturating_sub(value.last_seen_ns)).as_millis()
                 as u64,
+            protected,
         });
     }
     out.sort_by_key(|s| (s.service_id, s.client));

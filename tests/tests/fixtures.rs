@@ -567,7 +567,14 @@ fn draining_keeps_existing_clients_and_takes_no_new_ones() {
     for round in 0..2 {
         for (i, old) in existing.iter().enumerate() {
             let f = Frame::tcp(&format!("10.6.0.{i}"), "10.0.0.10", 80).build();
-            let (verdict, out) = fx.run_counted(&f, stat::AFFINITY_HIT);
+            // Once the table is rebuilt without it, the draining backend's
+            // clients differ from Maglev: apply protected them.
+            let reason = if round == 1 && *old == draining {
+                stat::AFFINITY_HIT_PROTECTED
+            } else {
+                stat::AFFINITY_HIT
+            };
+            let (verdict, out) = fx.run_counted(&f, reason);
             assert_eq!(verdict, XDP_TX);
             assert_eq!(
                 mac_of(&out),
@@ -1931,4 +1938,292 @@ fn other_icmp_and_unusable_quotes_pass() {
 
     assert_eq!(fx.counter(stat::ICMP_TOO_BIG_FORWARDED), 0);
     assert!(fx.affinity("web", ip("10.0.0.100"), 32).is_none());
+}
+
+// ---- flood-proof affinity --------------------------------------------------
+
+/// `CONFIG` with a fourth backend in "web".
+fn with_fourth_web_backend() -> String {
+    CONFIG.replacen(
+        "address = \"10.0.0.23\"\nmac = \"02:00:00:00:00:13\"\n",
+        "address = \"10.0.0.23\"\nmac = \"02:00:00:00:00:13\"\n[[service.backend]]\naddress = \"10.0.0.24\"\nmac = \"02:00:00:00:00:14\"\n",
+        1,
+    )
+}
+
+impl Fixture {
+    fn key(&self, service: &str, client: IpAddr) -> AffinityKey {
+        AffinityKey {
+            service_id: self.service_id(service),
+            addr: addr_words(client),
+        }
+    }
+
+    /// Deletes every LRU entry: what a flood that evicts them all leaves.
+    fn evict_all_lru(&mut self) {
+        let keys: Vec<AffinityKey> = self
+            .maps
+            .affinity
+            .keys()
+            .collect::<Result<_, _>>()
+            .expect("affinity keys");
+        for k in keys {
+            let _ = self.maps.affinity.remove(&k);
+        }
+    }
+
+    /// Pins this thread to CPU 0, so per-CPU state is one CPU's.
+    fn pin_to_cpu0() {
+        // SAFETY: cpu_set_t is plain data; the calls get valid pointers.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+                0,
+                "sched_setaffinity"
+            );
+        }
+    }
+}
+
+#[test]
+fn backend_add_protects_exactly_the_clients_it_would_move() {
+    let mut fx = Fixture::new();
+    let clients: Vec<String> = (0..96)
+        .map(|i| format!("10.8.{}.{}", i / 50, i % 50 + 1))
+        .collect();
+    let mut before = Vec::new();
+    for c in &clients {
+        before.push(mac_of(&fx.run(&Frame::tcp(c, "10.0.0.10", 80).build()).1));
+    }
+    let report = fx.reapply_report(&with_fourth_web_backend());
+    let divergent: Vec<usize> = (0..clients.len())
+        .filter(|i| fx.maglev_mac("web", ip(&clients[*i])) != before[*i])
+        .collect();
+    assert!(
+        divergent.len() >= 5,
+        "a fourth backend should take over some clients, got {divergent:?}"
+    );
+    let p = report.protection.expect("the web table changed");
+    assert_eq!(p.kept, divergent.len(), "{p:?}");
+    assert_eq!(
+        p.per_service.get(&fx.service_id("web")),
+        Some(&divergent.len())
+    );
+    assert_ne!(fx.record("web").flags & lb_common::SERVICE_F_PROTECTED, 0);
+    assert_eq!(fx.record("dns").flags & lb_common::SERVICE_F_PROTECTED, 0);
+    for (i, c) in clients.iter().enumerate() {
+        let key = fx.key("web", ip(c));
+        let in_lru = fx.maps.affinity.get(&key, 0).is_ok();
+        let protected = fx.maps.protected.get(&key, 0);
+        if divergent.contains(&i) {
+            assert!(!in_lru, "client {c}: LRU copy of a protected session left");
+            let p = protected.expect("divergent client protected");
+            assert_eq!(p.backend_id, fx.backend_id_by_mac(before[i], "web"));
+        } else {
+            assert!(
+                in_lru && protected.is_err(),
+                "client {c}: ordinary session moved"
+            );
+        }
+    }
+
+    // A flood evicts every LRU entry: nobody moves. The divergent clients
+    // are served from the protected map; the others get a new entry with
+    // the backend they had (their Maglev answer).
+    fx.evict_all_lru();
+    let hits = fx.counter(stat::AFFINITY_HIT_PROTECTED);
+    for (i, c) in clients.iter().enumerate() {
+        let frame = Frame::tcp(c, "10.0.0.10", 80).build();
+        let reason = if divergent.contains(&i) {
+            stat::AFFINITY_HIT_PROTECTED
+        } else {
+            stat::NEW_SESSION
+        };
+        let (verdict, out) = fx.run_counted(&frame, reason);
+        assert_eq!(verdict, XDP_TX);
+        assert_forwarded(&frame, &out, before[i]);
+    }
+    assert_eq!(
+        fx.counter(stat::AFFINITY_HIT_PROTECTED),
+        hits + divergent.len() as u64
+    );
+    // Protected clients did not get an LRU entry back.
+    for i in &divergent {
+        assert!(
+            fx.maps
+                .affinity
+                .get(&fx.key("web", ip(&clients[*i])), 0)
+                .is_err()
+        );
+    }
+
+    // Removing the fourth backend again makes them ordinary: released.
+    let report = fx.reapply_report(CONFIG);
+    let p = report.protection.expect("the web table changed");
+    assert_eq!(p.released, divergent.len(), "{p:?}");
+    assert_eq!(fx.record("web").flags & lb_common::SERVICE_F_PROTECTED, 0);
+    for (i, c) in clients.iter().enumerate() {
+        let frame = Frame::tcp(c, "10.0.0.10", 80).build();
+        let (_, out) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+        assert_eq!(mac_of(&out), before[i], "client {c} moved");
+    }
+}
+
+#[test]
+fn protected_map_is_read_only_when_the_service_says_so() {
+    let mut fx = Fixture::new();
+    let client = ip("10.9.0.1");
+    let maglev = fx.maglev_mac("web", client);
+    let other = *BACKEND_MACS
+        .iter()
+        .find(|m| **m != maglev)
+        .expect("another");
+    let planted = Affinity {
+        backend_id: fx.backend_id_by_mac(other, "web"),
+        _pad: 0,
+        last_seen_ns: monotonic_ns(),
+    };
+    let key = fx.key("web", client);
+    fx.maps.protected.insert(key, planted, 0).expect("plant");
+    // Flag off: the program does not look (no cost for unprotected services).
+    let frame = Frame::tcp("10.9.0.1", "10.0.0.10", 80).build();
+    let (_, out) = fx.run_counted(&frame, stat::NEW_SESSION);
+    assert_forwarded(&frame, &out, maglev);
+
+    // Flag on, another client: the protected entry decides, no LRU entry.
+    let client2 = ip("10.9.0.2");
+    let maglev2 = fx.maglev_mac("web", client2);
+    let other2 = *BACKEND_MACS
+        .iter()
+        .find(|m| **m != maglev2)
+        .expect("another");
+    let key2 = fx.key("web", client2);
+    let planted2 = Affinity {
+        backend_id: fx.backend_id_by_mac(other2, "web"),
+        ..planted
+    };
+    fx.maps.protected.insert(key2, planted2, 0).expect("plant");
+    let svc = fx.config.services[0].clone();
+    let mut record = fx.record("web");
+    record.flags |= lb_common::SERVICE_F_PROTECTED;
+    fx.maps
+        .services
+        .insert(dataplane::service_key(&svc), record, 0)
+        .expect("set flag");
+    let frame2 = Frame::tcp("10.9.0.2", "10.0.0.10", 80).build();
+    let (verdict, out) = fx.run_counted(&frame2, stat::AFFINITY_HIT_PROTECTED);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame2, &out, other2);
+    assert!(fx.maps.affinity.get(&key2, 0).is_err(), "no LRU copy made");
+
+    // Its backend goes down: re-selected in place, still out of the LRU.
+    fx.set_backend_state(planted2.backend_id, BACKEND_DOWN);
+    let (_, out) = fx.run_counted(&frame2, stat::RESELECT_DOWN);
+    assert_forwarded(&frame2, &out, maglev2);
+    let now = fx.maps.protected.get(&key2, 0).expect("rewritten in place");
+    assert_eq!(now.backend_id, fx.backend_id_by_mac(maglev2, "web"));
+    assert!(fx.maps.affinity.get(&key2, 0).is_err());
+}
+
+#[test]
+fn sweep_drops_protected_sessions_of_gone_backends_and_clears_the_flag() {
+    let mut fx = Fixture::new();
+    let mut before = Vec::new();
+    for i in 0..64 {
+        before.push(mac_of(
+            &fx.run(&Frame::tcp(&format!("10.10.0.{i}"), "10.0.0.10", 80).build())
+                .1,
+        ));
+    }
+    fx.reapply_report(&with_fourth_web_backend());
+    let sid = fx.service_id("web");
+    let protected: Vec<(AffinityKey, Affinity)> = fx
+        .maps
+        .protected
+        .iter()
+        .collect::<Result<_, _>>()
+        .expect("protected map");
+    assert!(!protected.is_empty());
+    let records: Vec<(lb_common::ServiceKey, lb_common::Service)> = fx
+        .maps
+        .services
+        .iter()
+        .collect::<Result<_, _>>()
+        .expect("service map");
+    // Nothing stale: the sweep keeps everything.
+    let backends = fx.maps.backend_records().expect("backends");
+    let sweep = dataplane::sweep(&mut fx.maps, &records, &backends, monotonic_ns()).expect("sweep");
+    assert_eq!(sweep.deleted, 0);
+    assert_eq!(sweep.per_service.get(&sid), Some(&protected.len()));
+    // Every protected backend gone (down): all deleted, flag cleared.
+    let mut backends = backends;
+    for (_, v) in &protected {
+        backends[v.backend_id as usize].state = BACKEND_DOWN;
+    }
+    let sweep = dataplane::sweep(&mut fx.maps, &records, &backends, monotonic_ns()).expect("sweep");
+    assert_eq!(sweep.deleted, protected.len());
+    assert_eq!(sweep.cleared, vec![sid]);
+    assert_eq!(fx.record("web").flags & lb_common::SERVICE_F_PROTECTED, 0);
+    assert_eq!(fx.maps.protected.iter().count(), 0);
+}
+
+#[test]
+fn admission_budget_caps_new_entries_per_cpu_and_window() {
+    Fixture::pin_to_cpu0();
+    // 50 per second: 5 per 100 ms window.
+    let text = CONFIG.replacen(
+        "affinity_timeout = \"1h\"\n",
+        "affinity_timeout = \"1h\"\naffinity_admit_rate = 50\n",
+        1,
+    );
+    let mut fx = Fixture::with_config(&text);
+    assert_eq!(fx.record("web").admit_per_window, 5);
+    let admitted = fx.counter(stat::AFFINITY_ADMITTED);
+    let skipped = fx.counter(stat::AFFINITY_ADMISSION_SKIPPED);
+    let n = 20u64;
+    let frames: Vec<Vec<u8>> = (0..n)
+        .map(|i| Frame::tcp(&format!("10.11.0.{i}"), "10.0.0.10", 80).build())
+        .collect();
+    let started = std::time::Instant::now();
+    let outs: Vec<(u32, Vec<u8>)> = frames.iter().map(|f| fx.run(f)).collect();
+    let windows = started.elapsed().as_millis() as u64 / 100 + 1;
+    for (i, (f, (verdict, out))) in frames.iter().zip(&outs).enumerate() {
+        assert_eq!(*verdict, XDP_TX);
+        // Admitted or not, the client gets its Maglev answer.
+        assert_forwarded(f, out, fx.maglev_mac("web", ip(&format!("10.11.0.{i}"))));
+    }
+    let a = fx.counter(stat::AFFINITY_ADMITTED) - admitted;
+    let s = fx.counter(stat::AFFINITY_ADMISSION_SKIPPED) - skipped;
+    assert_eq!(a + s, n);
+    // 5 per window touched (the runs may straddle a boundary; a loaded
+    // machine may take longer than one window).
+    assert!(
+        a >= 5 && a <= 5 * (windows + 1),
+        "admitted {a} in {windows} windows"
+    );
+    assert!(windows > 2 || s > 0, "nothing skipped");
+    let entries = (0..n)
+        .filter(|i| {
+            fx.affinity("web", ip(&format!("10.11.0.{i}")), 32)
+                .is_some()
+        })
+        .count() as u64;
+    assert_eq!(
+        entries, a,
+        "one entry per admitted client, none for the rest"
+    );
+    // Other services have budgets of their own (default: unthrottled here).
+    let dns = Frame::udp("10.11.1.1", "10.0.0.10", 53).build();
+    fx.run(&dns);
+    assert!(fx.affinity("dns", ip("10.11.1.1"), 32).is_some());
+    // A new window admits again.
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let last = format!("10.11.0.{}", n - 1);
+    let frame = Frame::tcp(&last, "10.0.0.10", 80).build();
+    let had = fx.affinity("web", ip(&last), 32).is_some();
+    fx.run(&frame);
+    assert!(had || fx.affinity("web", ip(&last), 32).is_some());
+    assert!(fx.affinity("web", ip(&last), 32).is_some());
 }

@@ -146,6 +146,8 @@ fn where_rows(list: &[WhereInfo]) -> Vec<Vec<String>> {
                         "expired: the next packet takes the Maglev answer"
                     } else if w.backend == w.maglev_backend {
                         "same backend"
+                    } else if w.protected {
+                        "differs: the client depends on its session (protected)"
                     } else {
                         "differs: the client depends on its session"
                     };
@@ -182,6 +184,7 @@ mod tests {
             backend: name(backend),
             backend_address: addr(backend),
             source: source.into(),
+            protected: false,
             idle_ms: (source == "session").then_some(1500),
             expired,
             maglev_backend: name(maglev),

@@ -33,7 +33,15 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         s.backends,
         s.backends_up
     )?;
-    outln!("sessions    {}", s.sessions)?;
+    if s.protected_sessions > 0 {
+        outln!(
+            "sessions    {} ({} protected: their backend differs from the Maglev answer)",
+            s.sessions,
+            s.protected_sessions
+        )?;
+    } else {
+        outln!("sessions    {}", s.sessions)?;
+    }
     if !s.panic_services.is_empty() {
         outln!(
             "PANIC MODE  {} (every backend failing checks; all used anyway)",

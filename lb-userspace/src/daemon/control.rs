@@ -220,6 +220,7 @@ mod tests {
             backends_up: 4,
             panic_services: Vec::new(),
             sessions: 0,
+            protected_sessions: 0,
             in_sync: true,
             last_write_error: None,
             reconcile_repairs: 0,

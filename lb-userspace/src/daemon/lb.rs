@@ -22,8 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_CAPACITY, BACKEND_DOWN, BACKEND_DRAINING, NO_BACKEND, PINNED_MAPS,
-    Service,
+    Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_CAPACITY, BACKEND_DOWN, BACKEND_DRAINING,
+    NO_BACKEND, PINNED_MAPS, Service,
 };
 
 use super::desired::{Health, Panic, Transition, panic_step};
@@ -112,6 +112,23 @@ pub struct Lb {
     pub(super) sources: SourceDefaults,
     /// Reconciles run (every [`TABLE_REREAD_EVERY`]th re-reads the tables).
     pub(super) reconciles: u64,
+    /// What protecting divergent sessions has done so far.
+    pub(super) protection: ProtectionStats,
+}
+
+/// Totals of the protected-session bookkeeping, for metrics and status.
+#[derive(Debug, Default, Clone)]
+pub struct ProtectionStats {
+    /// Sessions moved into the protected map because a new table would move them.
+    pub kept: u64,
+    /// Protected sessions released by a later table (equal again, or backend gone).
+    pub released: u64,
+    /// Divergent sessions left in the LRU because the protected map was full.
+    pub overflow: u64,
+    /// Protected sessions deleted by sweeps (expired, backend gone).
+    pub swept: u64,
+    /// Protected sessions per service id, as last counted.
+    pub per_service: BTreeMap<u32, usize>,
 }
 
 /// Every how many reconciles the Maglev tables are re-read from the kernel
@@ -224,6 +241,7 @@ impl Lb {
             write_failures: 0,
             sources: SourceDefaults::default(),
             reconciles: 0,
+            protection: ProtectionStats::default(),
         };
         lb.sources = SourceDefaults::detect(&lb.base);
         let kernel = lb.kernel_backends()?;
@@ -483,6 +501,7 @@ impl Lb {
         if self.dirty.take().is_some() {
             tracing::info!("the kernel matches the desired state again");
         }
+        self.note_protection(&report);
         self.service_ids = report.service_ids.clone();
         self.backend_ids = report
             .backend_ids
@@ -606,6 +625,7 @@ impl Lb {
                     return Err(e.context("reconcile: writing the dataplane"));
                 }
             };
+            self.note_protection(&report);
             let found = [
                 ("backend", report.backends_written as u64),
                 ("table", report.tables_written.len() as u64),
@@ -627,7 +647,55 @@ impl Lb {
                 }
             }
         }
+        self.sweep_protected()?;
         Ok(fixed)
+    }
+
+    /// Accounts for (and logs) what an apply did to protect sessions.
+    fn note_protection(&mut self, report: &dataplane::ApplyReport) {
+        let Some(p) = &report.protection else {
+            return;
+        };
+        let stats = &mut self.protection;
+        stats.kept += p.kept as u64;
+        stats.released += p.released as u64;
+        stats.overflow += p.overflow as u64;
+        stats.per_service = p.per_service.clone();
+        if p.kept > 0 || p.released > 0 {
+            tracing::info!(
+                services = ?report.tables_written,
+                protected = p.kept,
+                released = p.released,
+                total_protected = p.per_service.values().sum::<usize>(),
+                "new Maglev tables: protected the sessions they would move (their backend \
+                 differs from the new answer), released those they no longer move"
+            );
+        }
+    }
+
+    /// Deletes protected sessions that expired or lost their backend, and
+    /// clears the protected flag of services left without any.
+    pub fn sweep_protected(&mut self) -> Result<()> {
+        let mut records = Vec::new();
+        for entry in self.maps.services.iter() {
+            let (key, svc) = entry.context("reading the service map")?;
+            if key.port != 0 {
+                records.push((key, svc));
+            }
+        }
+        let backends = self.maps.backend_records()?;
+        let sweep = dataplane::sweep(&mut self.maps, &records, &backends, monotonic_ns())
+            .context("sweeping the protected session map")?;
+        if sweep.deleted > 0 || !sweep.cleared.is_empty() {
+            tracing::info!(
+                deleted = sweep.deleted,
+                services_without_protected = sweep.cleared.len(),
+                "swept protected sessions that expired or lost their backend"
+            );
+        }
+        self.protection.swept += sweep.deleted as u64;
+        self.protection.per_service = sweep.per_service;
+        Ok(())
     }
 
     fn count_repair(&mut self, what: &'static str, n: u64) {
@@ -752,15 +820,14 @@ impl Lb {
     /// (deleted when the service has no usable backend). Returns moves per id.
     fn rewrite_sessions(&mut self, ids: &HashSet<u32>) -> Result<HashMap<u32, u64>> {
         let records = self.service_records()?;
-        let mut doomed = Vec::new();
-        for entry in self.maps.affinity.iter() {
-            let (key, value) = entry.context("reading the affinity map")?;
-            if ids.contains(&value.backend_id) {
-                doomed.push((key, value));
-            }
-        }
+        let doomed: Vec<(AffinityKey, Affinity, bool)> = self
+            .maps
+            .all_sessions()?
+            .into_iter()
+            .filter(|(_, value, _)| ids.contains(&value.backend_id))
+            .collect();
         let mut moved: HashMap<u32, u64> = HashMap::new();
-        for (key, mut value) in doomed {
+        for (key, mut value, protected) in doomed {
             let old = value.backend_id;
             let choice = match records.get(&key.service_id) {
                 Some(record) => self.maglev_choice(record, &key.addr)?,
@@ -769,13 +836,16 @@ impl Lb {
             if choice == old {
                 continue;
             }
+            let map = self.maps.session_map(protected);
             if choice == NO_BACKEND {
                 // Nowhere to go: let the kernel decide on the next packet.
-                let _ = self.maps.affinity.remove(&key);
+                let _ = map.remove(&key);
             } else {
                 value.backend_id = choice;
-                // Keeps last_seen: the client is as idle as it was.
-                if let Err(e) = self.maps.affinity.insert(key, value, 0) {
+                // Keeps last_seen: the client is as idle as it was. A
+                // protected session now equal to the answer stays there
+                // until the next table change or sweep releases it.
+                if let Err(e) = map.insert(key, value, 0) {
                     tracing::warn!("rewriting a session failed: {e}");
                     continue;
                 }
@@ -785,13 +855,13 @@ impl Lb {
         Ok(moved)
     }
 
-    /// Fresh sessions (idle less than their service's timeout) per backend id.
+    /// Fresh sessions (idle less than their service's timeout) per backend
+    /// id, protected ones included (a draining backend's are all protected).
     pub(super) fn session_counts(&self) -> Result<HashMap<u32, u64>> {
         let records = self.service_records()?;
         let now = monotonic_ns();
         let mut out: HashMap<u32, u64> = HashMap::new();
-        for entry in self.maps.affinity.iter() {
-            let (key, value) = entry.context("reading the affinity map")?;
+        for (key, value, _) in self.maps.all_sessions()? {
             let timeout = records.get(&key.service_id).map_or(0, |r| r.timeout_ns);
             if now.saturating_sub(value.last_seen_ns) < timeout {
                 *out.entry(value.backend_id).or_default() += 1;
@@ -1221,20 +1291,21 @@ impl Lb {
     /// `xlb sessions flush`.
     pub fn flush(&mut self, service: Option<&str>, backend: Option<&str>) -> Result<String> {
         let (sid, bids) = self.id_filters(service, backend)?;
-        let mut doomed = Vec::new();
-        for entry in self.maps.affinity.iter() {
-            let (key, value) = entry.context("reading the affinity map")?;
-            if sid.is_none_or(|id| key.service_id == id)
-                && bids
-                    .as_ref()
-                    .is_none_or(|ids| ids.contains(&value.backend_id))
-            {
-                doomed.push(key);
-            }
-        }
+        let doomed: Vec<(AffinityKey, bool)> = self
+            .maps
+            .all_sessions()?
+            .into_iter()
+            .filter(|(key, value, _)| {
+                sid.is_none_or(|id| key.service_id == id)
+                    && bids
+                        .as_ref()
+                        .is_none_or(|ids| ids.contains(&value.backend_id))
+            })
+            .map(|(key, _, protected)| (key, protected))
+            .collect();
         let mut n = 0;
-        for key in &doomed {
-            if self.maps.affinity.remove(key).is_ok() {
+        for (key, protected) in &doomed {
+            if self.maps.session_map(*protected).remove(key).is_ok() {
                 n += 1;
             }
         }

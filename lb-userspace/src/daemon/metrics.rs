@@ -99,6 +99,9 @@ impl Metrics {
         let reselect = Family::<Labels, Counter>::default();
         let hits = Counter::<u64>::default();
         let misses = Counter::<u64>::default();
+        let protected_hits = Counter::<u64>::default();
+        let admitted = Counter::<u64>::default();
+        let skipped = Counter::<u64>::default();
         for (i, (name, value)) in snap.reasons.iter().enumerate() {
             verdicts
                 .get_or_create(&vec![("reason".to_string(), name.clone())])
@@ -111,6 +114,16 @@ impl Metrics {
             match i as u32 {
                 stat::AFFINITY_HIT => {
                     hits.inc_by(*value);
+                }
+                stat::AFFINITY_HIT_PROTECTED => {
+                    hits.inc_by(*value);
+                    protected_hits.inc_by(*value);
+                }
+                stat::AFFINITY_ADMITTED => {
+                    admitted.inc_by(*value);
+                }
+                stat::AFFINITY_ADMISSION_SKIPPED => {
+                    skipped.inc_by(*value);
                 }
                 stat::NEW_SESSION => {
                     misses.inc_by(*value);
@@ -149,6 +162,55 @@ impl Metrics {
             "affinity_reselections",
             "Sessions re-selected by the kernel, by reason",
             reselect,
+        );
+        reg.register(
+            "affinity_protected_hits",
+            "Frames whose session was found in the protected map (backend differs from the Maglev answer)",
+            protected_hits,
+        );
+        reg.register(
+            "affinity_admitted",
+            "Sessions inserted into the affinity LRU",
+            admitted,
+        );
+        reg.register(
+            "affinity_admission_skipped",
+            "New clients forwarded by their Maglev answer without a session: the service's per-CPU admission budget (affinity_admit_rate) was spent",
+            skipped,
+        );
+        let p = &lb.protection;
+        let kept = Counter::<u64>::default();
+        kept.inc_by(p.kept);
+        reg.register(
+            "affinity_divergent_kept",
+            "Sessions moved into the protected map because a new Maglev table would have moved them",
+            kept,
+        );
+        let released = Counter::<u64>::default();
+        released.inc_by(p.released + p.swept);
+        reg.register(
+            "affinity_protected_released",
+            "Protected sessions released (equal to the Maglev answer again, expired, or backend gone)",
+            released,
+        );
+        let full = Counter::<u64>::default();
+        full.inc_by(p.overflow);
+        reg.register(
+            "affinity_protected_full",
+            "Divergent sessions left in the LRU because the protected map was full",
+            full,
+        );
+        let entries = Family::<Labels, Gauge>::default();
+        for svc in &services {
+            let n = p.per_service.get(&svc.id).copied().unwrap_or(0);
+            entries
+                .get_or_create(&vec![("service".to_string(), svc.name.clone())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        reg.register(
+            "affinity_protected_entries",
+            "Sessions in the protected map, per service (as of the last table change or sweep)",
+            entries,
         );
 
         let svc_packets = Family::<Labels, Counter>::default();

@@ -33,11 +33,9 @@ impl Lb {
             .flat_map(|s| &s.backends)
             .filter(|b| b.state == BackendState::Active)
             .count();
-        let mut sessions = 0;
-        for key in self.maps.affinity.keys() {
-            key.context("reading the affinity map")?;
-            sessions += 1;
-        }
+        let all = self.maps.all_sessions()?;
+        let sessions = all.len();
+        let protected_sessions = all.iter().filter(|(_, _, p)| *p).count();
         Ok(StatusInfo {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
@@ -56,6 +54,7 @@ impl Lb {
                 .map(|(s, _)| s.clone())
                 .collect(),
             sessions,
+            protected_sessions,
             in_sync: self.dirty.is_none(),
             last_write_error: self.dirty.clone(),
             reconcile_repairs: self.repairs.values().sum(),
@@ -251,17 +250,18 @@ impl Lb {
                 addr: masked,
             };
             let maglev = self.maglev_choice(record, &masked)?;
-            let (id, source, idle_ms, expired) = match self.maps.affinity.get(&key, 0) {
-                Ok(v) => {
+            let (id, source, idle_ms, expired, protected) = match self.maps.session(&key) {
+                Some((v, protected)) => {
                     let idle = now.saturating_sub(v.last_seen_ns);
                     (
                         v.backend_id,
                         "session",
                         Some(idle / 1_000_000),
                         idle >= record.timeout_ns,
+                        protected,
                     )
                 }
-                Err(_) => (maglev, "maglev", None, false),
+                None => (maglev, "maglev", None, false, false),
             };
             let name = |id: u32| {
                 (id != NO_BACKEND).then(|| {
@@ -284,6 +284,7 @@ impl Lb {
                 backend: name(id),
                 backend_address: address(id),
                 source: source.to_string(),
+                protected,
                 idle_ms,
                 expired,
                 maglev_backend: name(maglev),

@@ -4,9 +4,13 @@
 //! The order is what keeps sessions correct if a write fails half-way:
 //! 1. backend records that are new or changed (new ids never reuse an id
 //!    that is still occupied, so no session can point at them yet);
-//! 2. each changed service's Maglev table into its idle slot;
-//! 3. service records that are new or changed, which flips the live slot;
-//!    then records of services gone from the config are removed;
+//! 2. each changed service's Maglev table into its idle slot; the sessions
+//!    the new table makes divergent are copied into the protected map
+//!    (`protect`), before any packet can see the new table;
+//! 3. service records that are new or changed, which flips the live slot
+//!    (and sets `SERVICE_F_PROTECTED`); then records of services gone from
+//!    the config are removed, and the LRU copies of the sessions just
+//!    protected are deleted;
 //! 4. affinity entries of removed services and backends are deleted (those
 //!    of a backend moved off the reserved id 0 are rewritten to its new id);
 //! 5. only then are the removed backends' slots cleared, freeing their ids.
@@ -27,13 +31,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_CAPACITY, BACKEND_EMPTY, Backend, FAMILY_V4, FIRST_BACKEND_ID,
-    FORWARD_DSR_L2, MAX_BACKENDS, NO_BACKEND, RESERVED_BACKEND_ID, Service, ServiceKey,
-    prefix_mask,
+    ADMIT_WINDOW_NS, Affinity, AffinityKey, BACKEND_CAPACITY, BACKEND_EMPTY, Backend, FAMILY_V4,
+    FIRST_BACKEND_ID, FORWARD_DSR_L2, MAX_BACKENDS, NO_BACKEND, RESERVED_BACKEND_ID,
+    SERVICE_F_PROTECTED, Service, ServiceKey, prefix_mask,
 };
 
 use super::{
     keys::{ServiceKeyOrd, addr_words, family, service_key},
+    protect::{self, NewTable, Protection},
     tables::{Placement, Plan, TableInputs},
 };
 use crate::{
@@ -73,6 +78,9 @@ pub struct ApplyReport {
     pub backends_written: usize,
     /// Service records written (new or changed).
     pub services_written: usize,
+    /// What protecting the sessions made divergent by the new tables did
+    /// (None when no table of an existing service changed).
+    pub protection: Option<Protection>,
 }
 
 /// Writes `config` into the pinned maps, keeping the ids (and so the
@@ -279,6 +287,7 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
 
     // 2. Tables that changed, into their idle slot.
     let mut live_slot: Vec<u32> = Vec::with_capacity(wanted.len());
+    let mut new_tables: Vec<(u32, std::sync::Arc<[u32]>, u64)> = Vec::new();
     for (si, (key, svc)) in wanted.iter().enumerate() {
         let id = service_ids[si];
         let old = current.get(&ServiceKeyOrd(*key));
@@ -301,14 +310,59 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
                     .with_context(|| format!("writing the Maglev table of service {}", svc.name))?;
                 report.tables_written.push(svc.name.clone());
                 live_slot.push(slot);
+                if old.is_some() {
+                    let timeout =
+                        u64::try_from(svc.affinity_timeout.as_nanos()).unwrap_or(u64::MAX);
+                    new_tables.push((id, table, timeout));
+                }
             }
         }
+    }
+
+    // The sessions the new tables make divergent, protected before any
+    // packet sees those tables. Backends as they are once this apply is done.
+    let mut pending = None;
+    if !new_tables.is_empty() {
+        let mut after = live.clone();
+        for (id, record) in be_keys.iter().zip(&be_values) {
+            if let Some(slot) = after.get_mut(*id as usize) {
+                *slot = *record;
+            }
+        }
+        for id in &removed_backends {
+            if let Some(slot) = after.get_mut(*id as usize) {
+                *slot = Backend::default();
+            }
+        }
+        let tables: Vec<NewTable<'_>> = new_tables
+            .iter()
+            .map(|(id, table, timeout_ns)| NewTable {
+                service_id: *id,
+                table,
+                timeout_ns: *timeout_ns,
+            })
+            .collect();
+        let (protection, p) =
+            protect::before_flip(maps, &tables, &after, crate::sessions::monotonic_ns())
+                .context("protecting the sessions the new Maglev tables make divergent")?;
+        report.protection = Some(protection);
+        pending = Some(p);
     }
 
     // 3. Service records that differ: this flips the changed tables live.
     let mut records: Vec<(ServiceKey, Service)> = Vec::with_capacity(wanted.len());
     for (si, (key, svc)) in wanted.iter().enumerate() {
-        let record = service_record(svc, service_ids[si], table_size, live_slot[si]);
+        let id = service_ids[si];
+        let protected = match &report.protection {
+            Some(p) => p.per_service.get(&id).is_some_and(|n| *n > 0),
+            None => current
+                .get(&ServiceKeyOrd(*key))
+                .is_some_and(|r| r.id == id && r.flags & SERVICE_F_PROTECTED != 0),
+        };
+        let mut record = service_record(svc, id, table_size, live_slot[si]);
+        if protected {
+            record.flags |= SERVICE_F_PROTECTED;
+        }
         records.push((*key, record));
     }
     for (si, (key, record)) in records.iter().enumerate() {
@@ -346,6 +400,9 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
     for id in &removed_services {
         maps.known_tables.forget(*id);
     }
+    if let Some(p) = pending {
+        protect::after_flip(maps, p)?;
+    }
 
     // 4. Sessions of removed services/backends would otherwise point at ids
     //    that a later config may give to someone else. Those of a backend
@@ -365,36 +422,37 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
     Ok(report)
 }
 
-/// Rewrites the affinity entries of service `service_id` that point at
-/// backend `from` to point at `to`; returns how many.
+/// Rewrites the sessions (LRU and protected) of service `service_id` that
+/// point at backend `from` to point at `to`; returns how many.
 fn move_sessions(maps: &mut PinnedMaps, service_id: u32, from: u32, to: u32) -> Result<usize> {
-    let mut moving: Vec<(AffinityKey, Affinity)> = Vec::new();
-    for entry in maps.affinity.iter() {
-        let (key, value) = entry.context("reading the affinity map")?;
-        if key.service_id == service_id && value.backend_id == from {
-            moving.push((key, value));
-        }
-    }
     let mut moved = 0;
-    for (key, value) in moving {
-        let value = Affinity {
-            backend_id: to,
-            ..value
-        };
-        // BPF_EXIST: an entry evicted meanwhile stays gone (the client gets
-        // its Maglev choice, which is this backend's new id or its peer's).
-        const BPF_EXIST: u64 = 2;
-        match maps.affinity.insert(key, value, BPF_EXIST) {
-            Ok(()) => moved += 1,
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e).context("moving a session off the reserved backend id 0"),
+    for map in [&mut maps.affinity, &mut maps.protected] {
+        let moving: Vec<(AffinityKey, Affinity)> = bpf_batch::read_hash(map)
+            .context("reading the sessions")?
+            .into_iter()
+            .filter(|(key, value)| key.service_id == service_id && value.backend_id == from)
+            .collect();
+        for (key, value) in moving {
+            let value = Affinity {
+                backend_id: to,
+                ..value
+            };
+            // BPF_EXIST: an entry evicted meanwhile stays gone (the client gets
+            // its Maglev choice, which is this backend's new id or its peer's).
+            const BPF_EXIST: u64 = 2;
+            match map.insert(key, value, BPF_EXIST) {
+                Ok(()) => moved += 1,
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).context("moving a session off the reserved backend id 0"),
+            }
         }
     }
     Ok(moved)
 }
 
-/// Deletes the affinity entries of `services` and of `backends`; returns how many.
+/// Deletes the sessions (LRU and protected) of `services` and of
+/// `backends`; returns how many.
 fn purge_sessions(
     maps: &mut PinnedMaps,
     services: &BTreeSet<u32>,
@@ -403,18 +461,30 @@ fn purge_sessions(
     if services.is_empty() && backends.is_empty() {
         return Ok(0);
     }
-    let mut doomed = Vec::new();
-    for entry in maps.affinity.iter() {
-        let (key, value) = entry.context("reading the affinity map")?;
-        if services.contains(&key.service_id) || backends.contains(&value.backend_id) {
-            doomed.push(key);
+    let mut n = 0;
+    for map in [&mut maps.affinity, &mut maps.protected] {
+        let doomed: Vec<AffinityKey> = bpf_batch::read_hash(map)
+            .context("reading the sessions")?
+            .into_iter()
+            .filter(|(key, value)| {
+                services.contains(&key.service_id) || backends.contains(&value.backend_id)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            // Already gone (LRU eviction) is fine.
+            let _ = map.remove(key);
         }
+        n += doomed.len();
     }
-    for key in &doomed {
-        // Already gone (LRU eviction) is fine.
-        let _ = maps.affinity.remove(key);
-    }
-    Ok(doomed.len())
+    Ok(n)
+}
+
+/// Admission budget per `ADMIT_WINDOW_NS` for a rate per second, rounded
+/// up so that any non-zero rate admits something in every window.
+fn admit_per_window(rate: u32) -> u32 {
+    let windows_per_sec = 1_000_000_000 / ADMIT_WINDOW_NS;
+    u32::try_from(u64::from(rate).div_ceil(windows_per_sec)).unwrap_or(u32::MAX)
 }
 
 /// The service record of `svc` with id `id`, its table live in `slot`.
@@ -445,6 +515,7 @@ fn service_record(svc: &ServiceConfig, id: u32, table_size: u32, slot: u32) -> S
         prefix_v4: svc.affinity_prefix_v4,
         prefix_v6: svc.affinity_prefix_v6,
         forward_mode: FORWARD_DSR_L2,
-        _pad: [0; 5],
+        _pad: 0,
+        admit_per_window: admit_per_window(svc.affinity_admit_rate),
     }
 }

@@ -13,7 +13,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{GLOBAL_DEBUG, GLOBAL_IFACE_MAC, MAP_AFFINITY, MAP_MAGLEV};
+use lb_common::{GLOBAL_DEBUG, GLOBAL_IFACE_MAC, MAP_AFFINITY, MAP_MAGLEV, MAP_PROTECTED};
 
 use crate::{
     config::{Config, XdpMode},
@@ -96,6 +96,7 @@ impl Dataplane {
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&opts.pin_dir)
             .map_max_entries(MAP_AFFINITY, opts.affinity_max_entries)
+            .map_max_entries(MAP_PROTECTED, opts.affinity_max_entries)
             .map_max_entries(MAP_MAGLEV, maglev_entries)
             .override_global(GLOBAL_DEBUG, &debug, true)
             .override_global(GLOBAL_IFACE_MAC, &opts.iface_mac, true)

@@ -6,6 +6,7 @@
 mod apply;
 mod keys;
 mod load;
+mod protect;
 mod tables;
 
 pub use apply::{ApplyReport, apply};
@@ -13,4 +14,5 @@ pub use keys::{addr_words, family, service_key};
 pub use load::{
     Attachment, Dataplane, LoadOptions, PASS_OBJ, PROGRAM, XLB_OBJ, bring_up, detach, interface_mac,
 };
+pub use protect::{Protection, Sweep, sweep};
 pub use tables::{KnownTables, service_table};

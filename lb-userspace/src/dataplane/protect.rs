@@ -1,0 +1,410 @@
+//! Divergent sessions, kept where no LRU eviction reaches them.
+//!
+//! A session whose backend equals its service's Maglev answer loses nothing
+//! when the LRU evicts it: the client's next packet gets the same backend
+//! again. A session whose backend differs ("divergent") would move. Sessions
+//! become divergent only when a table changes (a backend added, weighted,
+//! drained, back up): the clients it would move keep their backend through
+//! their entry. So whenever `apply` is about to make a new table live, it
+//! finds the service's live sessions that differ from the new table's answer
+//! and moves them into `XLB_PROTECTED_V1`, a plain hash map nothing but
+//! userspace adds to, which a spoofed-source flood cannot evict from:
+//!
+//! 1. before the flip: copy them into the protected map (the LRU copy still
+//!    serves them meanwhile); protected entries the new table makes equal,
+//!    or whose backend is gone, leave it;
+//! 2. the flip also sets `SERVICE_F_PROTECTED` on the service record, so an
+//!    LRU miss looks in the protected map;
+//! 3. after the flip: delete their LRU copies, so each client has one entry.
+//!
+//! Finding them reads the affinity map once (batched): a table change is
+//! rare, and the sessions it affects can only be found by looking at them.
+//! Protected entries age like the others: [`sweep`] deletes the expired and
+//! those whose backend is gone, and clears the flag when none are left.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{IterableMap as _, MapError};
+use lb_common::{
+    AffinityKey, BACKEND_ACTIVE, BACKEND_DRAINING, Backend, NO_BACKEND, SERVICE_F_PROTECTED,
+    Service,
+};
+
+use crate::{bpf_batch, maglev, pins::PinnedMaps};
+
+/// A service whose new Maglev table an apply is about to make live.
+pub(crate) struct NewTable<'a> {
+    /// Service id.
+    pub service_id: u32,
+    /// The table that becomes live.
+    pub table: &'a [u32],
+    /// The service's affinity timeout: older sessions are not worth keeping.
+    pub timeout_ns: u64,
+}
+
+/// What one protection pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Protection {
+    /// Sessions moved into the protected map.
+    pub kept: usize,
+    /// Protected sessions released (equal to the new answer: back to the
+    /// LRU; or backend gone, expired: deleted).
+    pub released: usize,
+    /// Divergent sessions left in the LRU because the protected map was full.
+    pub overflow: usize,
+    /// Protected sessions per service id after the pass.
+    pub per_service: BTreeMap<u32, usize>,
+}
+
+/// The LRU copies to delete once the new tables are live (step 3).
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    keys: Vec<AffinityKey>,
+}
+
+/// Whether a session may keep backend `id`: it exists, belongs to the
+/// session's service and takes existing clients. `backends` indexed by id.
+fn keeps(backends: &[Backend], id: u32, service_id: u32) -> bool {
+    backends.get(id as usize).is_some_and(|b| {
+        (b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING)
+            && u32::from(b.service_id) == service_id
+    })
+}
+
+/// The table's answer for a masked client (`NO_BACKEND` for an empty table).
+fn answer(table: &[u32], addr: &[u32; 4]) -> u32 {
+    let size = u32::try_from(table.len()).unwrap_or(u32::MAX);
+    if size == 0 {
+        return NO_BACKEND;
+    }
+    table[maglev::slot(addr, size) as usize]
+}
+
+/// The decision of step 1, apart from the maps: which LRU sessions to
+/// protect, which protected ones to release (to the LRU when `Some`), and
+/// how many stay protected per service. Pure, so it is unit-tested.
+pub(crate) struct Decision {
+    /// LRU sessions to copy into the protected map.
+    pub protect: Vec<(AffinityKey, lb_common::Affinity)>,
+    /// Protected sessions to delete, with the LRU entry to restore if any.
+    pub release: Vec<(AffinityKey, Option<lb_common::Affinity>)>,
+    /// Protected sessions that stay, per service id (every service).
+    pub stay: BTreeMap<u32, usize>,
+}
+
+/// Decides step 1 for `tables` from a snapshot of both maps.
+pub(crate) fn decide(
+    tables: &[NewTable<'_>],
+    backends: &[Backend],
+    lru: &[(AffinityKey, lb_common::Affinity)],
+    protected: &[(AffinityKey, lb_common::Affinity)],
+    now: u64,
+) -> Decision {
+    let by_id: HashMap<u32, &NewTable<'_>> = tables.iter().map(|t| (t.service_id, t)).collect();
+    let live = |t: &NewTable<'_>, v: &lb_common::Affinity| {
+        now.saturating_sub(v.last_seen_ns) <= t.timeout_ns
+    };
+    let mut stay: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut release = Vec::new();
+    let mut already: HashSet<AffinityKey> = HashSet::new();
+    for (key, value) in protected {
+        let Some(t) = by_id.get(&key.service_id) else {
+            *stay.entry(key.service_id).or_default() += 1;
+            already.insert(*key);
+            continue;
+        };
+        let fresh = live(t, value) && keeps(backends, value.backend_id, key.service_id);
+        if fresh && answer(t.table, &key.addr) != value.backend_id {
+            *stay.entry(key.service_id).or_default() += 1;
+            already.insert(*key);
+        } else {
+            // Equal now: an ordinary session again, safe in the LRU.
+            release.push((*key, fresh.then_some(*value)));
+        }
+    }
+    let protect = lru
+        .iter()
+        .filter(|(key, value)| {
+            by_id.get(&key.service_id).is_some_and(|t| {
+                live(t, value)
+                    && keeps(backends, value.backend_id, key.service_id)
+                    && answer(t.table, &key.addr) != value.backend_id
+                    && !already.contains(key)
+            })
+        })
+        .copied()
+        .collect();
+    Decision {
+        protect,
+        release,
+        stay,
+    }
+}
+
+/// Step 1: protects the sessions `tables` make divergent and releases the
+/// protected ones they make ordinary. `backends` are the records as they
+/// will be once the apply is done (indexed by id).
+pub(crate) fn before_flip(
+    maps: &mut PinnedMaps,
+    tables: &[NewTable<'_>],
+    backends: &[Backend],
+    now: u64,
+) -> Result<(Protection, Pending)> {
+    let lru = bpf_batch::read_hash(&maps.affinity).context("reading the affinity map")?;
+    let protected =
+        bpf_batch::read_hash(&maps.protected).context("reading the protected session map")?;
+    let decision = decide(tables, backends, &lru, &protected, now);
+    let mut report = Protection {
+        per_service: decision.stay,
+        ..Protection::default()
+    };
+    for (key, restore) in decision.release {
+        if let Some(value) = restore {
+            // NOEXIST: a fresher LRU entry (the kernel's) wins.
+            const BPF_NOEXIST: u64 = 1;
+            match maps.affinity.insert(key, value, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e).context("returning a session to the affinity map"),
+            }
+        }
+        remove(&mut maps.protected, &key).context("releasing a protected session")?;
+        report.released += 1;
+    }
+    let mut pending = Pending::default();
+    let keys: Vec<AffinityKey> = decision.protect.iter().map(|(k, _)| *k).collect();
+    let values: Vec<lb_common::Affinity> = decision.protect.iter().map(|(_, v)| *v).collect();
+    let written = match bpf_batch::update(maps.protected.map().fd(), &keys, &values) {
+        Ok(()) => keys.len(),
+        Err(bpf_batch::BatchError::Failed { done, error })
+            if matches!(error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) =>
+        {
+            done
+        }
+        Err(bpf_batch::BatchError::Unsupported(_)) => {
+            let mut n = 0;
+            for (k, v) in keys.iter().zip(&values) {
+                match maps.protected.insert(*k, *v, 0) {
+                    Ok(()) => n += 1,
+                    Err(MapError::SyscallError(e))
+                        if matches!(
+                            e.io_error.raw_os_error(),
+                            Some(libc::E2BIG | libc::ENOMEM)
+                        ) =>
+                    {
+                        break;
+                    }
+                    Err(e) => return Err(e).context("writing a protected session"),
+                }
+            }
+            n
+        }
+        Err(e) => return Err(anyhow::Error::new(e)).context("writing protected sessions"),
+    };
+    report.kept = written;
+    report.overflow = keys.len() - written;
+    for key in &keys[..written] {
+        *report.per_service.entry(key.service_id).or_default() += 1;
+    }
+    if report.overflow > 0 {
+        tracing::warn!(
+            left_in_lru = report.overflow,
+            "the protected session map is full: these divergent sessions stay in the LRU, \
+             where a flood can evict them (raise affinity_max_entries)"
+        );
+    }
+    pending.keys = keys[..written].to_vec();
+    Ok((report, pending))
+}
+
+/// Step 3: deletes the LRU copies of the sessions step 1 protected (the
+/// new tables and flags are live now).
+pub(crate) fn after_flip(maps: &mut PinnedMaps, pending: Pending) -> Result<()> {
+    for key in &pending.keys {
+        remove(&mut maps.affinity, key).context("removing the LRU copy of a protected session")?;
+    }
+    Ok(())
+}
+
+/// Deletes `key`; already gone is fine.
+fn remove(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, AffinityKey, lb_common::Affinity>,
+    key: &AffinityKey,
+) -> Result<()> {
+    match map.remove(key) {
+        Ok(()) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What a sweep did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Sweep {
+    /// Protected sessions deleted (expired, backend gone, service gone).
+    pub deleted: usize,
+    /// Protected sessions per service id after the sweep.
+    pub per_service: BTreeMap<u32, usize>,
+    /// Services whose `SERVICE_F_PROTECTED` flag was cleared (none left).
+    pub cleared: Vec<u32>,
+}
+
+/// Deletes the protected sessions that expired or whose backend is gone,
+/// and clears the flag of services left without any: work proportional to
+/// the protected map, never to the LRU. `records` are the live service
+/// records by key; `backends` indexed by id.
+pub fn sweep(
+    maps: &mut PinnedMaps,
+    records: &[(lb_common::ServiceKey, Service)],
+    backends: &[Backend],
+    now: u64,
+) -> Result<Sweep> {
+    let protected =
+        bpf_batch::read_hash(&maps.protected).context("reading the protected session map")?;
+    let timeouts: HashMap<u32, u64> = records.iter().map(|(_, r)| (r.id, r.timeout_ns)).collect();
+    let mut out = Sweep::default();
+    for (key, value) in &protected {
+        let keep = timeouts.get(&key.service_id).is_some_and(|t| {
+            now.saturating_sub(value.last_seen_ns) <= *t
+                && keeps(backends, value.backend_id, key.service_id)
+        });
+        if keep {
+            *out.per_service.entry(key.service_id).or_default() += 1;
+        } else {
+            remove(&mut maps.protected, key).context("deleting a stale protected session")?;
+            out.deleted += 1;
+        }
+    }
+    for (key, record) in records {
+        if record.flags & SERVICE_F_PROTECTED != 0 && !out.per_service.contains_key(&record.id) {
+            let cleared = Service {
+                flags: record.flags & !SERVICE_F_PROTECTED,
+                ..*record
+            };
+            // EXIST: a service removed meanwhile stays removed.
+            const BPF_EXIST: u64 = 2;
+            match maps.services.insert(*key, cleared, BPF_EXIST) {
+                Ok(()) => out.cleared.push(record.id),
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).context("clearing a service's protected flag"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{Affinity, FAMILY_V4};
+
+    use super::*;
+
+    fn backend(service_id: u16, state: u8) -> Backend {
+        Backend {
+            state,
+            family: FAMILY_V4,
+            service_id,
+            ..Backend::default()
+        }
+    }
+
+    fn key(service_id: u32, n: u32) -> AffinityKey {
+        AffinityKey {
+            service_id,
+            addr: [n, 0, 0, 0],
+        }
+    }
+
+    fn session(backend_id: u32, last_seen_ns: u64) -> Affinity {
+        Affinity {
+            backend_id,
+            _pad: 0,
+            last_seen_ns,
+        }
+    }
+
+    /// A 7-slot table: clients whose slot is even get backend 1, odd 2.
+    fn table() -> Vec<u32> {
+        (0..7).map(|i| if i % 2 == 0 { 1 } else { 2 }).collect()
+    }
+
+    fn answer_of(n: u32) -> u32 {
+        answer(&table(), &[n, 0, 0, 0])
+    }
+
+    #[test]
+    fn protects_exactly_the_live_divergent_sessions_of_changed_services() {
+        let t = table();
+        let tables = [NewTable {
+            service_id: 1,
+            table: &t,
+            timeout_ns: 100,
+        }];
+        let backends = vec![
+            Backend::default(),
+            backend(1, BACKEND_ACTIVE),
+            backend(1, BACKEND_DRAINING),
+            backend(2, BACKEND_ACTIVE),
+            backend(1, lb_common::BACKEND_DOWN),
+        ];
+        let now = 1000;
+        let mut lru = Vec::new();
+        for n in 0..40 {
+            // Each client once on backend 1 and once on 2 (different services).
+            let other = if answer_of(n) == 1 { 2 } else { 1 };
+            lru.push((key(1, n), session(other, now)));
+            lru.push((
+                key(1, 100 + n),
+                session(answer(&t, &[100 + n, 0, 0, 0]), now),
+            ));
+        }
+        // Expired, down backend, foreign backend, unchanged service: never protected.
+        lru.push((key(1, 500), session(3 - answer_of(500).min(2), 800)));
+        lru.push((key(1, 501), session(4, now)));
+        lru.push((key(1, 502), session(3, now)));
+        lru.push((key(2, 503), session(3, now)));
+        let d = decide(&tables, &backends, &lru, &[], now);
+        let keys: HashSet<AffinityKey> = d.protect.iter().map(|(k, _)| *k).collect();
+        let expected: HashSet<AffinityKey> = (0..40).map(|n| key(1, n)).collect();
+        assert_eq!(keys, expected);
+        assert!(d.release.is_empty());
+    }
+
+    #[test]
+    fn releases_protected_sessions_the_new_table_makes_ordinary() {
+        let t = table();
+        let tables = [NewTable {
+            service_id: 1,
+            table: &t,
+            timeout_ns: 100,
+        }];
+        let backends = vec![
+            Backend::default(),
+            backend(1, BACKEND_ACTIVE),
+            backend(1, BACKEND_ACTIVE),
+        ];
+        let now = 1000;
+        let equal = (key(1, 1), session(answer_of(1), now));
+        let diverging = (key(1, 2), session(3 - answer_of(2), now));
+        let expired = (key(1, 3), session(3 - answer_of(3), 10));
+        let untouched = (key(7, 4), session(9, now));
+        let d = decide(
+            &tables,
+            &backends,
+            &[diverging],
+            &[equal, diverging, expired, untouched],
+            now,
+        );
+        assert_eq!(d.release.len(), 2);
+        // The equal one goes back to the LRU, the expired one is dropped.
+        assert!(d.release.contains(&(equal.0, Some(equal.1))));
+        assert!(d.release.contains(&(expired.0, None)));
+        // Already protected: not written again.
+        assert!(d.protect.is_empty());
+        assert_eq!(d.stay.get(&1), Some(&1));
+        assert_eq!(d.stay.get(&7), Some(&1));
+    }
+}
