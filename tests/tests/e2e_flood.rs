@@ -36,9 +36,14 @@ const CAPACITY: u32 = 2048;
 const SOURCES: u32 = 4 * CAPACITY;
 /// Frames per spoofed source: two, so every flood entry gets referenced.
 const PER_SOURCE: u32 = 2;
-/// Per-service `affinity_admit_rate` (new entries per second per CPU): far
-/// below the flood's rate, so admission must skip most flood sources.
+/// `affinity_admit_rate` of the IPv4 services (new entries per second per
+/// CPU): far below the flood's rate, so admission must skip most of their
+/// flood sources.
 const ADMIT_RATE: u32 = 1000;
+/// `affinity_admit_rate` of the IPv6 services: no limit, so their floods
+/// turn the whole affinity LRU over several times and only the protected
+/// map can keep the divergent sessions (of every service: the LRU is shared).
+const ADMIT_UNLIMITED: u32 = 0;
 /// Flood frames per second (paced so the veths lose nothing).
 const FLOOD_RATE: u32 = 50_000;
 /// Real client addresses per family.
@@ -56,21 +61,26 @@ struct Fl {
     next_source: u32,
 }
 
-/// The config: metrics on, a small affinity map, and (if `admit`) a low
-/// admission rate in every service.
-fn config_text(base: &str, admit: bool) -> String {
+/// The config: metrics on, a small affinity map, a low admission rate in
+/// the IPv4 services and none in the IPv6 ones.
+fn config_text(base: &str) -> String {
     let mut text =
         format!("metrics_address = \"{METRICS}\"\naffinity_max_entries = {CAPACITY}\n{base}");
-    if admit {
-        for proto in ["tcp", "udp"] {
-            let line = format!("protocol = \"{proto}\"\n");
-            text = text.replace(
-                &line,
-                &format!("{line}affinity_admit_rate = {ADMIT_RATE}\n"),
-            );
-        }
+    for svc in SERVICES {
+        let line = format!("name = \"{svc}\"\n");
+        let rate = admit_rate(svc);
+        text = text.replace(&line, &format!("{line}affinity_admit_rate = {rate}\n"));
     }
     text
+}
+
+/// The `affinity_admit_rate` the test gives a service.
+fn admit_rate(svc: &str) -> u32 {
+    if svc.ends_with("v4") {
+        ADMIT_RATE
+    } else {
+        ADMIT_UNLIMITED
+    }
 }
 
 /// A lab of `lab_backends` backends (all serving) and 32 + 32 clients, with a
@@ -92,18 +102,14 @@ fn setup(tag: &str, lab_backends: usize, daemon_backends: usize) -> Fl {
         daemon_backends,
         &HealthOptions::default(),
     );
-    write(&config, &config_text(&base, true));
-    let d = match Daemon::start(&lab, &config) {
-        Ok(d) => d,
-        // An xlb from before flood protection rejects the unknown field: run
-        // it without, so the test shows what the flood does to it.
-        Err(e) if format!("{e:#}").contains("affinity_admit_rate") => {
-            eprintln!("NOTE: this xlb rejects affinity_admit_rate; running without it");
-            write(&config, &config_text(&base, false));
-            Daemon::start(&lab, &config).unwrap_or_else(|e| panic!("{e:#}"))
-        }
-        Err(e) => panic!("{e:#}"),
-    };
+    let text = config_text(&base);
+    assert_eq!(
+        text.matches("affinity_admit_rate").count(),
+        SERVICES.len(),
+        "{text}"
+    );
+    write(&config, &text);
+    let d = Daemon::start(&lab, &config).unwrap_or_else(|e| panic!("{e:#}"));
     let fl = Fl {
         d,
         servers,
@@ -224,9 +230,10 @@ impl Fl {
 
     /// Floods each of `services` with [`SOURCES`] fresh spoofed sources ×
     /// [`PER_SOURCE`] frames; checks that the load balancer saw them. Returns
-    /// the number of sources sent.
-    fn flood(&mut self, services: &[&str]) -> u64 {
-        let mut sources = 0;
+    /// the number of sources sent to services with an admission limit and
+    /// to services without.
+    fn flood(&mut self, services: &[&str]) -> Sources {
+        let mut sources = Sources::default();
         for svc in services {
             let (vip, port, l4) = endpoint(&self.lab, svc);
             let mut f = Flood::to_lab(&self.lab, vip, port, l4, self.next_source, SOURCES);
@@ -253,10 +260,23 @@ impl Fl {
                 "the LB counted {seen} of {} flood frames on {svc}",
                 report.frames
             );
-            sources += u64::from(SOURCES);
+            if admit_rate(svc) == ADMIT_UNLIMITED {
+                sources.unlimited += u64::from(SOURCES);
+            } else {
+                sources.limited += u64::from(SOURCES);
+            }
         }
         sources
     }
+}
+
+/// Spoofed sources sent by a flood, by the admission limit of their service.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sources {
+    /// To services with an `affinity_admit_rate`.
+    limited: u64,
+    /// To services without.
+    unlimited: u64,
 }
 
 /// What one scenario saw, checked by [`verify`].
@@ -277,7 +297,7 @@ struct Run<'a> {
     after: &'a Mapping,
     end: &'a Snap,
     /// Spoofed sources sent in the flood between `before_flood` and `after_flood`.
-    sources: u64,
+    sources: Sources,
 }
 
 /// Checks a run: nobody moved, and every flood-protection counter moved as
@@ -360,8 +380,9 @@ fn verify(run: &Run, problems: &mut Vec<String>) {
         format!("no protected entry after the change ({protected})"),
     );
 
-    // The flood: every new source is admitted or skipped, and the low
-    // admission rate skips many.
+    // The flood: every new source is admitted or skipped; the low admission
+    // rate skips most of its services' sources, the services without a limit
+    // admit all of theirs (and so turn the whole LRU over).
     let fd = |r: &str| {
         run.after_flood
             .reason(r)
@@ -369,9 +390,9 @@ fn verify(run: &Run, problems: &mut Vec<String>) {
     };
     let admitted = fd("affinity_admitted");
     let skipped = fd("affinity_admission_skipped");
+    let Sources { limited, unlimited } = run.sources;
     eprintln!(
-        "{what}: flood of {} sources: admitted {admitted}, admission skipped {skipped}, new_session {}",
-        run.sources,
+        "{what}: flood of {limited} sources (limited) + {unlimited} (unlimited): admitted {admitted}, admission skipped {skipped}, new_session {}",
         fd("new_session")
     );
     check(
@@ -383,17 +404,20 @@ fn verify(run: &Run, problems: &mut Vec<String>) {
         format!("affinity_admission_skipped moved by {skipped} during the flood"),
     );
     check(
-        (admitted + skipped) as f64 >= 0.9 * run.sources as f64,
+        (admitted + skipped) as f64 >= 0.9 * (limited + unlimited) as f64,
         format!(
             "admitted {admitted} + skipped {skipped} < 90% of the {} flood sources",
-            run.sources
+            limited + unlimited
         ),
     );
     check(
-        skipped as f64 >= 0.5 * run.sources as f64,
+        skipped as f64 >= 0.5 * limited as f64,
+        format!("only {skipped} of {limited} flood sources skipped at {ADMIT_RATE}/s per CPU"),
+    );
+    check(
+        admitted as f64 >= 0.9 * unlimited as f64 && unlimited >= 4 * u64::from(CAPACITY),
         format!(
-            "only {skipped} of {} flood sources skipped at {ADMIT_RATE}/s per CPU",
-            run.sources
+            "admitted {admitted}: the {unlimited} sources without a limit did not turn the LRU of {CAPACITY} over 4 times"
         ),
     );
     for (metric, kernel) in [
