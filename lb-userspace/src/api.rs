@@ -293,6 +293,9 @@ pub struct SessionInfo {
     pub backend_address: Option<IpAddr>,
     /// Milliseconds since last refresh.
     pub idle_ms: u64,
+    /// Kept in the protected map (its backend differs from the Maglev answer).
+    #[serde(default)]
+    pub protected: bool,
 }
 
 /// Where one client goes in one service.

@@ -27,6 +27,7 @@ fn many_sessions() -> Response {
             backend: format!("b{}", i % 3),
             backend_address: Some(std::net::IpAddr::from([10, 0, 0, 21 + (i % 3) as u8])),
             idle_ms: u64::from(i),
+            protected: i % 4 == 0,
         })
         .collect();
     Response::Sessions(list)

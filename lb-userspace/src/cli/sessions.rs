@@ -77,10 +77,21 @@ pub fn run(args: SessionsArgs, ctx: &Ctx) -> Result<()> {
                         s.backend.clone(),
                         s.backend_address.map(|a| a.to_string()).unwrap_or_default(),
                         secs(s.idle_ms),
+                        if s.protected { "yes" } else { "" }.to_string(),
                     ]
                 })
                 .collect();
-            print_table(&["SERVICE", "CLIENT", "BACKEND", "ADDRESS", "IDLE"], &rows)?;
+            print_table(
+                &[
+                    "SERVICE",
+                    "CLIENT",
+                    "BACKEND",
+                    "ADDRESS",
+                    "IDLE",
+                    "PROTECTED",
+                ],
+                &rows,
+            )?;
             outln!("{} sessions", list.len())
         }
         SessionsCmd::Where { client, service } => {
@@ -121,10 +132,14 @@ fn direct(target: &Target, json: bool) -> Result<()> {
                 format!("{}/{}", s.client, s.prefix),
                 backend,
                 secs(s.idle_ms),
+                if s.protected { "yes" } else { "" }.to_string(),
             ]
         })
         .collect();
-    print_table(&["SERVICE", "CLIENT", "BACKEND", "IDLE"], &rows)?;
+    print_table(
+        &["SERVICE", "CLIENT", "BACKEND", "IDLE", "PROTECTED"],
+        &rows,
+    )?;
     outln!("{} sessions", list.len())
 }
 

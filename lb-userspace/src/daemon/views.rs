@@ -217,6 +217,7 @@ impl Lb {
                     .map_or_else(|| format!("#{}", s.backend_id), |r| r.backend.clone()),
                 backend_address: s.backend,
                 idle_ms: s.idle_ms,
+                protected: s.protected,
             })
             .collect())
     }
