@@ -228,6 +228,40 @@ impl Fl {
         out
     }
 
+    /// The real clients' sessions `xlb sessions list` marks protected.
+    fn protected(&self) -> BTreeSet<Pair> {
+        let clients: BTreeSet<IpAddr> = self.lab.client_addrs().into_iter().collect();
+        let list = self.ctl(&["sessions", "list"]);
+        list.as_array()
+            .unwrap_or_else(|| panic!("sessions list: {list}"))
+            .iter()
+            .filter(|s| s["protected"] == true)
+            .filter_map(|s| {
+                let client: IpAddr = s["client"].as_str()?.parse().ok()?;
+                let proto = if s["service"].as_str()?.starts_with("http") {
+                    Proto::Tcp
+                } else {
+                    Proto::Udp
+                };
+                clients.contains(&client).then_some((client, proto))
+            })
+            .collect()
+    }
+
+    /// Problems if the protected sessions are not exactly `at_risk`.
+    fn check_protected(&self, what: &str, at_risk: &BTreeSet<Pair>, problems: &mut Vec<String>) {
+        let protected = self.protected();
+        if protected != *at_risk {
+            problems.push(format!(
+                "{what}: `xlb sessions list` protects {} sessions, {} are at risk; unprotected at risk: {:?}; protected not at risk: {:?}",
+                protected.len(),
+                at_risk.len(),
+                at_risk.difference(&protected).collect::<Vec<_>>(),
+                protected.difference(at_risk).collect::<Vec<_>>()
+            ));
+        }
+    }
+
     /// Floods each of `services` with [`SOURCES`] fresh spoofed sources ×
     /// [`PER_SOURCE`] frames; checks that the load balancer saw them. Returns
     /// the number of sources sent to services with an admission limit and
@@ -500,6 +534,7 @@ fn flood_after_backend_add() {
         "too few divergent TCP clients to test: {divergent:?}"
     );
     let s1 = fl.snap();
+    fl.check_protected("add, after the change", &divergent, &mut problems);
 
     // Another service's flood: UDP only, then look at the TCP clients.
     fl.flood(&["echo-v4", "echo-v6"]);
@@ -522,6 +557,7 @@ fn flood_after_backend_add() {
     let s3 = fl.snap();
     let after = fl.observe();
     let end = fl.snap();
+    fl.check_protected("add, after the flood", &divergent, &mut problems);
     verify(
         &Run {
             what: "add",
@@ -572,12 +608,14 @@ fn flood_during_drain() {
         divergent.len()
     );
     let s1 = fl.snap();
+    fl.check_protected("drain, after the change", &at_risk, &mut problems);
 
     let s2 = s1;
     let sources = fl.flood(&SERVICES);
     let s3 = fl.snap();
     let after = fl.observe();
     let end = fl.snap();
+    fl.check_protected("drain, after the flood", &at_risk, &mut problems);
     for svc in SERVICES {
         let b1 =
             fl.d.backend(&fl.lab, svc, "b1")
@@ -649,11 +687,13 @@ fn flood_after_failure_and_recovery() {
         "a client moved by the failure agrees with Maglev after the recovery: moved {moved_pairs:?}, divergent {divergent:?}"
     );
     let s1 = fl.snap();
+    fl.check_protected("failure, after the recovery", &divergent, &mut problems);
 
     let sources = fl.flood(&SERVICES);
     let s3 = fl.snap();
     let after = fl.observe();
     let end = fl.snap();
+    fl.check_protected("failure, after the flood", &divergent, &mut problems);
     verify(
         &Run {
             what: "failure and recovery",
