@@ -38,9 +38,17 @@ pub const MAP_PROTECTED: &str = "XLB_PROTECTED_V1";
 /// Per-CPU admission budget of each service for new affinity entries:
 /// `PERCPU_ARRAY<Admission>` indexed by service id.
 pub const MAP_ADMISSION: &str = "XLB_ADMIT_V1";
+/// How encapsulated frames leave for each backend (`FORWARD_IPIP`):
+/// `ARRAY<Egress>` indexed by backend id.
+pub const MAP_EGRESS: &str = "XLB_EGRESS_V1";
+/// Interfaces other than the ingress one that frames may leave by:
+/// `DEVMAP_HASH<u32 ifindex, u32 ifindex>`, `MAX_EGRESS_IFACES` entries.
+pub const MAP_DEVMAP: &str = "XLB_DEVMAP_V1";
+/// Capacity of `XLB_DEVMAP_V1`.
+pub const MAX_EGRESS_IFACES: u32 = 64;
 
 /// Every pinned map, in the order userspace checks and reports them.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_AFFINITY,
     MAP_BACKENDS,
@@ -51,6 +59,8 @@ pub const PINNED_MAPS: [&str; 10] = [
     MAP_FRAGMENTS,
     MAP_PROTECTED,
     MAP_ADMISSION,
+    MAP_EGRESS,
+    MAP_DEVMAP,
 ];
 
 /// Pins older xlb builds left that no map of this build uses: removed with
@@ -121,6 +131,15 @@ pub struct ServiceKey {
 
 /// `Service::forward_mode`: layer-2 direct server return (MAC rewrite, `XDP_TX`).
 pub const FORWARD_DSR_L2: u8 = 0;
+/// `Service::forward_mode`: layer-3 direct server return. The client's IP
+/// packet is sent unchanged inside an outer IPv4 (IPv4 VIPs, protocol 4) or
+/// IPv6 (IPv6 VIPs, next header 41) header addressed to the backend, to the
+/// next hop `Backend::mac` by way of `XLB_EGRESS_V1[backend id]`.
+pub const FORWARD_IPIP: u8 = 1;
+/// Bytes an outer IPv4 header adds.
+pub const IPIP_V4_OVERHEAD: u32 = 20;
+/// Bytes an outer IPv6 header adds.
+pub const IPIP_V6_OVERHEAD: u32 = 40;
 
 /// `Service::flags`: the service has sessions in `XLB_PROTECTED_V1`, so an
 /// affinity miss looks there before choosing by Maglev. Without it the
@@ -183,7 +202,10 @@ pub const BACKEND_DOWN: u8 = 3;
 pub struct Backend {
     /// Backend address, same word layout as `ServiceKey::addr` (informational in DSR mode).
     pub addr: [u32; 4],
-    /// Backend MAC: the destination MAC of forwarded frames.
+    /// Destination MAC of forwarded frames: the backend's (layer-2 mode) or
+    /// its next hop's (`FORWARD_IPIP`), typed in the config or resolved by
+    /// userspace from the kernel's neighbours. All-zero: not resolved yet
+    /// (`stat::DROP_NEXTHOP_UNRESOLVED`).
     pub mac: [u8; 6],
     /// `BACKEND_*` state.
     pub state: u8,
@@ -245,6 +267,25 @@ pub struct FragmentPorts {
     pub sport: u16,
     /// Destination port, network byte order (as on the wire); never 0.
     pub dport: u16,
+}
+
+/// Value of `XLB_EGRESS_V1`: how an encapsulated frame leaves for one
+/// backend, from the kernel's route to it (written by userspace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// Outer source address, same word layout as `ServiceKey::addr`.
+    pub src: [u32; 4],
+    /// Source MAC: the egress interface's.
+    pub smac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad: u16,
+    /// Egress interface index; 0 = the interface the frame came in on
+    /// (`XDP_TX`), else `XDP_REDIRECT` through `XLB_DEVMAP_V1`.
+    pub ifindex: u32,
+    /// Egress MTU: an encapsulated packet longer than this is not sent
+    /// (`stat::DROP_ENCAP_TOO_BIG`). 0 until userspace wrote the entry.
+    pub mtu: u32,
 }
 
 /// Value of `XLB_ADMIT_V1` (per CPU): the current admission window.
@@ -345,8 +386,16 @@ pub mod stat {
     /// entry: its service's admission budget on this CPU was spent (counted
     /// besides the frame's verdict).
     pub const AFFINITY_ADMISSION_SKIPPED: u32 = 27;
+    /// The backend's next hop MAC is not resolved yet (all-zero): dropped.
+    pub const DROP_NEXTHOP_UNRESOLVED: u32 = 28;
+    /// The packet would exceed the egress MTU once encapsulated (or the
+    /// egress is not known yet): dropped, since the outer header carries DF
+    /// and the backend could not reassemble outer fragments anyway.
+    pub const DROP_ENCAP_TOO_BIG: u32 = 29;
+    /// The frame could not be grown for the outer header: dropped.
+    pub const DROP_ENCAP_FAILED: u32 = 30;
     /// Number of counters.
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 31;
     /// Slots in `XLB_STATS_V2` (>= `COUNT`; the rest stay zero).
     pub const CAPACITY: u32 = 64;
 
@@ -380,6 +429,9 @@ pub mod stat {
         "affinity_hit_protected",
         "affinity_admitted",
         "affinity_admission_skipped",
+        "drop_nexthop_unresolved",
+        "drop_encap_too_big",
+        "drop_encap_failed",
     ];
 }
 
@@ -474,6 +526,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragmentKey>() == 40);
     assert!(core::mem::size_of::<FragmentPorts>() == 4);
     assert!(core::mem::size_of::<Admission>() == 16);
+    assert!(core::mem::size_of::<Egress>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -489,6 +542,7 @@ mod pod {
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentPorts {}
     unsafe impl aya::Pod for super::Admission {}
+    unsafe impl aya::Pod for super::Egress {}
 }
 
 #[cfg(test)]

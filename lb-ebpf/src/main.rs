@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod encap;
 mod forward;
 mod fragments;
 mod maps;
@@ -15,7 +16,7 @@ mod stats;
 mod verdict;
 
 use aya_ebpf::{Global, macros::xdp, programs::XdpContext};
-use lb_common::{FORWARD_DSR_L2, Service, ServiceKey, stat};
+use lb_common::{Backend, FORWARD_IPIP, Service, ServiceKey, stat};
 
 use crate::{
     maps::SERVICES,
@@ -100,14 +101,35 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         );
     }
 
-    // Only L2 DSR exists today; other modes are refused by userspace.
-    let _ = FORWARD_DSR_L2;
-    if !forward::dsr_l2(ctx, backend, &own_mac) {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let verdict = send(ctx, svc, &pkt, backend, choice.id, &own_mac, choice.reason)?;
+    stats::count_forward(svc.id, choice.id, bytes, choice.is_new());
+    Ok(verdict)
+}
+
+/// Sends the frame to `backend` (id `id`) the service's way: a MAC rewrite
+/// (layer-2 DSR) or IP-in-IP towards its next hop.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    svc: &Service,
+    pkt: &parse::Packet,
+    backend: &Backend,
+    id: u32,
+    own_mac: &[u8; 6],
+    reason: u32,
+) -> Result<Verdict, Verdict> {
+    // A next hop userspace has not resolved yet reads all-zero.
+    if backend.mac == [0u8; 6] {
+        return Err(Verdict::drop(stat::DROP_NEXTHOP_UNRESOLVED));
+    }
+    if svc.forward_mode == FORWARD_IPIP {
+        return encap::ipip(ctx, pkt, backend, id, own_mac, reason);
+    }
+    if !forward::dsr_l2(ctx, backend, own_mac) {
         return Err(Verdict::drop(stat::DROP_TRUNCATED_ETH));
     }
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_forward(svc.id, choice.id, bytes, choice.is_new());
-    Ok(Verdict::tx(choice.reason))
+    Ok(Verdict::tx(reason))
 }
 
 /// Sends an ICMP "fragmentation needed" / "packet too big" about a service's
@@ -128,12 +150,18 @@ fn too_big(ctx: &XdpContext, pkt: &parse::Packet, own_mac: &[u8; 6]) -> Result<V
     };
     let svc = SERVICES.get_ptr(key).ok_or(not_ours)?;
     let svc = &snapshot(svc);
-    let (_, backend) = select::peek(svc, &pkt.src).map_err(|_| not_ours)?;
+    let (id, backend) = select::peek(svc, &pkt.src).map_err(|_| not_ours)?;
     // SAFETY: map value pointer from BACKENDS, valid for this program run.
-    if !forward::dsr_l2(ctx, unsafe { &*backend }, own_mac) {
-        return Err(Verdict::drop(stat::DROP_TRUNCATED_ETH));
-    }
-    Ok(Verdict::tx(stat::ICMP_TOO_BIG_FORWARDED))
+    let backend = unsafe { &*backend };
+    send(
+        ctx,
+        svc,
+        pkt,
+        backend,
+        id,
+        own_mac,
+        stat::ICMP_TOO_BIG_FORWARDED,
+    )
 }
 
 /// Copies a service record out of its map element once, so the whole packet

@@ -4,12 +4,12 @@
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Admission, Affinity, AffinityKey, Backend, DEFAULT_AFFINITY_ENTRIES, DEFAULT_MAGLEV_ENTRIES,
-    FRAGMENT_ENTRIES, FragmentKey, FragmentPorts, MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey,
-    TrafficStats, stat,
+    Egress, FRAGMENT_ENTRIES, FragmentKey, FragmentPorts, MAX_BACKENDS, MAX_EGRESS_IFACES,
+    MAX_SERVICES, Service, ServiceKey, TrafficStats, stat,
 };
 
 /// (VIP, port, protocol) -> service record. Twice `MAX_SERVICES`: older
@@ -60,3 +60,12 @@ pub static PROTECTED: HashMap<AffinityKey, Affinity> =
 /// Per-CPU, per-service admission window for new affinity entries.
 #[map(name = "XLB_ADMIT_V1")]
 pub static ADMISSION: PerCpuArray<Admission> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// Backend id -> how its encapsulated frames leave (source address and MAC,
+/// egress interface, MTU). Read only by `FORWARD_IPIP` services.
+#[map(name = "XLB_EGRESS_V1")]
+pub static EGRESS: Array<Egress> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Egress interfaces other than the ingress one, for `XDP_REDIRECT`.
+#[map(name = "XLB_DEVMAP_V1")]
+pub static DEVMAP: DevMapHash = DevMapHash::pinned(MAX_EGRESS_IFACES, 0);

@@ -79,6 +79,12 @@ pub struct Packet {
     pub src: [u32; 4],
     /// Destination address in key layout.
     pub dst: [u32; 4],
+    /// Offset of the IP header in the frame (after Ethernet and any 802.1Q tag).
+    pub l3: usize,
+    /// Length of the IP packet as its header says (IPv4 total length, IPv6
+    /// 40 + payload length): what an encapsulation carries (frame padding
+    /// past it is not part of the packet).
+    pub ip_len: usize,
     /// An ICMP "fragmentation needed" / ICMPv6 "packet too big" about a
     /// datagram a backend sent from a VIP. The other fields then describe
     /// the quoted datagram turned around, as the client's traffic would
@@ -147,6 +153,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     let src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
     let dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
     let l4 = L4At {
+        l3,
         start: l3 + hdr_len,
         end: l3 + tot_len,
     };
@@ -167,6 +174,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     let src = words_from_bytes(&ip.src_addr);
     let dst = words_from_bytes(&ip.dst_addr);
     let mut l4 = L4At {
+        l3,
         start: l3 + Ipv6Hdr::LEN,
         end: l3 + Ipv6Hdr::LEN + payload_len,
     };
@@ -206,6 +214,8 @@ fn is_v6_extension(next: u8) -> bool {
 /// Where the L4 part of the IP datagram lies in the frame: from `start` to
 /// `end` (exclusive) as the IP length field says; `end` is inside the frame.
 struct L4At {
+    /// Where the IP header starts.
+    l3: usize,
     start: usize,
     end: usize,
 }
@@ -253,6 +263,8 @@ fn finish(
             id: frag.id,
             src,
             dst,
+            l3: l4.l3,
+            ip_len: l4.end - l4.l3,
             too_big: false,
         });
     }
@@ -278,6 +290,8 @@ fn finish(
         id: frag.id,
         src,
         dst,
+        l3: l4.l3,
+        ip_len: l4.end - l4.l3,
         too_big: false,
     })
 }
@@ -385,6 +399,8 @@ fn quoted(
         id: 0,
         src: client,
         dst: vip,
+        l3: l4.l3,
+        ip_len: l4.end - l4.l3,
         too_big: true,
     })
 }

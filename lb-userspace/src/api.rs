@@ -41,7 +41,8 @@ pub enum Request {
         name: Option<String>,
         /// Backend address.
         address: IpAddr,
-        /// Backend MAC.
+        /// Backend MAC; "" (or absent): resolved from the kernel's neighbours.
+        #[serde(default)]
         mac: String,
         /// Maglev weight; default 1.
         weight: Option<u16>,

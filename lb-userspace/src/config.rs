@@ -18,6 +18,9 @@
 //! metrics_address = "127.0.0.1:9433"  # default: unset (no metrics endpoint); the daemon
 //!                                 # serves Prometheus text at http://ADDRESS/metrics
 //! health_source_v4 = "10.0.0.2"   # default: unset; source address of IPv4 health checks
+//! encap_source_v4 = "10.0.0.2"    # default: unset; outer source of IPv4 "ipip" packets; unset: the
+//!                                 # route's preferred source (else the egress interface's address)
+//! encap_source_v6 = "2001:db8::2" # default: unset; the same for IPv6
 //! health_source_v6 = "2001:db8::2"  # default: unset; source address of IPv6 health checks;
 //!                                 # unset: the interface's own non-VIP address of the family.
 //!                                 # Never a VIP, unspecified, multicast, loopback (or v6 link-local)
@@ -34,13 +37,16 @@
 //!                                 # per CPU this service may add to the affinity map (above it,
 //!                                 # new clients get their Maglev answer without an entry);
 //!                                 # 0 = no limit; 0..=100000000
-//! forward_mode = "dsr"            # default "dsr" (the only mode)
+//! forward_mode = "dsr"            # default "dsr" (layer-2: MAC rewrite, backends on the LB's segment)
+//!                                 # | "ipip" (layer-3: IP-in-IP to the backend's address, via the
+//!                                 # kernel's route; backends anywhere, decapsulating)
 //!
 //! [[service.backend]]
 //! name = "b1"                     # default: the address as text
 //! address = "10.0.0.21"           # required, same family as the vip; not loopback, unspecified,
 //!                                 # multicast, 255.255.255.255 or the vip of any service
-//! mac = "02:00:00:00:00:21"       # required, unicast, not all-zero, not the interface's own
+//! mac = "02:00:00:00:00:21"       # optional ("dsr" only), unicast, not all-zero, not the interface's
+//!                                 # own; default: resolved from the kernel's neighbours (kept current)
 //! weight = 1                      # default 1, 1..=65535
 //! state = "active"                # default "active" | "draining" | "down"
 //!
@@ -126,6 +132,20 @@ pub struct Config {
     pub health_source_v4: Option<Ipv4Addr>,
     /// Source of IPv6 health checks of services without `health.source`; default none (detected).
     pub health_source_v6: Option<Ipv6Addr>,
+    /// Outer source of IPv4 `ipip` packets; default none (the route's preferred source).
+    pub encap_source_v4: Option<Ipv4Addr>,
+    /// Outer source of IPv6 `ipip` packets; default none (the route's preferred source).
+    pub encap_source_v6: Option<Ipv6Addr>,
+}
+
+/// How a service's frames reach its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardMode {
+    /// `"dsr"`: layer-2 direct server return (destination MAC rewritten).
+    #[default]
+    Dsr,
+    /// `"ipip"`: layer-3 direct server return (IP-in-IP to the backend's address).
+    Ipip,
 }
 
 /// How the XDP program is attached.
@@ -158,6 +178,8 @@ pub struct ServiceConfig {
     /// New affinity entries per second per CPU; 0 = no limit; default
     /// [`default_admit_rate`].
     pub affinity_admit_rate: u32,
+    /// How frames reach the backends; default [`ForwardMode::Dsr`].
+    pub forward_mode: ForwardMode,
     /// The backends (`[[service.backend]]`), in file order; at least one.
     pub backends: Vec<BackendConfig>,
     /// Health checks of every backend (`[service.health]`); none when absent.
@@ -250,7 +272,8 @@ pub struct BackendConfig {
     pub name: String,
     /// Backend address, same family as the service's vip (required).
     pub address: IpAddr,
-    /// Backend MAC, the destination of forwarded frames (required; unicast, not all-zero).
+    /// Backend MAC, the destination of forwarded frames ("dsr" only; unicast);
+    /// all-zero when not given: resolved from the kernel's neighbours.
     pub mac: [u8; 6],
     /// Maglev weight; default 1, 1..=65535.
     pub weight: u16,
@@ -483,6 +506,8 @@ struct RawConfig {
     state_file: Option<PathBuf>,
     metrics_address: Option<String>,
     health_source_v4: Option<String>,
+    encap_source_v4: Option<String>,
+    encap_source_v6: Option<String>,
     health_source_v6: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
@@ -526,7 +551,7 @@ struct RawHealth {
 struct RawBackend {
     name: Option<String>,
     address: String,
-    mac: String,
+    mac: Option<String>,
     weight: Option<i64>,
     state: Option<String>,
 }
@@ -643,6 +668,24 @@ fn validate(raw: RawConfig) -> Result<Config> {
             },
         )
         .transpose()?;
+    let encap_source_v4 = raw
+        .encap_source_v4
+        .map(
+            |text| match validate_source("encap_source_v4", &text, Some(true))? {
+                IpAddr::V4(a) => Ok(a),
+                IpAddr::V6(a) => bail!("encap_source_v4: {a} is not an IPv4 address"),
+            },
+        )
+        .transpose()?;
+    let encap_source_v6 = raw
+        .encap_source_v6
+        .map(
+            |text| match validate_source("encap_source_v6", &text, Some(false))? {
+                IpAddr::V6(a) => Ok(a),
+                IpAddr::V4(a) => bail!("encap_source_v6: {a} is not an IPv6 address"),
+            },
+        )
+        .transpose()?;
     // A check leaving from a VIP is answered by the backend to itself (it holds the VIP
     // on lo), so no source may be any service's VIP.
     let globals = [
@@ -683,6 +726,8 @@ fn validate(raw: RawConfig) -> Result<Config> {
         metrics_address,
         health_source_v4,
         health_source_v6,
+        encap_source_v4,
+        encap_source_v6,
     })
 }
 
@@ -778,12 +823,15 @@ fn validate_service(
         MAX_AFFINITY_ENTRIES,
     )?;
     // Only layer-2 DSR exists; the field is accepted so configs can say so.
-    match raw.forward_mode.as_deref() {
-        None | Some("dsr") => {}
+    let forward_mode = match raw.forward_mode.as_deref() {
+        None | Some("dsr") => ForwardMode::Dsr,
+        Some("ipip") => ForwardMode::Ipip,
         Some(other) => {
-            bail!("{path}.forward_mode: {other:?} is not a forward mode (expected \"dsr\")")
+            bail!(
+                "{path}.forward_mode: {other:?} is not a forward mode (expected \"dsr\" or \"ipip\")"
+            )
         }
-    }
+    };
 
     if raw.backend.is_empty() {
         bail!("{path}.backend: the service has no backends (add a [[service.backend]])");
@@ -806,6 +854,14 @@ fn validate_service(
         }
         backends.push(backend);
     }
+    if forward_mode == ForwardMode::Ipip {
+        if let Some(j) = backends.iter().position(|b| b.mac != [0; 6]) {
+            bail!(
+                "{path}.backend[{j}].mac: a backend of an \"ipip\" service has no MAC to give: its \
+                 frames go to the next hop of the kernel's route to its address (remove `mac`)"
+            );
+        }
+    }
     let health = raw
         .health
         .map(|h| validate_health(&format!("{path}.health"), vip, protocol, port, h))
@@ -820,6 +876,7 @@ fn validate_service(
         affinity_prefix_v6,
         affinity_timeout,
         affinity_admit_rate,
+        forward_mode,
         backends,
         health,
     })
@@ -1004,7 +1061,10 @@ fn validate_backend(
             "{path}.name: {name:?} is not a valid name (expected 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 _ . : -)"
         );
     }
-    let mac = validate_mac(&format!("{path}.mac"), &raw.mac)?;
+    let mac = match &raw.mac {
+        Some(text) => validate_mac(&format!("{path}.mac"), text)?,
+        None => [0; 6],
+    };
     let weight = int(&format!("{path}.weight"), raw.weight, 1, 1, MAX_WEIGHT)?;
     let state = match raw.state.as_deref() {
         None | Some("active") => BackendState::Active,

@@ -4,12 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray};
+use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray};
 use lb_common::{
-    Admission, Affinity, AffinityKey, Backend, FRAGMENT_ENTRIES, FragmentKey, FragmentPorts,
-    LEGACY_PINS, MAP_ADMISSION, MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FRAGMENTS,
-    MAP_MAGLEV, MAP_PROTECTED, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MAX_BACKENDS,
-    MAX_SERVICES, PINNED_MAPS, Service, ServiceKey, TrafficStats, stat,
+    Admission, Affinity, AffinityKey, Backend, Egress, FRAGMENT_ENTRIES, FragmentKey,
+    FragmentPorts, LEGACY_PINS, MAP_ADMISSION, MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_DEVMAP, MAP_EGRESS, MAP_FRAGMENTS, MAP_MAGLEV, MAP_PROTECTED, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_STATS, MAX_BACKENDS, MAX_EGRESS_IFACES, MAX_SERVICES, PINNED_MAPS, Service,
+    ServiceKey, TrafficStats, stat,
 };
 
 use crate::{bpf_batch, dataplane::KnownTables};
@@ -116,7 +117,7 @@ pub struct MapSpec {
 }
 
 /// The expected spec of every pinned map, given the sizes chosen at load time.
-pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 10] {
+pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 12] {
     fn spec<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapSpec {
         MapSpec {
             name,
@@ -144,6 +145,9 @@ pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 1
             ..spec::<AffinityKey, Affinity>(MAP_PROTECTED, MapType::Hash, affinity_entries)
         },
         spec::<u32, Admission>(MAP_ADMISSION, MapType::PerCpuArray, MAX_SERVICES),
+        spec::<u32, Egress>(MAP_EGRESS, MapType::Array, MAX_BACKENDS),
+        // The value is `struct bpf_devmap_val` (ifindex + program fd/id).
+        spec::<u32, u64>(MAP_DEVMAP, MapType::DevMapHash, MAX_EGRESS_IFACES),
     ]
 }
 
@@ -226,6 +230,10 @@ pub struct PinnedMaps {
     pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
     /// `XLB_PROTECTED_V1`: divergent sessions, out of the LRU's reach.
     pub protected: HashMap<MapData, AffinityKey, Affinity>,
+    /// `XLB_EGRESS_V1`: how encapsulated frames leave, per backend id.
+    pub egress: Array<MapData, Egress>,
+    /// `XLB_DEVMAP_V1`: egress interfaces other than the ingress one.
+    pub devmap: DevMapHash<MapData>,
     /// What this process wrote into (or read from) the Maglev map, so an
     /// apply compares and writes only the tables that change.
     pub(crate) known_tables: KnownTables,
@@ -262,7 +270,7 @@ impl PinnedMaps {
                 dir.display()
             );
         }
-        debug_assert_eq!(PINNED_MAPS.len(), 10);
+        debug_assert_eq!(PINNED_MAPS.len(), 12);
         let maglev_entries = MapInfo::from_pin(dir.join(MAP_MAGLEV))
             .context("reading Maglev map info")?
             .max_entries();
@@ -278,6 +286,8 @@ impl PinnedMaps {
             backend_stats: typed!(dir, MAP_BACKEND_STATS),
             fragments: typed!(dir, MAP_FRAGMENTS),
             protected: typed!(dir, MAP_PROTECTED),
+            egress: typed!(dir, MAP_EGRESS),
+            devmap: typed!(dir, MAP_DEVMAP),
             known_tables: KnownTables::default(),
         })
     }

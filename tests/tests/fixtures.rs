@@ -128,6 +128,11 @@ impl Fixture {
     }
 
     fn with_config(text: &str) -> Self {
+        Self::with_hops(text, &dataplane::Hops::new())
+    }
+
+    /// A fixture whose next hops are `hops` (as the resolver would find them).
+    fn with_hops(text: &str, hops: &dataplane::Hops) -> Self {
         assert_root();
         let config = Config::parse(text).expect("fixture config is valid");
         let dir = PathBuf::from(format!(
@@ -139,7 +144,7 @@ impl Fixture {
         opts.pin_dir = dir.clone();
         let dp = Dataplane::load(opts).expect("loading the xlb program");
         let mut maps = PinnedMaps::open(&dir).expect("opening the pinned maps");
-        dataplane::apply(&mut maps, &config).expect("applying the fixture config");
+        dataplane::apply_with(&mut maps, &config, hops).expect("applying the fixture config");
         Self {
             dp,
             maps,
@@ -2226,4 +2231,314 @@ fn admission_budget_caps_new_entries_per_cpu_and_window() {
     fx.run(&frame);
     assert!(had || fx.affinity("web", ip(&last), 32).is_some());
     assert!(fx.affinity("web", ip(&last), 32).is_some());
+}
+
+// ---- layer-3 DSR (IP-in-IP) and resolved next hops -------------------------
+
+/// MAC of the router the fixture's `ipip` backends are behind.
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x01];
+/// The load balancer's outer source addresses.
+const ENCAP_SRC_V4: &str = "10.0.0.2";
+const ENCAP_SRC_V6: &str = "fd00::2";
+
+/// Two `ipip` services (IPv4, IPv6) whose backends live in other subnets,
+/// and one "dsr" service whose backends have no MAC in the config.
+const IPIP: &str = r#"
+interface = "fx0"
+maglev_table_size = 251
+max_services = 8
+affinity_max_entries = 4096
+
+[[service]]
+name = "far4"
+vip = "10.0.0.10"
+port = 80
+protocol = "tcp"
+forward_mode = "ipip"
+[[service.backend]]
+address = "10.50.1.21"
+[[service.backend]]
+address = "10.50.2.22"
+[[service.backend]]
+address = "10.50.3.23"
+
+[[service]]
+name = "far6"
+vip = "fd00::10"
+port = 53
+protocol = "udp"
+forward_mode = "ipip"
+[[service.backend]]
+address = "fd50:1::21"
+[[service.backend]]
+address = "fd50:2::22"
+
+[[service]]
+name = "near"
+vip = "10.0.0.10"
+port = 443
+protocol = "tcp"
+[[service.backend]]
+address = "10.0.0.31"
+[[service.backend]]
+address = "10.0.0.32"
+"#;
+
+/// Next hops as the resolver finds them: `ipip` backends behind the router
+/// with MTU `mtu`, "near" backends on-link with MACs of their own.
+fn ipip_hops(mtu: u32) -> dataplane::Hops {
+    let mut hops = dataplane::Hops::new();
+    for (addr, src) in [
+        ("10.50.1.21", ENCAP_SRC_V4),
+        ("10.50.2.22", ENCAP_SRC_V4),
+        ("10.50.3.23", ENCAP_SRC_V4),
+        ("fd50:1::21", ENCAP_SRC_V6),
+        ("fd50:2::22", ENCAP_SRC_V6),
+    ] {
+        hops.insert(
+            ip(addr),
+            dataplane::Hop {
+                mac: ROUTER_MAC,
+                ifindex: 0,
+                smac: LB_MAC,
+                mtu,
+                src: Some(ip(src)),
+            },
+        );
+    }
+    for (addr, last) in [("10.0.0.31", 0x31), ("10.0.0.32", 0x32)] {
+        hops.insert(
+            ip(addr),
+            dataplane::Hop {
+                mac: [0x02, 0, 0, 0, 0x77, last],
+                ifindex: 0,
+                smac: LB_MAC,
+                mtu: 1500,
+                src: None,
+            },
+        );
+    }
+    hops
+}
+
+impl Fixture {
+    /// The address of the backend userspace's Maglev build predicts for `client`.
+    fn maglev_addr(&self, service: &str, client: IpAddr) -> IpAddr {
+        let svc = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .expect("service in config");
+        let ids: Vec<u32> = (0..svc.backends.len() as u32).collect();
+        let table =
+            dataplane::service_table(svc, &ids, self.config.maglev_table_size).expect("table");
+        let bits = if client.is_ipv4() { 32 } else { 128 };
+        let prefix = if client.is_ipv4() {
+            svc.affinity_prefix_v4
+        } else {
+            svc.affinity_prefix_v6
+        };
+        let masked = lb_common::mask_addr(&addr_words(client), &prefix_mask(prefix, bits));
+        let idx = table[maglev::slot(&masked, self.config.maglev_table_size) as usize];
+        svc.backends[idx as usize].address
+    }
+}
+
+fn ipv4_checksum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Checks `out` is `input`'s IP packet inside an outer IPv4 header from
+/// `src` to `dst`, sent to `next_hop`, with the tag `vlan` kept.
+fn assert_ipip_v4(
+    input: &[u8],
+    out: &[u8],
+    next_hop: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    vlan: Option<u16>,
+) {
+    let l2 = if vlan.is_some() { 18 } else { 14 };
+    assert_eq!(
+        out.len(),
+        input.len() + 20,
+        "20 bytes of outer header added"
+    );
+    assert_eq!(out[..6], next_hop, "to the next hop");
+    assert_eq!(out[6..12], LB_MAC, "from the load balancer");
+    if let Some(tci) = vlan {
+        assert_eq!(
+            out[12..16],
+            [0x81, 0x00, (tci >> 8) as u8, tci as u8],
+            "tag kept"
+        );
+    }
+    assert_eq!(out[l2 - 2..l2], [0x08, 0x00]);
+    let h = &out[l2..l2 + 20];
+    let inner = &input[l2..];
+    assert_eq!(h[0], 0x45, "version 4, no options");
+    assert_eq!(h[1], inner[1], "DSCP and ECN copied from the inner packet");
+    assert_eq!(
+        u16::from_be_bytes([h[2], h[3]]) as usize,
+        inner.len() + 20,
+        "outer total length"
+    );
+    assert_eq!(h[4..8], [0, 0, 0x40, 0], "id 0, DF, no fragment");
+    assert_eq!((h[8], h[9]), (64, 4), "TTL 64, protocol IPIP");
+    assert_eq!(ipv4_checksum(h), 0, "valid header checksum");
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
+        panic!("IPv4 expected");
+    };
+    assert_eq!(h[12..16], s.octets(), "outer source");
+    assert_eq!(h[16..20], d.octets(), "outer destination: the backend");
+    assert_eq!(&out[l2 + 20..], inner, "inner packet untouched");
+}
+
+#[test]
+fn ipip_v4_encapsulates_to_the_backend_with_exact_bytes() {
+    let mut fx = Fixture::with_hops(IPIP, &ipip_hops(1500));
+    assert_eq!(fx.record("far4").forward_mode, lb_common::FORWARD_IPIP);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..48 {
+        let client = format!("10.20.0.{i}");
+        let mut f = Frame::tcp(&client, "10.0.0.10", 80);
+        f.sport = 40000 + i;
+        let mut frame = f.build();
+        frame[15] = 0xb9; // DSCP 46 (EF) + ECN 01
+        let want = fx.maglev_addr("far4", ip(&client));
+        seen.insert(want);
+        let (verdict, out) = fx.run_counted(&frame, stat::NEW_SESSION);
+        assert_eq!(verdict, XDP_TX);
+        assert_ipip_v4(&frame, &out, ROUTER_MAC, ip(ENCAP_SRC_V4), want, None);
+        // Sticky: the next packet takes the same tunnel.
+        let (_, again) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+        assert_eq!(again, out);
+    }
+    assert_eq!(seen.len(), 3, "every backend used");
+
+    // 802.1Q-tagged input keeps its tag in front of the outer header.
+    let mut f = Frame::tcp("10.20.1.1", "10.0.0.10", 80);
+    f.vlan = Some(0x0123);
+    let frame = f.build();
+    let (verdict, out) = fx.run(&frame);
+    assert_eq!(verdict, XDP_TX);
+    assert_ipip_v4(
+        &frame,
+        &out,
+        ROUTER_MAC,
+        ip(ENCAP_SRC_V4),
+        fx.maglev_addr("far4", ip("10.20.1.1")),
+        Some(0x0123),
+    );
+}
+
+#[test]
+fn ipip_v6_encapsulates_to_the_backend_with_exact_bytes() {
+    let mut fx = Fixture::with_hops(IPIP, &ipip_hops(1500));
+    for i in 0..16 {
+        let client = format!("fd00:20::{i:x}");
+        let mut frame = Frame::udp(&client, "fd00::10", 53).build();
+        // Traffic class 0xb9: version/TC/flow label bytes 0x6b 0x90.
+        frame[14] = 0x6b;
+        frame[15] = 0x90;
+        let want = fx.maglev_addr("far6", ip(&client));
+        let (verdict, out) = fx.run_counted(&frame, stat::NEW_SESSION);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out.len(), frame.len() + 40);
+        assert_eq!(out[..6], ROUTER_MAC);
+        assert_eq!(out[6..12], LB_MAC);
+        assert_eq!(out[12..14], [0x86, 0xdd]);
+        let h = &out[14..54];
+        assert_eq!(
+            h[..4],
+            [0x6b, 0x90, 0, 0],
+            "version 6, TC copied, flow label 0"
+        );
+        assert_eq!(
+            u16::from_be_bytes([h[4], h[5]]) as usize,
+            frame.len() - 14,
+            "payload: the whole inner packet"
+        );
+        assert_eq!((h[6], h[7]), (41, 64), "next header IPv6, hop limit 64");
+        let (IpAddr::V6(s), IpAddr::V6(d)) = (ip(ENCAP_SRC_V6), want) else {
+            panic!("IPv6 expected");
+        };
+        assert_eq!(h[8..24], s.octets());
+        assert_eq!(h[24..40], d.octets(), "outer destination: the backend");
+        assert_eq!(out[54..], frame[14..], "inner packet untouched");
+    }
+}
+
+#[test]
+fn unresolved_next_hop_and_oversized_packets_are_dropped_and_counted() {
+    // Nothing resolved: every backend's MAC reads zero.
+    let mut fx = Fixture::with_config(IPIP);
+    for (frame, name) in [
+        (Frame::tcp("10.21.0.1", "10.0.0.10", 80).build(), "ipip"),
+        (
+            Frame::tcp("10.21.0.1", "10.0.0.10", 443).build(),
+            "dsr without mac",
+        ),
+    ] {
+        let (verdict, _) = fx.run_counted(&frame, stat::DROP_NEXTHOP_UNRESOLVED);
+        assert_eq!(verdict, XDP_DROP, "{name}");
+    }
+    // Resolved once the resolver knows them.
+    let hops = ipip_hops(100);
+    let report = dataplane::apply_with(&mut fx.maps, &fx.config, &hops).expect("apply");
+    assert!(
+        report.backends_written >= 7 && report.egress_written == 5,
+        "{report:?}"
+    );
+    let small = Frame::tcp("10.21.0.1", "10.0.0.10", 80).build();
+    assert_eq!(fx.run(&small).0, XDP_TX, "60 bytes + 20 fit an MTU of 100");
+    let mut f = Frame::tcp("10.21.0.2", "10.0.0.10", 80);
+    f.payload = vec![0; 61];
+    let big = f.build();
+    assert_eq!(big.len() - 14 + 20, 121);
+    let (verdict, out) = fx.run_counted(&big, stat::DROP_ENCAP_TOO_BIG);
+    assert_eq!((verdict, out.len()), (XDP_DROP, big.len()));
+    // "dsr" backends without a MAC in the config go to their resolved MAC.
+    let client = ip("10.21.0.3");
+    let frame = Frame::tcp("10.21.0.3", "10.0.0.10", 443).build();
+    let want = fx.maglev_addr("near", client);
+    let (verdict, out) = fx.run_counted(&frame, stat::NEW_SESSION);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, hops[&want].mac);
+}
+
+#[test]
+fn ipip_to_another_interface_redirects() {
+    let mut hops = ipip_hops(1500);
+    // Interface 1 (lo) as the egress of one backend: XDP_REDIRECT through the devmap.
+    let far = ip("10.50.2.22");
+    if let Some(h) = hops.get_mut(&far) {
+        h.ifindex = 1;
+        h.smac = [0x02, 0, 0, 0, 0x10, 0x01];
+    }
+    let mut fx = Fixture::with_hops(IPIP, &hops);
+    assert_eq!(
+        fx.maps.devmap.get(1, 0).expect("lo in the devmap").if_index,
+        1
+    );
+    let client = (0..200)
+        .map(|i| format!("10.22.0.{i}"))
+        .find(|c| fx.maglev_addr("far4", ip(c)) == far)
+        .expect("a client of the redirected backend");
+    let frame = Frame::tcp(&client, "10.0.0.10", 80).build();
+    let (verdict, out) = fx.run(&frame);
+    assert_eq!(verdict, 4, "XDP_REDIRECT");
+    assert_eq!(
+        out[6..12],
+        [0x02, 0, 0, 0, 0x10, 0x01],
+        "egress interface's MAC"
+    );
 }

@@ -24,9 +24,10 @@ pub enum BackendCmd {
         service: String,
         /// Backend address (same family as the VIP).
         address: IpAddr,
-        /// Backend MAC.
+        /// Backend MAC ("dsr" services only; default: resolved from the
+        /// kernel's neighbours and kept current).
         #[arg(long)]
-        mac: String,
+        mac: Option<String>,
         /// Backend name (default: the address).
         #[arg(long)]
         name: Option<String>,
@@ -85,12 +86,14 @@ pub fn run(cmd: BackendCmd, ctx: &Ctx) -> Result<()> {
             // Checked here too, so a typo never reaches the daemon (which
             // checks again, with the VIPs and its interface's MAC).
             validate_unicast_backend("address", address)?;
-            validate_mac("--mac", &mac)?;
+            if let Some(mac) = &mac {
+                validate_mac("--mac", mac)?;
+            }
             Request::BackendAdd {
                 service,
                 name,
                 address,
-                mac,
+                mac: mac.unwrap_or_default(),
                 weight,
             }
         }

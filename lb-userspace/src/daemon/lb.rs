@@ -31,8 +31,9 @@ use super::source::SourceDefaults;
 use super::state::{AddedBackend, Admin, State};
 use crate::bpf_obj::{self, PinCheck};
 use crate::config::{
-    BackendConfig, BackendState, Config, HealthConfig, check_not_own_mac, format_mac, parse_mac,
-    valid_backend_name, validate_backend_address, validate_deadline, validate_mac, validate_weight,
+    BackendConfig, BackendState, Config, ForwardMode, HealthConfig, check_not_own_mac, format_mac,
+    parse_mac, valid_backend_name, validate_backend_address, validate_deadline, validate_mac,
+    validate_weight,
 };
 use crate::dataplane::{self, Dataplane, service_key};
 use crate::lock::PinLock;
@@ -339,8 +340,12 @@ impl Lb {
                 svc.backends.push(BackendConfig {
                     name: added.name.clone(),
                     address: added.address,
-                    mac: parse_mac(&added.mac)
-                        .with_context(|| format!("state file: backend {}", added.name))?,
+                    mac: if added.mac.is_empty() {
+                        [0; 6]
+                    } else {
+                        parse_mac(&added.mac)
+                            .with_context(|| format!("state file: backend {}", added.name))?
+                    },
                     weight: added.weight,
                     state: BackendState::Active,
                 });
@@ -1091,10 +1096,20 @@ impl Lb {
             bail!("backend name {name:?} is not valid (1 to 64 of A-Z a-z 0-9 _ . : -)");
         }
         validate_backend_address("address", address, svc.vip, &self.base.vips())?;
-        let mac_bytes = validate_mac("mac", mac)?;
-        let own_mac = dataplane::interface_mac(&self.base.interface)?;
-        check_not_own_mac("mac", mac_bytes, own_mac, &self.base.interface)?;
-        let mac = format_mac(&mac_bytes);
+        let mac = if mac.is_empty() {
+            String::new()
+        } else {
+            if svc.forward_mode == ForwardMode::Ipip {
+                bail!(
+                    "service {service} forwards by ipip: its backends' frames go to the next hop of the \
+                     kernel's route, so a backend has no MAC to give (leave out --mac)"
+                );
+            }
+            let mac_bytes = validate_mac("mac", mac)?;
+            let own_mac = dataplane::interface_mac(&self.base.interface)?;
+            check_not_own_mac("mac", mac_bytes, own_mac, &self.base.interface)?;
+            format_mac(&mac_bytes)
+        };
         let weight = weight.unwrap_or(1);
         validate_weight("weight", weight)?;
         if let Some(b) = svc

@@ -77,7 +77,7 @@ pub struct AddedBackend {
     pub name: String,
     /// Address.
     pub address: IpAddr,
-    /// MAC as text.
+    /// MAC as text; empty: resolved from the kernel's neighbours.
     pub mac: String,
     /// Maglev weight.
     pub weight: u16,
@@ -184,7 +184,12 @@ impl State {
     pub fn check_against_interface(&self, config: &Config, own_mac: [u8; 6]) -> Result<()> {
         let check = || -> Result<()> {
             for (service, over) in &self.services {
-                for (k, added) in over.added.iter().enumerate() {
+                for (k, added) in over
+                    .added
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| !a.mac.is_empty())
+                {
                     let path = format!("services[{service:?}].added[{k}].mac");
                     let mac = validate_mac(&path, &added.mac)?;
                     check_not_own_mac(&path, mac, own_mac, &config.interface)?;
@@ -235,7 +240,10 @@ impl State {
                     svc.vip,
                     &vips,
                 )?;
-                validate_mac(&format!("{apath}.mac"), &added.mac)?;
+                // Empty: resolved from the kernel's neighbours.
+                if !added.mac.is_empty() {
+                    validate_mac(&format!("{apath}.mac"), &added.mac)?;
+                }
                 validate_weight(&format!("{apath}.weight"), added.weight)?;
                 if let Some(j) = over.added[..k].iter().position(|a| a.name == added.name) {
                     bail!(

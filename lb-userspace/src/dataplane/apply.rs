@@ -32,18 +32,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
     ADMIT_WINDOW_NS, Affinity, AffinityKey, BACKEND_CAPACITY, BACKEND_EMPTY, Backend, FAMILY_V4,
-    FIRST_BACKEND_ID, FORWARD_DSR_L2, MAX_BACKENDS, NO_BACKEND, RESERVED_BACKEND_ID,
+    FIRST_BACKEND_ID, FORWARD_DSR_L2, FORWARD_IPIP, MAX_BACKENDS, NO_BACKEND, RESERVED_BACKEND_ID,
     SERVICE_F_PROTECTED, Service, ServiceKey, prefix_mask,
 };
 
 use super::{
+    egress::{self, Hops},
     keys::{ServiceKeyOrd, addr_words, family, service_key},
     protect::{self, NewTable, Protection},
     tables::{Placement, Plan, TableInputs},
 };
 use crate::{
     bpf_batch,
-    config::{Config, ServiceConfig},
+    config::{Config, ForwardMode, ServiceConfig},
     pins::PinnedMaps,
 };
 
@@ -78,6 +79,8 @@ pub struct ApplyReport {
     pub backends_written: usize,
     /// Service records written (new or changed).
     pub services_written: usize,
+    /// Egress entries written (new or changed).
+    pub egress_written: usize,
     /// What protecting the sessions made divergent by the new tables did
     /// (None when no table of an existing service changed).
     pub protection: Option<Protection>,
@@ -89,6 +92,13 @@ pub struct ApplyReport {
 /// changed table goes into the idle slot in one syscall and is made live by
 /// one update of the service record, so no packet sees a half-written table.
 pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
+    apply_with(maps, config, &Hops::new())
+}
+
+/// [`apply`] with resolved next hops: a backend without a MAC in the config
+/// gets its resolved one (all-zero while unresolved: the kernel then drops
+/// its frames, counted), and `ipip` backends get their egress entries.
+pub fn apply_with(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result<ApplyReport> {
     let table_size = config.maglev_table_size;
     let capacity = maps.maglev.len();
     let mut report = ApplyReport {
@@ -239,7 +249,17 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
         }
     }
 
-    // 1. Backend records that differ from their slot.
+    // 1. Egress entries, then backend records that differ from their slot.
+    let mut egress_wanted = Vec::new();
+    for (si, (_, svc)) in wanted.iter().enumerate() {
+        for (bi, be) in svc.backends.iter().enumerate() {
+            egress_wanted.push((
+                backend_ids[si][bi],
+                egress::egress_of(config, svc, be, hops),
+            ));
+        }
+    }
+    report.egress_written = egress::write(maps, &egress_wanted)?;
     let mut be_keys = Vec::new();
     let mut be_values = Vec::new();
     for (si, (_, svc)) in wanted.iter().enumerate() {
@@ -248,7 +268,7 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
             let id = backend_ids[si][bi];
             let record = Backend {
                 addr: addr_words(be.address),
-                mac: be.mac,
+                mac: egress::mac_of(be, hops),
                 state: be.state.to_abi(),
                 family: family(be.address),
                 weight: be.weight,
@@ -514,7 +534,10 @@ fn service_record(svc: &ServiceConfig, id: u32, table_size: u32, slot: u32) -> S
         active_slot: slot,
         prefix_v4: svc.affinity_prefix_v4,
         prefix_v6: svc.affinity_prefix_v6,
-        forward_mode: FORWARD_DSR_L2,
+        forward_mode: match svc.forward_mode {
+            ForwardMode::Dsr => FORWARD_DSR_L2,
+            ForwardMode::Ipip => FORWARD_IPIP,
+        },
         _pad: 0,
         admit_per_window: admit_per_window(svc.affinity_admit_rate),
     }

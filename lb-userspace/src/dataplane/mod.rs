@@ -4,12 +4,14 @@
 //! Maglev tables in `tables`).
 
 mod apply;
+mod egress;
 mod keys;
 mod load;
 mod protect;
 mod tables;
 
-pub use apply::{ApplyReport, apply};
+pub use apply::{ApplyReport, apply, apply_with};
+pub use egress::{Hop, Hops};
 pub use keys::{addr_words, family, service_key};
 pub use load::{
     Attachment, Dataplane, LoadOptions, PASS_OBJ, PROGRAM, XLB_OBJ, bring_up, detach, interface_mac,
