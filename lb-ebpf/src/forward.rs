@@ -13,8 +13,13 @@ pub fn dsr_l2(ctx: &XdpContext, backend: &Backend, own_mac: &[u8; 6]) -> bool {
     let Some(macs) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return false;
     };
+    // Copied through a volatile read: a plain copy from the map value to the
+    // frame becomes a call to a byte-loop `memmove` (LLVM cannot rule out
+    // that the two overlap, and expands only `memcpy` inline on BPF).
+    // SAFETY: `backend` is a valid reference.
+    let dst = unsafe { core::ptr::read_volatile(&backend.mac) };
     let mut out = [0u8; 12];
-    out[..6].copy_from_slice(&backend.mac);
+    out[..6].copy_from_slice(&dst);
     out[6..].copy_from_slice(own_mac);
     // SAFETY: ptr_at checked the 12 bytes are inside the frame.
     unsafe { macs.write_unaligned(out) };

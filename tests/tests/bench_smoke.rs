@@ -1,7 +1,7 @@
 //! Keeps `cargo xtask bench` from rotting: runs its smallest configuration
 //! and checks it produces numbers (not how fast they are). Needs root.
 
-use xlb_tests::bench::{Budget, prog_cost, report, traffic, transition};
+use xlb_tests::bench::{Budget, machine, prog_cost, report, scaling, traffic, transition};
 
 #[test]
 fn smallest_bench_produces_a_report() {
@@ -39,6 +39,21 @@ fn smallest_bench_produces_a_report() {
         "rate bench left namespaces behind"
     );
     r.tables.push(rate);
+    let cores = scaling::part_scaling(Budget::SMOKE).expect("part 3b (rate against cores)");
+    assert_eq!(cores.rows.len(), 2 * machine::cpus().len());
+    for row in &cores.rows {
+        assert!(row.median > 0.0, "{}: nothing arrived", row.name);
+    }
+    assert!(
+        cores.about.contains(&machine::describe_cpus()),
+        "machine facts missing: {}",
+        cores.about
+    );
+    assert!(
+        ip_netns_empty_of("xlbrate"),
+        "scaling bench left namespaces behind"
+    );
+    r.tables.push(cores);
 
     let p = &r.scale[0];
     assert_eq!(p.entries, 1_000);

@@ -5,9 +5,11 @@
 
 mod contenders;
 pub mod failover;
+pub mod machine;
 pub mod peers;
 pub mod prog_cost;
 pub mod report;
+pub mod scaling;
 pub mod traffic;
 pub mod transition;
 

@@ -16,7 +16,7 @@ use aya::{
 };
 use xlb::objects::{GEN_OBJ, SINK_OBJ, TX_OBJ};
 
-use super::{Budget, Series, Table, progress};
+use super::{Budget, Series, Table, machine, progress};
 use crate::{
     bench::prog_cost::load_xlb_with,
     frames::{Frame, LB_MAC},
@@ -24,11 +24,11 @@ use crate::{
 };
 
 /// MAC of `gen0`; xlb's backends use it so forwarded frames come back.
-const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
+pub(super) const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
 /// Distinct client addresses the generator cycles through.
-const CLIENTS: u32 = 4096;
+pub(super) const CLIENTS: u32 = 4096;
 /// Frames per live-frames batch.
-const BATCH: u32 = 64;
+pub(super) const BATCH: u32 = 64;
 
 fn mac_str(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -37,11 +37,11 @@ fn mac_str(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-fn load_prog(obj: &[u8], name: &str) -> Result<Ebpf> {
+pub(super) fn load_prog(obj: &[u8], name: &str) -> Result<Ebpf> {
     load_with(EbpfLoader::new(), obj, name)
 }
 
-fn load_with(mut loader: EbpfLoader<'_>, obj: &[u8], name: &str) -> Result<Ebpf> {
+pub(super) fn load_with(mut loader: EbpfLoader<'_>, obj: &[u8], name: &str) -> Result<Ebpf> {
     let mut ebpf = loader
         .load(obj)
         .with_context(|| format!("loading {name}"))?;
@@ -55,7 +55,7 @@ fn load_with(mut loader: EbpfLoader<'_>, obj: &[u8], name: &str) -> Result<Ebpf>
     Ok(ebpf)
 }
 
-fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+pub(super) fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     ebpf.program_mut(name)
         .with_context(|| format!("{name} missing"))?
         .try_into()
@@ -63,13 +63,17 @@ fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
 }
 
 /// The two namespaces and the veth between them; removed on drop.
-struct RateLab {
-    gen_ns: NetNs,
-    lb_ns: NetNs,
+pub(super) struct RateLab {
+    /// Generator side, holds `gen0`.
+    pub(super) gen_ns: NetNs,
+    /// Contender side, holds `lb0`.
+    pub(super) lb_ns: NetNs,
 }
 
 impl RateLab {
-    fn new() -> Result<Self> {
+    /// A veth pair with `queues` RX and TX queues on each end (one per
+    /// generating CPU: veth hands a frame to the peer queue of the sending CPU).
+    pub(super) fn new(queues: usize) -> Result<Self> {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let id = format!(
             "xlbrate-{}-{}",
@@ -78,12 +82,17 @@ impl RateLab {
         );
         let gen_ns = NetNs::create(&format!("{id}-gen"))?;
         let lb_ns = NetNs::create(&format!("{id}-lb"))?;
+        let queues = queues.max(1).to_string();
         gen_ns.ip(&[
             "link",
             "add",
             "gen0",
             "address",
             &mac_str(&GEN_MAC),
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "type",
             "veth",
             "peer",
@@ -91,6 +100,10 @@ impl RateLab {
             "lb0",
             "address",
             &mac_str(&LB_MAC),
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "netns",
             lb_ns.name(),
         ])?;
@@ -105,8 +118,8 @@ impl RateLab {
     }
 }
 
-/// Attaches `prog` to `ifname` inside `ns`; returns a closure-free link id holder.
-fn attach(ns: &NetNs, prog: &mut Xdp, ifname: &str, mode: XdpMode) -> Result<()> {
+/// Attaches `prog` to `ifname` inside `ns`.
+pub(super) fn attach(ns: &NetNs, prog: &mut Xdp, ifname: &str, mode: XdpMode) -> Result<()> {
     ns.run(|| {
         prog.attach(ifname, mode)
             .with_context(|| format!("attaching XDP ({mode:?}) to {ifname} in {}", ns.name()))?;
@@ -114,7 +127,7 @@ fn attach(ns: &NetNs, prog: &mut Xdp, ifname: &str, mode: XdpMode) -> Result<()>
     })
 }
 
-fn sink_count(sink: &Ebpf) -> Result<u64> {
+pub(super) fn sink_count(sink: &Ebpf) -> Result<u64> {
     let map: PerCpuArray<_, u64> = sink
         .map("XLB_SINK_COUNT")
         .context("sink counter missing")?
@@ -166,7 +179,7 @@ fn blast(
 /// Part 3: forwarded Mpps of xlb (native and generic) against the bare
 /// MAC-swap + XDP_TX program, interleaved, counting arrivals.
 pub fn part3(budget: Budget) -> Result<Table> {
-    let lab = RateLab::new()?;
+    let lab = RateLab::new(1)?;
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&LB_MAC);
     macs[6..].copy_from_slice(&GEN_MAC);
@@ -255,9 +268,11 @@ pub fn part3(budget: Budget) -> Result<Table> {
             "Mpps of 64-byte TCP SYN frames from {CLIENTS} client addresses that came back to the \
              generator's interface and were counted there (arrivals, not sends), {} frames per \
              run, contenders interleaved. The limit is a program that only swaps the MACs and \
-             returns XDP_TX on the same veth. Generator, contender and sink share the machine's \
-             2 cores, so these are relative figures.",
-            budget.gen_frames
+             returns XDP_TX on the same veth. Generator, contender and sink share one queue, \
+             driven from one thread, on a machine with {} (the multi-core part drives one \
+             queue per CPU), so these are relative figures.",
+            budget.gen_frames,
+            machine::describe_cpus(),
         ),
         baseline: names[0].into(),
         rows,

@@ -5,7 +5,8 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use xlb_tests::bench::{
-    Budget, Report, failover, peers, prog_cost, progress, report, traffic, transition,
+    Budget, Report, failover, machine, peers, prog_cost, progress, report, scaling, traffic,
+    transition,
 };
 
 fn main() -> ExitCode {
@@ -19,8 +20,6 @@ fn main() -> ExitCode {
 }
 
 fn machine() -> String {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -29,22 +28,23 @@ fn machine() -> String {
                 .map(|v| v.trim().to_string())
         })
         .unwrap_or_default();
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
     format!(
-        "Linux {}, {cpus} CPUs ({model}), {mem} memory",
-        kernel.trim()
+        "Linux {}, {}, {mem} memory",
+        machine::kernel(),
+        machine::describe_cpus()
     )
 }
 
 /// Part names for `--only` (repeatable), in run order.
-const PARTS: [&str; 6] = ["cost", "scale", "rate", "peers", "failover", "transition"];
+const PARTS: [&str; 7] = [
+    "cost",
+    "scale",
+    "rate",
+    "scaling",
+    "peers",
+    "failover",
+    "transition",
+];
 
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -101,6 +101,9 @@ fn run() -> Result<()> {
     if want("rate") {
         run_rate(budget, &mut report);
     }
+    if want("scaling") {
+        run_scaling(budget, &mut report);
+    }
     if want("peers") {
         run_peers(budget, &mut report);
     }
@@ -133,6 +136,16 @@ fn run_rate(budget: Budget, report: &mut Report) {
         Err(e) => report
             .skipped
             .push(("packet rate (live frames)".into(), format!("{e:#}"))),
+    }
+}
+
+fn run_scaling(budget: Budget, report: &mut Report) {
+    progress("part 3b: packet rate against cores, one generator thread and queue per core");
+    match scaling::part_scaling(budget) {
+        Ok(table) => report.tables.push(table),
+        Err(e) => report
+            .skipped
+            .push(("packet rate against cores".into(), format!("{e:#}"))),
     }
 }
 
