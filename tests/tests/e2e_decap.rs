@@ -390,11 +390,11 @@ fn run_mode(mode: &'static str) {
 
     let out = decap_with(&s, &[VIP4, VIP6]).expect("xlb decap");
     assert!(out.contains("attached"), "{out}");
-    for i in 0..CASES.len() {
+    for (i, case) in CASES.iter().enumerate() {
         assert!(
             answered(&s, i, 1, 3).expect("exchange"),
             "{mode}: no reply to {}",
-            CASES[i].0
+            case.0
         );
     }
     let stats = counters(&s).expect("stats");
