@@ -1,7 +1,9 @@
 //! Hand-built frames for fixtures and benchmarks. Checksums of [`Frame`] are
 //! left zero: the XDP program never reads them, and these frames are never
 //! delivered. [`IcmpError`] computes its outer IPv4 and ICMP checksums, so
-//! its frames are what a router really sends.
+//! its frames are what a router really sends. [`Encap`] wraps a frame's IP
+//! packet in an outer IPv4 (valid checksum) or IPv6 header, as IP-in-IP
+//! forwarding does; [`fill_checksums`] makes an inner packet deliverable.
 
 use std::net::IpAddr;
 
