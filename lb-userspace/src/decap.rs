@@ -188,9 +188,13 @@ impl Decapsulator {
                 .with_context(|| format!("opening pinned link {}", link_pin.display()))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .context("pinned link is not an XDP link")?;
-            self.program_mut()?
-                .attach_to_link(link)
-                .with_context(|| format!("replacing the program behind {}", link_pin.display()))?;
+            self.program_mut()?.attach_to_link(link).with_context(|| {
+                format!(
+                    "replacing the program behind {} (if {iface} was deleted and made again, \
+                         the pinned link is stale: `xlb decap --interface {iface} --detach` first)",
+                    link_pin.display()
+                )
+            })?;
             return Ok(Attachment::Adopted);
         }
         let aya_mode = match mode {
