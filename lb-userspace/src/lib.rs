@@ -6,6 +6,7 @@ pub mod bpf_obj;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod lock;
 pub mod maglev;
 pub mod objects;
