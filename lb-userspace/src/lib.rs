@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod lock;
 pub mod maglev;
+pub mod nexthop;
 pub mod objects;
 pub mod pins;
 pub mod sessions;
