@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod lock;
 pub mod maglev;
+pub mod nexthop;
 pub mod objects;
 pub mod pins;
 pub mod sessions;
