@@ -194,7 +194,7 @@ pub(super) fn gen_frame(vip: &str) -> Result<Vec<u8>> {
 /// dropping them: frames that came back mangled by an earlier run (see
 /// `xlb_gen`) would otherwise go unnoticed as a low rate. A few frames of
 /// the veth's own (neighbour discovery) are tolerated.
-fn check_forwarded(xlb: &BenchDataplane, sent: u32) -> Result<()> {
+pub(super) fn check_forwarded(xlb: &BenchDataplane, sent: u32) -> Result<()> {
     let snap = xlb::stats::snapshot(&xlb.maps)?;
     let not_forwarded: Vec<(&str, u64)> = (0..stat::COUNT)
         .map(|k| (stat::NAMES[k as usize], snap.reason(k)))
