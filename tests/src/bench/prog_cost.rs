@@ -72,17 +72,21 @@ const IPIP_SRC6: &str = "fd00::1";
 const IPIP_BACKENDS: [(&str, &str); 2] = [("10.50.0.", IPIP_SRC4), ("fd50::", IPIP_SRC6)];
 
 /// Config of the bench dataplane: TCP/80 on an IPv4 and an IPv6 VIP, three
-/// backends each, all with `backend_mac` ("dsr", layer 2); and TCP/80 on
-/// [`IPIP_VIP4`] and [`IPIP_VIP6`] in `ipip` mode (layer 3), three backends
-/// each in another subnet, reached through [`bench_hops`].
-fn bench_config(affinity_entries: u32, backend_mac: [u8; 6]) -> String {
+/// backends each, all with `backend_mac` ("dsr", layer 2); with `ipip`, also
+/// TCP/80 on [`IPIP_VIP4`] and [`IPIP_VIP6`] in `ipip` mode (layer 3), three
+/// backends each in another subnet, reached through [`bench_hops`].
+fn bench_config(affinity_entries: u32, backend_mac: [u8; 6], ipip: bool) -> String {
     let mac = backend_mac
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
+    // Only as many service slots as services: the slots size the Maglev map,
+    // whose memory part 2 reports.
+    let max_services = if ipip { 4 } else { 2 };
     let mut text = format!(
-        "interface = \"bench0\"\nmax_services = 4\naffinity_max_entries = {affinity_entries}\n"
+        "interface = \"bench0\"\nmax_services = {max_services}\n\
+         affinity_max_entries = {affinity_entries}\n"
     );
     for (vip, prefix) in [("10.0.0.10", "10.0.0.2"), ("fd00::10", "fd00::2")] {
         text.push_str(&format!(
@@ -94,10 +98,11 @@ fn bench_config(affinity_entries: u32, backend_mac: [u8; 6]) -> String {
             ));
         }
     }
-    for (name, vip, (prefix, _)) in [
+    let ipip_services = [
         ("far4", IPIP_VIP4, IPIP_BACKENDS[0]),
         ("far6", IPIP_VIP6, IPIP_BACKENDS[1]),
-    ] {
+    ];
+    for (name, vip, (prefix, _)) in ipip_services.into_iter().filter(|_| ipip) {
         text.push_str(&format!(
             "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\
              forward_mode = \"ipip\"\n"
@@ -136,16 +141,21 @@ fn bench_hops(next_hop: [u8; 6]) -> Result<dataplane::Hops> {
 }
 
 /// Loads the xlb program with `affinity_entries` capacity, configured for
-/// the bench with every backend on the LB's own MAC (see the module comment).
+/// the bench with the two layer-2 services only, every backend on the LB's
+/// own MAC (see the module comment).
 pub fn load_xlb(affinity_entries: u32) -> Result<BenchDataplane> {
-    load_xlb_with(affinity_entries, LB_MAC)
+    load(affinity_entries, LB_MAC, false)
 }
 
-/// Like [`load_xlb`], with the backends' MAC chosen by the caller; it is
-/// also the next hop of the `ipip` services.
+/// Like [`load_xlb`], with the backends' MAC chosen by the caller, and the
+/// two `ipip` services too, whose next hop is also `backend_mac`.
 pub fn load_xlb_with(affinity_entries: u32, backend_mac: [u8; 6]) -> Result<BenchDataplane> {
-    let config =
-        Config::parse(&bench_config(affinity_entries, backend_mac)).context("bench config")?;
+    load(affinity_entries, backend_mac, true)
+}
+
+fn load(affinity_entries: u32, backend_mac: [u8; 6], ipip: bool) -> Result<BenchDataplane> {
+    let config = Config::parse(&bench_config(affinity_entries, backend_mac, ipip))
+        .context("bench config")?;
     let hops = bench_hops(backend_mac)?;
     let dir = PathBuf::from(format!(
         "/sys/fs/bpf/xlb-bench-{}-{}",
@@ -280,7 +290,7 @@ fn fresh_client(n: u32) -> String {
 /// Part 1: ns/packet of each path, interleaved, against the XDP_PASS floor.
 pub fn part1(budget: Budget) -> Result<Vec<Table>> {
     let mut pass = load_pass()?;
-    let mut xlb = load_xlb(lb_common::DEFAULT_AFFINITY_ENTRIES)?;
+    let mut xlb = load_xlb_with(lb_common::DEFAULT_AFFINITY_ENTRIES, LB_MAC)?;
     let hit4 = Frame::tcp("10.1.0.1", "10.0.0.10", 80).build();
     let hit6 = Frame::tcp("fd00:1::1", "fd00::10", 80).build();
     let not_ours = Frame::tcp("10.1.0.1", "10.0.0.99", 80).build();
