@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod owner;
 pub mod source;
 pub mod state;
+mod tunnel_check;
 pub mod views;
 
 use std::path::PathBuf;
