@@ -618,3 +618,119 @@ mod tests {
         assert_eq!(core::mem::offset_of!(FragmentPorts, dport), 2);
     }
 }
+
+// ---------------------------------------------------------------------------
+// decap: the IP-in-IP decapsulator `xlb decap` attaches on backends whose
+// kernel has no ipip/ip6tnl device (issue 10 item 5). A separate program
+// with its own pins; nothing above refers to it.
+// ---------------------------------------------------------------------------
+
+/// ABI of the `xlb_decap` program (`lb-ebpf/src/bin/decap.rs`): map names,
+/// the VIP key and the counters. Same rules as the rest of this file.
+pub mod decap {
+    /// VIPs whose encapsulated packets are decapsulated:
+    /// `HASH<DecapVip, u32>`, `MAX_VIPS` entries; the value is reserved
+    /// (written as 1, never read).
+    pub const MAP_VIPS: &str = "XLB_DECAP_VIPS_V1";
+    /// Per-reason counters: `PERCPU_ARRAY<u64>` indexed by `stat::*`,
+    /// `stat::CAPACITY` slots.
+    pub const MAP_STATS: &str = "XLB_DECAP_STATS_V1";
+    /// Every pinned map of the decapsulator.
+    pub const PINNED_MAPS: [&str; 2] = [MAP_VIPS, MAP_STATS];
+    /// Name of the XDP program in the `xlb-decap` object.
+    pub const PROGRAM: &str = "xlb_decap";
+    /// Capacity of `XLB_DECAP_VIPS_V1`.
+    pub const MAX_VIPS: u32 = 1024;
+    /// `XLB_DECAP_VIPS_V1` value of a present VIP.
+    pub const VIP_PRESENT: u32 = 1;
+
+    /// Key of `XLB_DECAP_VIPS_V1`: the inner destination address.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct DecapVip {
+        /// Address in the `ServiceKey::addr` layout (raw network-order
+        /// bytes read as native words); IPv4 in word 0, words 1..3 zero.
+        pub addr: [u32; 4],
+        /// `FAMILY_V4` or `FAMILY_V6`.
+        pub family: u8,
+        /// Explicit padding; always zero.
+        pub _pad: [u8; 3],
+    }
+
+    /// Counters, the index into `XLB_DECAP_STATS_V1`. Every frame moves
+    /// exactly one. Every verdict is XDP_PASS: the program runs on a
+    /// backend and never drops the host's own traffic.
+    pub mod stat {
+        /// IPv4 in IPv4 (protocol 4): outer header stripped.
+        pub const DECAP_4IN4: u32 = 0;
+        /// IPv6 in IPv6 (next header 41): outer header stripped.
+        pub const DECAP_6IN6: u32 = 1;
+        /// IPv6 in IPv4 (protocol 41): outer header stripped.
+        pub const DECAP_6IN4: u32 = 2;
+        /// IPv4 in IPv6 (next header 4): outer header stripped.
+        pub const DECAP_4IN6: u32 = 3;
+        /// Not IPv4/IPv6 (ARP and others): passed.
+        pub const PASS_NOT_IP: u32 = 4;
+        /// IP, but not protocol 4 or 41: passed.
+        pub const PASS_NOT_IPIP: u32 = 5;
+        /// IP-in-IP whose inner destination is no configured VIP: passed untouched.
+        pub const PASS_NOT_VIP: u32 = 6;
+        /// Truncated or malformed (Ethernet, VLAN tag, outer or inner IP
+        /// header, inconsistent lengths): passed untouched.
+        pub const PASS_MALFORMED: u32 = 7;
+        /// Outer IPv4 header checksum wrong: passed untouched (the stack drops it).
+        pub const PASS_BAD_CHECKSUM: u32 = 8;
+        /// Outer IPv4 fragment or outer IPv6 Fragment header: passed
+        /// untouched (only the stack can reassemble).
+        pub const PASS_OUTER_FRAGMENT: u32 = 9;
+        /// Outer IPv6 with an extension header: passed untouched.
+        pub const PASS_V6_EXT_HEADER: u32 = 10;
+        /// `bpf_xdp_adjust_head` refused: passed untouched.
+        pub const PASS_ADJUST_FAILED: u32 = 11;
+        /// Number of counters.
+        pub const COUNT: u32 = 12;
+        /// Slots in `XLB_DECAP_STATS_V1` (>= `COUNT`; the rest stay zero).
+        pub const CAPACITY: u32 = 32;
+
+        /// Names in index order, for userspace display (snake_case, stable).
+        pub const NAMES: [&str; COUNT as usize] = [
+            "decap_4in4",
+            "decap_6in6",
+            "decap_6in4",
+            "decap_4in6",
+            "pass_not_ip",
+            "pass_not_ipip",
+            "pass_not_vip",
+            "pass_malformed",
+            "pass_bad_checksum",
+            "pass_outer_fragment",
+            "pass_v6_ext_header",
+            "pass_adjust_failed",
+        ];
+    }
+
+    const _: () = {
+        assert!(core::mem::size_of::<DecapVip>() == 20);
+        assert!(stat::COUNT <= stat::CAPACITY);
+    };
+
+    #[cfg(feature = "user")]
+    // SAFETY: #[repr(C)], integers only, padding an explicit field: any bit pattern is valid.
+    unsafe impl aya::Pod for DecapVip {}
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn layout_and_names() {
+            assert_eq!(core::mem::offset_of!(DecapVip, family), 16);
+            assert_eq!(stat::NAMES.len(), stat::COUNT as usize);
+            assert_eq!(stat::NAMES[stat::PASS_NOT_VIP as usize], "pass_not_vip");
+            assert_eq!(
+                stat::NAMES[stat::PASS_ADJUST_FAILED as usize],
+                "pass_adjust_failed"
+            );
+        }
+    }
+}

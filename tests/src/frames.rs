@@ -1,7 +1,9 @@
 //! Hand-built frames for fixtures and benchmarks. Checksums of [`Frame`] are
 //! left zero: the XDP program never reads them, and these frames are never
 //! delivered. [`IcmpError`] computes its outer IPv4 and ICMP checksums, so
-//! its frames are what a router really sends.
+//! its frames are what a router really sends. [`Encap`] wraps a frame's IP
+//! packet in an outer IPv4 (valid checksum) or IPv6 header, as IP-in-IP
+//! forwarding does; [`fill_checksums`] makes an inner packet deliverable.
 
 use std::net::IpAddr;
 
@@ -266,6 +268,196 @@ impl IcmpError {
     }
 }
 
+/// IANA protocol number of IPv4 in IP (RFC 2003).
+pub const PROTO_IPIP: u8 = 4;
+/// IANA protocol number of IPv6 in IP (RFC 2473).
+pub const PROTO_IPV6: u8 = 41;
+
+/// An IP-in-IP frame: the IP packet of `inner` (its Ethernet header and
+/// VLAN tag dropped) behind an outer IPv4 header (protocol 4 or 41, valid
+/// header checksum) or IPv6 header (next header 4 or 41), in a frame with
+/// this builder's own Ethernet header and optional 802.1Q tag. Any outer
+/// and inner family combine; the outer protocol follows the inner family.
+#[derive(Clone, Debug)]
+pub struct Encap {
+    /// Destination MAC (default: the fixture LB's).
+    pub dst_mac: [u8; 6],
+    /// Source MAC (default: the client's).
+    pub src_mac: [u8; 6],
+    /// One 802.1Q tag with this TCI.
+    pub vlan: Option<u16>,
+    /// Outer source (the load balancer).
+    pub src: IpAddr,
+    /// Outer destination (the backend).
+    pub dst: IpAddr,
+    /// IPv4 TTL / IPv6 hop limit of the outer header.
+    pub ttl: u8,
+    /// IPv4 TOS / IPv6 traffic class of the outer header.
+    pub tos: u8,
+    /// Outer IPv4 identification.
+    pub id: u16,
+    /// Outer IPv4 `frags` field (flags + offset); 0x4000 (DF) by default.
+    pub frags: u16,
+    /// Outer IPv4 only: option bytes (multiple of 4), covered by the checksum.
+    pub ip_options: Vec<u8>,
+    /// The encapsulated packet.
+    pub inner: Frame,
+    /// Fill in the inner packet's IPv4 header and TCP/UDP checksums (see
+    /// [`fill_checksums`]), for frames a real stack must accept; off by
+    /// default, like every [`Frame`].
+    pub inner_checksums: bool,
+}
+
+impl Encap {
+    /// `inner` encapsulated from `src` to `dst` (text addresses), TTL 64, DF set.
+    pub fn new(src: &str, dst: &str, inner: Frame) -> Self {
+        Self {
+            dst_mac: LB_MAC,
+            src_mac: CLIENT_MAC,
+            vlan: None,
+            src: ip(src),
+            dst: ip(dst),
+            ttl: 64,
+            tos: 0,
+            id: 0x4242,
+            frags: 0x4000,
+            ip_options: Vec::new(),
+            inner,
+            inner_checksums: false,
+        }
+    }
+
+    /// The inner IP packet exactly as it is carried (no Ethernet header).
+    pub fn inner_packet(&self) -> Vec<u8> {
+        let f = self.inner.build();
+        let l2 = if self.inner.vlan.is_some() { 18 } else { 14 };
+        let mut packet = f[l2..].to_vec();
+        if self.inner_checksums {
+            fill_checksums(&mut packet);
+        }
+        packet
+    }
+
+    /// The outer protocol number: 4 for an inner IPv4 packet, 41 for IPv6.
+    pub fn proto(&self) -> u8 {
+        if self.inner.src.is_ipv4() {
+            PROTO_IPIP
+        } else {
+            PROTO_IPV6
+        }
+    }
+
+    /// The outer IP header alone.
+    pub fn outer_header(&self) -> Vec<u8> {
+        let payload = self.inner_packet().len();
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let hdr_len = 20 + self.ip_options.len();
+                assert!(
+                    self.ip_options.len().is_multiple_of(4) && hdr_len <= 60,
+                    "IPv4 options must be a multiple of 4 bytes, at most 40"
+                );
+                let mut h = vec![0x40 | (hdr_len / 4) as u8, self.tos];
+                h.extend(((hdr_len + payload) as u16).to_be_bytes());
+                h.extend(self.id.to_be_bytes());
+                h.extend(self.frags.to_be_bytes());
+                h.extend([self.ttl, self.proto(), 0, 0]);
+                h.extend(s.octets());
+                h.extend(d.octets());
+                h.extend(&self.ip_options);
+                let sum = checksum(&[&h]);
+                h[10..12].copy_from_slice(&sum.to_be_bytes());
+                h
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let mut h = vec![0x60 | (self.tos >> 4), self.tos << 4, 0, 0];
+                h.extend((payload as u16).to_be_bytes());
+                h.extend([self.proto(), self.ttl]);
+                h.extend(s.octets());
+                h.extend(d.octets());
+                h
+            }
+            _ => panic!("mixed address families in an outer header"),
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn build(&self) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend(self.dst_mac);
+        f.extend(self.src_mac);
+        if let Some(tci) = self.vlan {
+            f.extend(0x8100u16.to_be_bytes());
+            f.extend(tci.to_be_bytes());
+        }
+        let ethertype: u16 = if self.src.is_ipv4() { 0x0800 } else { 0x86dd };
+        f.extend(ethertype.to_be_bytes());
+        f.extend(self.outer_header());
+        f.extend(self.inner_packet());
+        f
+    }
+
+    /// The frame a decapsulator makes of [`Encap::build`]: the same
+    /// Ethernet header and tag, the inner family's EtherType, the inner
+    /// packet unchanged.
+    pub fn decapsulated(&self) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend(self.dst_mac);
+        f.extend(self.src_mac);
+        if let Some(tci) = self.vlan {
+            f.extend(0x8100u16.to_be_bytes());
+            f.extend(tci.to_be_bytes());
+        }
+        let ethertype: u16 = if self.inner.src.is_ipv4() {
+            0x0800
+        } else {
+            0x86dd
+        };
+        f.extend(ethertype.to_be_bytes());
+        f.extend(self.inner_packet());
+        f
+    }
+}
+
+/// Computes, in place, the checksums of an IP packet (no Ethernet header)
+/// that carries TCP or UDP directly: the IPv4 header checksum, and the
+/// TCP/UDP checksum over the pseudo-header (an IPv6 UDP checksum of 0 is
+/// sent as 0xffff, RFC 8200). Other packets keep their L4 bytes.
+pub fn fill_checksums(packet: &mut [u8]) {
+    let (l4_at, proto, pseudo) = match packet[0] >> 4 {
+        4 => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            packet[10..12].copy_from_slice(&[0, 0]);
+            let sum = checksum(&[&packet[..ihl]]);
+            packet[10..12].copy_from_slice(&sum.to_be_bytes());
+            let proto = packet[9];
+            let mut pseudo = packet[12..20].to_vec();
+            pseudo.extend([0, proto]);
+            pseudo.extend(((packet.len() - ihl) as u16).to_be_bytes());
+            (ihl, proto, pseudo)
+        }
+        6 => {
+            let proto = packet[6];
+            let mut pseudo = packet[8..40].to_vec();
+            pseudo.extend(((packet.len() - 40) as u32).to_be_bytes());
+            pseudo.extend([0, 0, 0, proto]);
+            (40, proto, pseudo)
+        }
+        v => panic!("not an IP packet (version {v})"),
+    };
+    let at = match proto {
+        6 => l4_at + 16,
+        17 => l4_at + 6,
+        _ => return,
+    };
+    packet[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut sum = checksum(&[&pseudo, &packet[l4_at..]]);
+    if sum == 0 && proto == 17 {
+        sum = 0xffff;
+    }
+    packet[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
 /// The Internet checksum (RFC 1071) over the concatenated parts, each of
 /// even length except possibly the last.
 pub fn checksum(parts: &[&[u8]]) -> u16 {
@@ -309,5 +501,66 @@ mod tests {
             checksum(&[&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]]),
             !0xddf2
         );
+    }
+
+    #[test]
+    fn encap_headers() {
+        let inner = Frame::udp("10.0.0.50", "10.0.0.10", 53);
+        let mut e = Encap::new("192.168.1.1", "192.168.2.2", inner.clone());
+        e.ip_options = vec![1, 1, 1, 0];
+        let f = e.build();
+        let inner_bytes = &inner.build()[14..];
+        assert_eq!(&f[12..14], &[0x08, 0x00]);
+        assert_eq!(f[14], 0x46, "version 4, IHL 6");
+        assert_eq!(f[14 + 9], PROTO_IPIP);
+        assert_eq!(checksum(&[&f[14..38]]), 0, "outer IPv4 header checksum");
+        assert_eq!(
+            u16::from_be_bytes([f[16], f[17]]) as usize,
+            24 + inner_bytes.len()
+        );
+        assert_eq!(&f[38..], inner_bytes);
+        assert_eq!(&e.decapsulated()[14..], inner_bytes);
+
+        let inner = Frame::tcp("fd00::50", "fd00::10", 80);
+        let mut e = Encap::new("fd01::1", "fd02::2", inner.clone());
+        e.vlan = Some(7);
+        let f = e.build();
+        assert_eq!(&f[12..18], &[0x81, 0x00, 0, 7, 0x86, 0xdd]);
+        assert_eq!(f[18 + 6], PROTO_IPV6);
+        assert_eq!(&f[18 + 40..], &inner.build()[14..]);
+        let d = e.decapsulated();
+        assert_eq!(&d[..18], &f[..18]);
+        assert_eq!(&d[18..], &inner.build()[14..]);
+
+        // Cross: IPv6 inside IPv4.
+        let e = Encap::new("192.168.1.1", "192.168.2.2", inner);
+        let f = e.build();
+        assert_eq!(f[14 + 9], PROTO_IPV6);
+        assert_eq!(&e.decapsulated()[12..14], &[0x86, 0xdd]);
+    }
+
+    #[test]
+    fn filled_checksums_verify() {
+        let mut e = Encap::new(
+            "192.168.1.1",
+            "192.168.2.2",
+            Frame::udp("10.0.0.50", "10.0.0.10", 53),
+        );
+        e.inner_checksums = true;
+        let p = e.inner_packet();
+        assert_eq!(checksum(&[&p[..20]]), 0, "inner IPv4 header");
+        let mut pseudo = p[12..20].to_vec();
+        pseudo.extend([0, 17]);
+        pseudo.extend(((p.len() - 20) as u16).to_be_bytes());
+        assert_eq!(checksum(&[&pseudo, &p[20..]]), 0, "UDP over IPv4");
+
+        let mut e = Encap::new("fd01::1", "fd02::2", Frame::tcp("fd00::50", "fd00::10", 80));
+        e.inner_checksums = true;
+        let p = e.inner_packet();
+        let mut pseudo = p[8..40].to_vec();
+        pseudo.extend(((p.len() - 40) as u32).to_be_bytes());
+        pseudo.extend([0, 0, 0, 6]);
+        assert_eq!(checksum(&[&pseudo, &p[40..]]), 0, "TCP over IPv6");
+        assert_ne!(&p[56..58], &[0, 0]);
     }
 }

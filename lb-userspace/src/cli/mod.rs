@@ -14,6 +14,7 @@ macro_rules! outln {
 
 pub mod backend;
 pub mod daemon;
+pub mod decap;
 pub mod detach;
 pub mod output;
 pub mod reload;
@@ -70,6 +71,9 @@ pub enum Command {
     Stats(stats::StatsArgs),
     /// Make the daemon re-read its config file and apply the difference.
     Reload,
+    /// On a backend: strip the outer header of IP-in-IP packets to the given VIPs
+    /// (for kernels without ipip/ip6tnl); `--detach` removes it, `--stats` shows counters.
+    Decap(decap::DecapArgs),
 }
 
 /// Which dataplane, when reading pins directly: from a config file, or by interface.
@@ -124,6 +128,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Sessions(args) => sessions::run(args, &ctx),
         Command::Stats(args) => stats::run(args, &ctx),
         Command::Reload => reload::run(&ctx),
+        Command::Decap(args) => decap::run(args, &ctx),
     }
 }
 
