@@ -1,0 +1,382 @@
+//! End to end: health checks through the tunnel (`via = "tunnel"`). The check
+//! runs in a load-balancer namespace and sends its probe to VIP:port inside
+//! IP-in-IP to the backend's address; the backend decapsulates with `xlb decap`
+//! (this kernel has no ipip/ip6tnl) and answers from the VIP straight back.
+//! Both kinds (tcp, udp) and both families pass while the backend serves the
+//! VIP, fail when its server stops, and fail when the decapsulator is detached,
+//! which proves the probe went through the tunnel.
+//!
+//! Two namespaces of its own (`xlbtc-<pid>-{l,b}`) joined by a veth; the backend
+//! holds the VIPs on `lo` and serves them (TCP listener, UDP echo); the load
+//! balancer has no route to the VIPs at all. Needs root and the release `xlb`
+//! binary (`XLB_BIN`); run by `cargo xtask test`.
+
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use xlb::config::{HealthConfig, HealthKind, HealthVia};
+use xlb::daemon::health::{CheckOutcome, check, check_tunnelled};
+use xlb_tests::{NetNs, cmd, driver::xlb_bin, frames::ip, netns};
+
+const PREFIX: &str = "xlbtc-";
+const S4: &str = "10.78.0.1";
+const B4: &str = "10.78.0.2";
+const S6: &str = "fd78::1";
+const B6: &str = "fd78::2";
+const VIP4: &str = "10.78.100.10";
+const VIP6: &str = "fd78:100::10";
+const PORT: u16 = 8080;
+/// Each check's timeout: every failure below waits this long at most.
+const TIMEOUT: Duration = Duration::from_millis(700);
+/// Upper bound on the UDP echo's life, whatever the test does.
+const SERVER_LIFETIME: Duration = Duration::from_secs(90);
+
+/// The two namespaces and the decapsulator's pin root; all removed on drop.
+struct Setup {
+    lb: NetNs,
+    backend: NetNs,
+    pin_root: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // The namespaces go after this (field order) and take the veth, and with it
+        // the attachment; the pins would outlive them.
+        if let Err(e) = std::fs::remove_dir_all(&self.pin_root)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("xlb-tests: cannot remove {}: {e}", self.pin_root.display());
+        }
+    }
+}
+
+/// Removes namespaces and pin roots this test's earlier, dead processes left.
+fn cleanup_stale() {
+    let stale = |name: &str| {
+        name.strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    for dir in [netns::NETNS_RUN_DIR, "/sys/fs/bpf"] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !stale(&name) {
+                continue;
+            }
+            if dir == netns::NETNS_RUN_DIR {
+                let _ = cmd::ip(&["netns", "del", &name]);
+            } else {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+fn setup() -> Result<Setup> {
+    cleanup_stale();
+    let id = format!("{PREFIX}{}", std::process::id());
+    let lb = NetNs::create(&format!("{id}-l"))?;
+    let backend = NetNs::create(&format!("{id}-b"))?;
+    let setup = Setup {
+        lb,
+        backend,
+        pin_root: PathBuf::from(format!("/sys/fs/bpf/{id}")),
+    };
+    setup.lb.ip(&[
+        "link",
+        "add",
+        "tl",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "tb",
+        "netns",
+        setup.backend.name(),
+    ])?;
+    setup.lb.ip_batch(&format!(
+        "addr add {S4}/24 dev tl\naddr add {S6}/64 dev tl nodad\nlink set tl up\n"
+    ))?;
+    // The VIPs on lo; the route back to S is the veth's own subnet.
+    setup.backend.ip_batch(&format!(
+        "addr add {B4}/24 dev tb\naddr add {B6}/64 dev tb nodad\nlink set tb up\n\
+         addr add {VIP4}/32 dev lo\naddr add {VIP6}/128 dev lo\nlink set lo up\n"
+    ))?;
+    Ok(setup)
+}
+
+/// The backend's servers on both VIPs: a TCP listener (the kernel answers SYNs; nobody
+/// accepts, the probes never complete a handshake) and a UDP echo ("pong:" + datagram).
+struct Servers {
+    listeners: Vec<TcpListener>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    fn start(ns: &NetNs) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut listeners = Vec::new();
+        let mut threads = Vec::new();
+        for vip in [VIP4, VIP6] {
+            let addr = SocketAddr::new(ip(vip), PORT);
+            let (listener, sock) = ns.run(|| {
+                Ok((
+                    TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?,
+                    UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?,
+                ))
+            })?;
+            listeners.push(listener);
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .context("echo read timeout")?;
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || {
+                let until = Instant::now() + SERVER_LIFETIME;
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        let mut reply = b"pong:".to_vec();
+                        reply.extend(&buf[..n]);
+                        let _ = sock.send_to(&reply, from);
+                    }
+                }
+            }));
+        }
+        Ok(Self {
+            listeners,
+            stop,
+            threads,
+        })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.listeners.clear();
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `xlb decap ARGS` in the backend namespace (generic XDP on `tb`).
+fn decap(s: &Setup, args: &[&str]) -> Result<String> {
+    let bin = xlb_bin()?;
+    let bin = bin.to_str().context("xlb path is not UTF-8")?;
+    let root = s.pin_root.display().to_string();
+    let mut argv = vec![bin, "decap", "--interface", "tb", "--pin-dir", &root];
+    argv.extend_from_slice(args);
+    let out = s.backend.exec(&argv)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("xlb {} failed:\n{text}", argv[1..].join(" "));
+    }
+    Ok(text)
+}
+
+fn spec(kind: HealthKind) -> HealthConfig {
+    HealthConfig {
+        kind,
+        port: PORT,
+        via: HealthVia::Tunnel,
+        interval: Duration::from_secs(2),
+        timeout: TIMEOUT,
+        rise: 2,
+        fall: 3,
+        source: None,
+    }
+}
+
+fn tcp() -> HealthKind {
+    HealthKind::Tcp
+}
+
+fn udp() -> HealthKind {
+    HealthKind::Udp {
+        send: "ping".into(),
+        expect: "pong:ping".into(),
+    }
+}
+
+/// One family's addresses: (source S, backend B, VIP).
+struct Family {
+    name: &'static str,
+    source: IpAddr,
+    backend: IpAddr,
+    vip: IpAddr,
+}
+
+fn families() -> [Family; 2] {
+    [
+        Family {
+            name: "IPv4",
+            source: ip(S4),
+            backend: ip(B4),
+            vip: ip(VIP4),
+        },
+        Family {
+            name: "IPv6",
+            source: ip(S6),
+            backend: ip(B6),
+            vip: ip(VIP6),
+        },
+    ]
+}
+
+/// One tunnelled check from the load balancer's namespace, on a runtime of its own there.
+fn tunnelled(s: &Setup, f: &Family, kind: HealthKind) -> CheckOutcome {
+    let vip = SocketAddr::new(f.vip, PORT);
+    s.lb.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("runtime")?;
+        Ok(rt.block_on(check_tunnelled(f.backend, vip, &spec(kind), Some(f.source))))
+    })
+    .expect("running the check")
+}
+
+/// One direct check of the backend's own address (for comparison).
+fn direct(s: &Setup, f: &Family, kind: HealthKind) -> CheckOutcome {
+    let addr = SocketAddr::new(f.backend, PORT);
+    s.lb.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("runtime")?;
+        Ok(rt.block_on(check(addr, &spec(kind), Some(f.source))))
+    })
+    .expect("running the check")
+}
+
+/// Asserts a pass; a first probe may also wait for ARP / neighbour discovery, so up to
+/// three tries (a bug that never passes still fails all three).
+fn assert_passes(s: &Setup, f: &Family, kind: HealthKind, when: &str) {
+    let mut last = None;
+    for _ in 0..3 {
+        let outcome = tunnelled(s, f, kind.clone());
+        if let CheckOutcome::Pass(took) = outcome {
+            assert!(took <= TIMEOUT, "{}: {kind} {when}: took {took:?}", f.name);
+            return;
+        }
+        last = Some(outcome);
+    }
+    panic!("{} {kind} {when}: expected a pass, got {last:?}", f.name);
+}
+
+/// Asserts a failure (not a "not run") whose reason contains `why`.
+fn assert_fails(s: &Setup, f: &Family, kind: HealthKind, when: &str, why: &str) {
+    match tunnelled(s, f, kind.clone()) {
+        CheckOutcome::Fail(reason) => assert!(
+            reason.contains(why),
+            "{} {kind} {when}: failed with {reason:?}, expected {why:?}",
+            f.name
+        ),
+        other => panic!(
+            "{} {kind} {when}: expected a failure, got {other:?}",
+            f.name
+        ),
+    }
+}
+
+/// Half-open connections on the backend (SYN_RECV), which the probes' resets must end.
+fn half_open(s: &Setup) -> Result<usize> {
+    let out = s.backend.exec_ok(&["ss", "-Htn", "state", "syn-recv"])?;
+    Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+fn decap_counter(s: &Setup, name: &str) -> u64 {
+    let out = decap(s, &["--stats", "--json"]).expect("xlb decap --stats");
+    let json: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+    json["counters"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn tunnelled_checks_pass_only_through_the_decapsulator() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("e2e tests need root: run `cargo xtask test` as root");
+    }
+    let s = setup().expect("namespaces");
+    let servers = Servers::start(&s.backend).expect("servers");
+    let fams = families();
+
+    // Without a decapsulator the backend's kernel drops IP-in-IP: no answer at all,
+    // although the VIP is served; a direct check of the backend's own address is refused
+    // (nothing listens there): neither path says anything about the VIP.
+    for f in &fams {
+        assert_fails(&s, f, tcp(), "without decap", "timeout");
+        assert_fails(&s, f, udp(), "without decap", "timeout");
+        match direct(&s, f, tcp()) {
+            CheckOutcome::Fail(why) => assert!(why.contains("refused"), "{}: {why}", f.name),
+            other => panic!("{}: direct check of the backend: {other:?}", f.name),
+        }
+    }
+
+    let out =
+        decap(&s, &["--xdp-mode", "generic", "--vip", VIP4, "--vip", VIP6]).expect("xlb decap");
+    assert!(out.contains("attached"), "{out}");
+    for f in &fams {
+        assert_passes(&s, f, tcp(), "with decap");
+        assert_passes(&s, f, udp(), "with decap");
+    }
+    // Through the decapsulator, in both families.
+    assert!(decap_counter(&s, "decap_4in4") >= 2);
+    assert!(decap_counter(&s, "decap_6in6") >= 2);
+    // The tunnelled reset after each SYN-ACK ends the backend's half-open connection at
+    // once (the kernel's own reset cannot: this load balancer has no route to the VIP),
+    // rather than after the backend's SYN-ACK retries.
+    cmd::wait_until(
+        "no half-open connections on the backend",
+        Duration::from_secs(2),
+        Duration::from_millis(20),
+        || Ok(half_open(&s)? == 0),
+    )
+    .expect("half-open connections left");
+
+    // The servers stop: a SYN to the VIP is reset, a datagram goes unanswered.
+    drop(servers);
+    for f in &fams {
+        assert_fails(&s, f, tcp(), "after the listener stopped", "refused");
+        assert_fails(&s, f, udp(), "after the echo stopped", "timeout");
+    }
+
+    // Back, then the decapsulator leaves: the same checks fail again.
+    let _servers = Servers::start(&s.backend).expect("servers again");
+    for f in &fams {
+        assert_passes(&s, f, tcp(), "with the servers back");
+        assert_passes(&s, f, udp(), "with the servers back");
+    }
+    let out = decap(&s, &["--detach"]).expect("detach");
+    assert!(out.contains("detached"), "{out}");
+    cmd::wait_until(
+        "the XDP program to leave tb",
+        Duration::from_secs(3),
+        Duration::from_millis(20),
+        || {
+            Ok(!s
+                .backend
+                .ip(&["-d", "link", "show", "tb"])?
+                .contains("prog/xdp"))
+        },
+    )
+    .expect("detached");
+    for f in &fams {
+        assert_fails(&s, f, tcp(), "after detach", "timeout");
+        assert_fails(&s, f, udp(), "after detach", "timeout");
+    }
+}
