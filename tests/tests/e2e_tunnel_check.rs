@@ -337,7 +337,7 @@ fn tunnelled_checks_pass_only_through_the_decapsulator() {
     // Through the decapsulator, in both families.
     assert!(decap_counter(&s, "decap_4in4") >= 2);
     assert!(decap_counter(&s, "decap_6in6") >= 2);
-    // The tunnelled reset after each SYN-ACK ends the backend's half-open connection at
+    // The tunnelled reset after each probe ends the backend's half-open connection at
     // once (the kernel's own reset cannot: this load balancer has no route to the VIP),
     // rather than after the backend's SYN-ACK retries.
     cmd::wait_until(
@@ -347,6 +347,41 @@ fn tunnelled_checks_pass_only_through_the_decapsulator() {
         || Ok(half_open(&s)? == 0),
     )
     .expect("half-open connections left");
+
+    // A load balancer that holds the VIPs itself: to its kernel, IPv4 answers from a
+    // local address are martians unless `accept_local` is set (as the README says); IPv6
+    // has no such rule. The timed-out probes still end the backend's half-open connections.
+    let vips_on_lb =
+        |verb: &str| format!("addr {verb} {VIP4}/32 dev lo\naddr {verb} {VIP6}/128 dev lo\n");
+    s.lb.ip_batch(&format!("{}link set lo up\n", vips_on_lb("add")))
+        .expect("VIPs on the load balancer");
+    assert_fails(&s, &fams[0], tcp(), "with the VIP on the LB", "timeout");
+    assert_fails(&s, &fams[0], udp(), "with the VIP on the LB", "timeout");
+    assert_passes(&s, &fams[1], tcp(), "with the VIP on the LB");
+    assert_passes(&s, &fams[1], udp(), "with the VIP on the LB");
+    s.lb.sysctls(&[("net.ipv4.conf.tl.accept_local", "1")])
+        .expect("accept_local");
+    assert_passes(
+        &s,
+        &fams[0],
+        tcp(),
+        "with the VIP on the LB and accept_local",
+    );
+    assert_passes(
+        &s,
+        &fams[0],
+        udp(),
+        "with the VIP on the LB and accept_local",
+    );
+    cmd::wait_until(
+        "no half-open connections on the backend after timeouts",
+        Duration::from_secs(2),
+        Duration::from_millis(20),
+        || Ok(half_open(&s)? == 0),
+    )
+    .expect("half-open connections left after timed-out probes");
+    s.lb.ip_batch(&vips_on_lb("del"))
+        .expect("VIPs off the load balancer");
 
     // The servers stop: a SYN to the VIP is reset, a datagram goes unanswered.
     drop(servers);

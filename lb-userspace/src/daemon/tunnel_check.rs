@@ -10,8 +10,9 @@
 //!   no connection of this host uses the same four-tuple and the kernel answers the
 //!   SYN-ACK with a reset; the answer itself is read from a raw TCP socket bound to S
 //!   (which sees every TCP segment to S: filtered by addresses, ports and sequence).
-//!   After a SYN-ACK a reset goes back through the tunnel too, so the backend's half-open
-//!   connection ends even where the kernel's own reset cannot reach it.
+//!   However the check ends (SYN-ACK, timeout), unless refused, a reset follows the SYN
+//!   through the tunnel, so the backend's half-open connection ends even where the
+//!   kernel's own reset cannot reach it.
 //! - udp: the datagram leaves "from" a UDP socket bound to (S, 0), which receives the reply.
 //!
 //! Everything waits on tokio's reactor (non-blocking sockets under `AsyncFd`): no
@@ -79,27 +80,50 @@ async fn tcp(backend: IpAddr, vip: SocketAddr, source: IpAddr) -> Result<(), Pro
     let tunnel = tunnel_socket(source)?;
     let isn = random_u32();
     send(&tunnel, &tcp_segment(from, vip, isn, Flags::Syn)?, backend)?;
+    // From here on the backend may hold a half-open connection: however the check ends
+    // (SYN-ACK, timeout, cancelled), a reset goes after the SYN, unless it was refused.
+    let mut reset = ResetOnDrop {
+        tunnel: &tunnel,
+        packet: tcp_segment(from, vip, isn.wrapping_add(1), Flags::Rst).ok(),
+        backend,
+    };
     let mut buf = vec![0u8; RECV_BUF];
     loop {
         let (n, peer) = recv_from(&answers, &mut buf).await?;
         let Some(answer) = tcp_answer(&buf[..n], peer, from, vip, isn) else {
             continue;
         };
-        drop(holder);
         return match answer {
-            Answer::SynAck => {
-                // Best effort: the check has passed whatever becomes of the reset.
-                if let Err(e) = tcp_segment(from, vip, isn.wrapping_add(1), Flags::Rst)
-                    .and_then(|rst| send(&tunnel, &rst, backend))
-                {
-                    tracing::debug!("tunnelled reset to {vip} via {backend}: {}", e.text());
-                }
-                Ok(())
+            Answer::SynAck => Ok(()),
+            Answer::Reset => {
+                reset.packet = None;
+                Err(Problem::Backend(format!(
+                    "refused: {vip} answered the tunnelled SYN with a reset"
+                )))
             }
-            Answer::Reset => Err(Problem::Backend(format!(
-                "refused: {vip} answered the tunnelled SYN with a reset"
-            ))),
         };
+    }
+}
+
+/// Sends a reset after the SYN through the tunnel when dropped, so the backend's
+/// half-open connection ends at once rather than after its SYN-ACK retries: the kernel's
+/// own reset to the SYN-ACK goes to the VIP by this host's route, which may not reach
+/// the backend (or may be this host, where it holds the VIP).
+struct ResetOnDrop<'a> {
+    tunnel: &'a AsyncFd<Socket>,
+    /// The inner reset; `None` when there is nothing to end.
+    packet: Option<Vec<u8>>,
+    backend: IpAddr,
+}
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        // A non-blocking sendto; best effort, the check's outcome does not depend on it.
+        if let Some(packet) = self.packet.take() {
+            if let Err(e) = send(self.tunnel, &packet, self.backend) {
+                tracing::debug!("tunnelled reset via {}: {}", self.backend, e.text());
+            }
+        }
     }
 }
 
