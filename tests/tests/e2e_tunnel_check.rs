@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use xlb::config::{HealthConfig, HealthKind, HealthVia};
 use xlb::daemon::health::{CheckOutcome, check, check_tunnelled};
-use xlb_tests::{NetNs, cmd, driver::xlb_bin, frames::ip, netns};
+use xlb_tests::{NetNs, NsChild, cmd, driver::xlb_bin, frames::ip, netns};
 
 const PREFIX: &str = "xlbtc-";
 const S4: &str = "10.78.0.1";
@@ -33,24 +33,30 @@ const VIP6: &str = "fd78:100::10";
 const PORT: u16 = 8080;
 /// Each check's timeout: every failure below waits this long at most.
 const TIMEOUT: Duration = Duration::from_millis(700);
+/// How a tunnelled TCP check says the VIP refused (not a direct check's "connection refused").
+const REFUSED: &str = "answered the tunnelled SYN with a reset";
 /// Upper bound on the UDP echo's life, whatever the test does.
 const SERVER_LIFETIME: Duration = Duration::from_secs(90);
 
-/// The two namespaces and the decapsulator's pin root; all removed on drop.
+/// The two namespaces, the pin root (the decapsulator's and a daemon's pins) and a work
+/// directory (a daemon's config, socket and state); all removed on drop.
 struct Setup {
     lb: NetNs,
     backend: NetNs,
     pin_root: PathBuf,
+    work: PathBuf,
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
         // The namespaces go after this (field order) and take the veth, and with it
-        // the attachment; the pins would outlive them.
-        if let Err(e) = std::fs::remove_dir_all(&self.pin_root)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("xlb-tests: cannot remove {}: {e}", self.pin_root.display());
+        // the attachments; the pins would outlive them.
+        for dir in [&self.pin_root, &self.work] {
+            if let Err(e) = std::fs::remove_dir_all(dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("xlb-tests: cannot remove {}: {e}", dir.display());
+            }
         }
     }
 }
@@ -63,7 +69,12 @@ fn cleanup_stale() {
             .and_then(|pid| pid.parse::<u32>().ok())
             .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
     };
-    for dir in [netns::NETNS_RUN_DIR, "/sys/fs/bpf"] {
+    let tmp = std::env::temp_dir();
+    for dir in [
+        Path::new(netns::NETNS_RUN_DIR),
+        Path::new("/sys/fs/bpf"),
+        &tmp,
+    ] {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
@@ -72,7 +83,7 @@ fn cleanup_stale() {
             if !stale(&name) {
                 continue;
             }
-            if dir == netns::NETNS_RUN_DIR {
+            if dir == Path::new(netns::NETNS_RUN_DIR) {
                 let _ = cmd::ip(&["netns", "del", &name]);
             } else {
                 let _ = std::fs::remove_dir_all(entry.path());
@@ -81,15 +92,16 @@ fn cleanup_stale() {
     }
 }
 
-fn setup() -> Result<Setup> {
+fn setup(tag: &str) -> Result<Setup> {
     cleanup_stale();
-    let id = format!("{PREFIX}{}", std::process::id());
+    let id = format!("{PREFIX}{}-{tag}", std::process::id());
     let lb = NetNs::create(&format!("{id}-l"))?;
     let backend = NetNs::create(&format!("{id}-b"))?;
     let setup = Setup {
         lb,
         backend,
         pin_root: PathBuf::from(format!("/sys/fs/bpf/{id}")),
+        work: std::env::temp_dir().join(&id),
     };
     setup.lb.ip(&[
         "link",
@@ -111,7 +123,21 @@ fn setup() -> Result<Setup> {
         "addr add {B4}/24 dev tb\naddr add {B6}/64 dev tb nodad\nlink set tb up\n\
          addr add {VIP4}/32 dev lo\naddr add {VIP6}/128 dev lo\nlink set lo up\n"
     ))?;
+    // The kernel sees a veth's carrier through its link watcher, up to a second later;
+    // until then IPv6 has not configured the link (no multicast route: neighbour
+    // solicitations are dropped), and the first IPv6 checks would fail for the lab's sake.
+    cmd::wait_until(
+        "both ends of the veth operationally up",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || Ok(operstate(&setup.lb, "tl")? == "UP" && operstate(&setup.backend, "tb")? == "UP"),
+    )?;
     Ok(setup)
+}
+
+fn operstate(ns: &NetNs, ifname: &str) -> Result<String> {
+    let json = ns.ip_json(&["link", "show", ifname])?;
+    Ok(json[0]["operstate"].as_str().unwrap_or("").to_string())
 }
 
 /// The backend's servers on both VIPs: a TCP listener (the kernel answers SYNs; nobody
@@ -173,7 +199,7 @@ impl Drop for Servers {
 fn decap(s: &Setup, args: &[&str]) -> Result<String> {
     let bin = xlb_bin()?;
     let bin = bin.to_str().context("xlb path is not UTF-8")?;
-    let root = s.pin_root.display().to_string();
+    let root = s.pin_root.join("decap").display().to_string();
     let mut argv = vec![bin, "decap", "--interface", "tb", "--pin-dir", &root];
     argv.extend_from_slice(args);
     let out = s.backend.exec(&argv)?;
@@ -311,7 +337,7 @@ fn tunnelled_checks_pass_only_through_the_decapsulator() {
     if unsafe { libc::geteuid() } != 0 {
         panic!("e2e tests need root: run `cargo xtask test` as root");
     }
-    let s = setup().expect("namespaces");
+    let s = setup("c").expect("namespaces");
     let servers = Servers::start(&s.backend).expect("servers");
     let fams = families();
 
@@ -386,7 +412,7 @@ fn tunnelled_checks_pass_only_through_the_decapsulator() {
     // The servers stop: a SYN to the VIP is reset, a datagram goes unanswered.
     drop(servers);
     for f in &fams {
-        assert_fails(&s, f, tcp(), "after the listener stopped", "refused");
+        assert_fails(&s, f, tcp(), "after the listener stopped", REFUSED);
         assert_fails(&s, f, udp(), "after the echo stopped", "timeout");
     }
 
@@ -414,4 +440,139 @@ fn tunnelled_checks_pass_only_through_the_decapsulator() {
         assert_fails(&s, f, tcp(), "after detach", "timeout");
         assert_fails(&s, f, udp(), "after detach", "timeout");
     }
+}
+
+/// `xlb daemon` in the load balancer's namespace: four "ipip" services (tcp and udp, both
+/// VIPs) with the backend, checked through the tunnel every 200 ms.
+struct Daemon {
+    child: NsChild,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(s: &Setup) -> Result<Self> {
+        std::fs::create_dir_all(&s.work)
+            .with_context(|| format!("creating {}", s.work.display()))?;
+        let mut config = format!(
+            "interface = \"tl\"\nxdp_mode = \"generic\"\npin_dir = \"{}\"\n\
+             state_file = \"{}\"\nmaglev_table_size = 251\n",
+            s.pin_root.join("lb").display(),
+            s.work.join("state.json").display()
+        );
+        for (name, vip, backend, proto) in [
+            ("tcp4", VIP4, B4, "tcp"),
+            ("udp4", VIP4, B4, "udp"),
+            ("tcp6", VIP6, B6, "tcp"),
+            ("udp6", VIP6, B6, "udp"),
+        ] {
+            let expect = if proto == "udp" {
+                "udp_expect = \"pong:ping\"\n"
+            } else {
+                ""
+            };
+            config.push_str(&format!(
+                "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\n\
+                 protocol = \"{proto}\"\nforward_mode = \"ipip\"\n\
+                 [[service.backend]]\nname = \"b\"\naddress = \"{backend}\"\n\
+                 [service.health]\nvia = \"tunnel\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\
+                 rise = 2\nfall = 2\n{expect}"
+            ));
+        }
+        let path = s.work.join("xlb.toml");
+        std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+        let socket = s.work.join("xlb.sock");
+        let bin = xlb_bin()?;
+        let child = s.lb.spawn(&[
+            bin.to_str().context("xlb path is not UTF-8")?,
+            "--socket",
+            socket.to_str().context("socket path is not UTF-8")?,
+            "daemon",
+            "--config",
+            path.to_str().context("config path is not UTF-8")?,
+        ])?;
+        let d = Self { child, socket };
+        cmd::wait_until(
+            "the daemon to answer",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || Ok(d.backends(s).is_ok()),
+        )
+        .with_context(|| format!("daemon log:\n{}", d.child.log()))?;
+        Ok(d)
+    }
+
+    /// `xlb backend list SERVICE --json` for every service: service -> its backend "b".
+    fn backends(&self, s: &Setup) -> Result<Vec<(String, serde_json::Value)>> {
+        let bin = xlb_bin()?;
+        let bin = bin.to_str().context("xlb path is not UTF-8")?;
+        let socket = self.socket.to_str().context("socket path is not UTF-8")?;
+        let mut out = Vec::new();
+        for svc in ["tcp4", "udp4", "tcp6", "udp6"] {
+            let text =
+                s.lb.exec_ok(&[bin, "--socket", socket, "--json", "backend", "list", svc])?;
+            let list: serde_json::Value =
+                serde_json::from_str(&text).context("backend list JSON")?;
+            let b = list
+                .as_array()
+                .and_then(|l| l.iter().find(|b| b["name"] == "b"))
+                .cloned()
+                .with_context(|| format!("no backend b in {svc}: {list}"))?;
+            out.push((svc.to_string(), b));
+        }
+        Ok(out)
+    }
+
+    /// Waits until the backend's health is `health` in every service, and its last
+    /// reason contains the service's entry of `why` (tcp, udp) when given.
+    fn wait_health(&self, s: &Setup, health: &str, why: Option<(&str, &str)>) {
+        let mut last = Vec::new();
+        let ok = cmd::wait_until(
+            &format!("the backend {health} in every service"),
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            || {
+                last = self.backends(s)?;
+                Ok(last.iter().all(|(svc, b)| {
+                    let reason = b["reason"].as_str().unwrap_or("");
+                    b["health"] == health
+                        && why.is_none_or(|(tcp, udp)| {
+                            reason.contains(if svc.starts_with("tcp") { tcp } else { udp })
+                        })
+                }))
+            },
+        );
+        if let Err(e) = ok {
+            panic!(
+                "{e:#}: {last:?}\ndaemon log:\n{}",
+                cmd::tail(self.child.log().as_bytes())
+            );
+        }
+    }
+}
+
+/// The daemon picks the tunnel for `via = "tunnel"`: it marks the backend down and up
+/// as the VIP's servers and the decapsulator come and go, although nothing ever
+/// listens on the backend's own address.
+#[test]
+fn daemon_checks_through_the_tunnel() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("e2e tests need root: run `cargo xtask test` as root");
+    }
+    let s = setup("d").expect("namespaces");
+    decap(&s, &["--xdp-mode", "generic", "--vip", VIP4, "--vip", VIP6]).expect("xlb decap");
+    // A first start: the backends start up, before any check.
+    let d = Daemon::start(&s).expect("xlb daemon");
+
+    // No servers: a SYN to the VIP is reset, a datagram goes unanswered.
+    d.wait_health(&s, "down", Some((REFUSED, "timeout")));
+    let servers = Servers::start(&s.backend).expect("servers");
+    d.wait_health(&s, "up", None);
+    // Without the decapsulator nothing answers, although the servers run.
+    decap(&s, &["--detach"]).expect("detach");
+    d.wait_health(&s, "down", Some(("timeout", "timeout")));
+    decap(&s, &["--xdp-mode", "generic", "--vip", VIP4, "--vip", VIP6]).expect("xlb decap again");
+    d.wait_health(&s, "up", None);
+    drop(servers);
+    d.wait_health(&s, "down", Some((REFUSED, "timeout")));
 }
