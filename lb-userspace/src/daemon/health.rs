@@ -1,5 +1,6 @@
 //! Health checks: how one check of one backend runs. The tasks that run
-//! them are in `checks.rs`; the rise/fall state machine in `desired.rs`.
+//! them are in `checks.rs`; the rise/fall state machine in `desired.rs`;
+//! checks through the tunnel (`via = "tunnel"`) in `tunnel_check.rs`.
 //!
 //! A check says [`CheckOutcome::Pass`], [`CheckOutcome::Fail`] (the backend's
 //! fault, or no answer within the timeout) or [`CheckOutcome::NotRun`] (this

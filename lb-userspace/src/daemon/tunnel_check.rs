@@ -77,6 +77,11 @@ async fn tcp(backend: IpAddr, vip: SocketAddr, source: IpAddr) -> Result<(), Pro
         .ok_or_else(|| Problem::Local("reading the bound source port".to_string()))?;
     // Opened before the SYN leaves, so the answer cannot arrive before it.
     let answers = raw_socket(domain, libc::IPPROTO_TCP, source, "a raw TCP socket")?;
+    // Every TCP segment to `source` is copied to this socket; let the kernel keep only
+    // those from the VIP's port (the userspace filter below still decides).
+    if let Err(e) = answers.get_ref().attach_filter(&answer_filter(vip)) {
+        tracing::debug!("filter on the raw TCP socket: {e}");
+    }
     let tunnel = tunnel_socket(source)?;
     let isn = random_u32();
     send(&tunnel, &tcp_segment(from, vip, isn, Flags::Syn)?, backend)?;
@@ -198,15 +203,55 @@ fn tunnel_socket(source: IpAddr) -> Result<AsyncFd<Socket>, Problem> {
     let sock = raw_socket(domain, protocol, source, "the tunnel socket")?;
     // It is never read, but would be handed every IP-in-IP packet to `source`: a filter
     // that accepts nothing keeps them out of its buffer.
-    if let Err(e) = sock.get_ref().attach_filter(&[libc::sock_filter {
-        code: (libc::BPF_RET | libc::BPF_K) as u16,
-        jt: 0,
-        jf: 0,
-        k: 0,
-    }]) {
+    if let Err(e) = sock
+        .get_ref()
+        .attach_filter(&[insn(libc::BPF_RET | libc::BPF_K, 0, 0, 0)])
+    {
         tracing::debug!("filter on the tunnel socket: {e}");
     }
     Ok(sock)
+}
+
+/// One classic BPF instruction.
+const fn insn(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// A socket filter passing only TCP segments from `vip` (address and port). An IPv4 raw
+/// socket's filter sees the IP header first; an IPv6 one's, the TCP header (its source
+/// address is not there: the userspace filter checks it).
+fn answer_filter(vip: SocketAddr) -> Vec<libc::sock_filter> {
+    use libc::{
+        BPF_ABS, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX, BPF_MSH, BPF_RET,
+        BPF_W,
+    };
+    let port = u32::from(vip.port());
+    let accept = insn(BPF_RET | BPF_K, 0, 0, u32::MAX);
+    let drop = insn(BPF_RET | BPF_K, 0, 0, 0);
+    match vip.ip() {
+        IpAddr::V4(v) => vec![
+            // Source address (offset 12); not the VIP: to the drop at the end.
+            insn(BPF_LD | BPF_W | BPF_ABS, 0, 0, 12),
+            insn(BPF_JMP | BPF_JEQ | BPF_K, 0, 4, u32::from(v)),
+            // X = the IP header's length; the TCP source port is at X.
+            insn(BPF_LDX | BPF_B | BPF_MSH, 0, 0, 0),
+            insn(BPF_LD | BPF_H | BPF_IND, 0, 0, 0),
+            insn(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, port),
+            accept,
+            drop,
+        ],
+        IpAddr::V6(_) => vec![
+            insn(BPF_LD | BPF_H | BPF_ABS, 0, 0, 0),
+            insn(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, port),
+            accept,
+            drop,
+        ],
+    }
 }
 
 /// Sends one inner packet to `backend` through the tunnel socket. Every error is this
@@ -593,6 +638,61 @@ mod tests {
         assert_eq!(tcp_answer(&elsewhere, vip.ip(), from, vip, 1000), None);
         let udp = udp_datagram(vip, from, b"x").expect("udp");
         assert_eq!(tcp_answer(&udp, vip.ip(), from, vip, 1000), None);
+    }
+
+    /// The kernel-side filter of the raw TCP socket, on loopback: segments of other
+    /// connections never arrive, the VIP's do. Needs root (raw sockets).
+    #[test]
+    fn answer_filter_keeps_only_the_vips_port() {
+        for lo in ["127.0.0.1", "::1"] {
+            let lo: IpAddr = lo.parse().expect("ip");
+            let listen = || std::net::TcpListener::bind((lo, 0)).expect("listen");
+            let (vip_l, other_l) = (listen(), listen());
+            let vip = vip_l.local_addr().expect("addr");
+            let raw = match Socket::new(Domain::for_address(vip), Type::RAW, Some(Protocol::TCP)) {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    eprintln!("skipped: raw sockets need CAP_NET_RAW ({e})");
+                    return;
+                }
+                Err(e) => panic!("raw socket: {e}"),
+            };
+            raw.bind(&SocketAddr::new(lo, 0).into()).expect("bind");
+            raw.attach_filter(&answer_filter(vip)).expect("filter");
+            raw.set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            let mut buf = [MaybeUninit::<u8>::uninit(); RECV_BUF];
+
+            let _other = std::net::TcpStream::connect(other_l.local_addr().expect("addr"))
+                .expect("connect other");
+            let err = raw
+                .recv(&mut buf)
+                .expect_err("another port's segments are filtered");
+            assert!(
+                matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+                "{err}"
+            );
+
+            let _to_vip = std::net::TcpStream::connect(vip).expect("connect vip");
+            let n = raw.recv(&mut buf).expect("the VIP's SYN-ACK passes");
+            // SAFETY: recv initialised the first n bytes.
+            let got: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            let segment = if vip.is_ipv4() {
+                let ip = Ipv4Slice::from_slice(&got).expect("ipv4");
+                assert_eq!(IpAddr::V4(ip.header().source_addr()), lo);
+                ip.payload().payload.to_vec()
+            } else {
+                got
+            };
+            let tcp = TcpSlice::from_slice(&segment).expect("tcp");
+            assert_eq!(tcp.source_port(), vip.port(), "{lo}");
+        }
     }
 
     fn spec(kind: HealthKind) -> HealthConfig {
