@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod hops;
 pub mod lock;
 pub mod maglev;
 pub mod nexthop;

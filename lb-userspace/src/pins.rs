@@ -131,6 +131,8 @@ pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 1
     }
     /// `BPF_F_NO_PREALLOC` (include/uapi/linux/bpf.h).
     const NO_PREALLOC: u32 = 1;
+    /// `BPF_F_RDONLY_PROG` (include/uapi/linux/bpf.h).
+    const RDONLY_PROG: u32 = 1 << 7;
     [
         spec::<ServiceKey, Service>(MAP_SERVICES, MapType::Hash, 2 * MAX_SERVICES),
         spec::<AffinityKey, Affinity>(MAP_AFFINITY, MapType::LruHash, affinity_entries),
@@ -146,8 +148,12 @@ pub fn expected_specs(affinity_entries: u32, maglev_entries: u32) -> [MapSpec; 1
         },
         spec::<u32, Admission>(MAP_ADMISSION, MapType::PerCpuArray, MAX_SERVICES),
         spec::<u32, Egress>(MAP_EGRESS, MapType::Array, MAX_BACKENDS),
-        // The value is `struct bpf_devmap_val` (ifindex + program fd/id).
-        spec::<u32, u64>(MAP_DEVMAP, MapType::DevMapHash, MAX_EGRESS_IFACES),
+        // The value is `struct bpf_devmap_val` (ifindex + program fd/id); the
+        // kernel makes every devmap read-only to programs (BPF_F_RDONLY_PROG).
+        MapSpec {
+            map_flags: RDONLY_PROG,
+            ..spec::<u32, u64>(MAP_DEVMAP, MapType::DevMapHash, MAX_EGRESS_IFACES)
+        },
     ]
 }
 

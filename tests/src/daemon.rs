@@ -58,13 +58,7 @@ pub fn daemon_config(lab: &Lab, mode: Mode, backends: usize, health: &HealthOpti
     // Only the first `backends`: drop [[service.backend]] blocks of the others.
     for b in lab.backends.iter().skip(backends) {
         for vip in lab.vips() {
-            let block = format!(
-                "[[service.backend]]\nname = \"{}\"\naddress = \"{}\"\nmac = \"{}\"\n",
-                b.name,
-                b.addr_like(vip),
-                b.mac
-            );
-            text = text.replace(&block, "");
+            text = text.replace(&driver::backend_block(b, vip), "");
         }
     }
     let mut out = format!(

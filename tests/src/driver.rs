@@ -53,7 +53,9 @@ pub fn xlb_bin() -> Result<PathBuf> {
 }
 
 /// An xlb config for `lab`: HTTP and UDP services on both VIPs, every lab
-/// backend in each, maps pinned in the lab's private bpffs directory.
+/// backend in each, maps pinned in the lab's private bpffs directory. No
+/// backend has a `mac`: xlb resolves them from the kernel's neighbours, so
+/// every tier that uses this config exercises the resolver.
 pub fn lab_config(lab: &Lab, mode: Mode) -> String {
     let mut text = format!(
         "interface = \"{}\"\nxdp_mode = \"{}\"\npin_dir = \"{}\"\nmax_services = 4\n",
@@ -69,16 +71,20 @@ pub fn lab_config(lab: &Lab, mode: Mode) -> String {
                 "\n[[service]]\nname = \"{name}-{fam}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"{proto}\"\n"
             ));
             for b in &lab.backends {
-                text.push_str(&format!(
-                    "[[service.backend]]\nname = \"{}\"\naddress = \"{}\"\nmac = \"{}\"\n",
-                    b.name,
-                    b.addr_like(vip),
-                    b.mac
-                ));
+                text.push_str(&backend_block(b, vip));
             }
         }
     }
     text
+}
+
+/// The `[[service.backend]]` block of lab backend `b` in the service on `vip`.
+pub fn backend_block(b: &crate::lab::Backend, vip: IpAddr) -> String {
+    format!(
+        "[[service.backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+        b.name,
+        b.addr_like(vip)
+    )
 }
 
 /// Writes the lab config to a file named after the lab, in the temp dir.

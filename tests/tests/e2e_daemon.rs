@@ -585,7 +585,7 @@ fn reload_applies_only_the_difference() {
     let good = std::fs::read_to_string(&d.config).expect("read");
     std::fs::write(
         &d.config,
-        good.replacen("mac = \"", "weight = 0\nmac = \"", 1),
+        good.replacen("address = \"", "weight = 0\naddress = \"", 1),
     )
     .expect("write");
     let out = ctl_output(&lab, &d.socket, &["reload"]).expect("run");

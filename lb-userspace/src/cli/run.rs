@@ -35,7 +35,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let _lock = PinLock::acquire(&config.pin_path())?;
     let (mut dp, _) = dataplane::bring_up(&config, args.debug)?;
     let mut maps = PinnedMaps::open(&config.pin_path())?;
-    let report = dataplane::apply(&mut maps, &config)?;
+    let hops = xlb::hops::resolve_now(&config, xlb::hops::START_WAIT)?;
+    let report = dataplane::apply_with(&mut maps, &config, &hops)?;
     tracing::info!(
         services = report.services,
         backends = report.backends,

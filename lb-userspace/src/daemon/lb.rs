@@ -35,7 +35,8 @@ use crate::config::{
     parse_mac, valid_backend_name, validate_backend_address, validate_deadline, validate_mac,
     validate_weight,
 };
-use crate::dataplane::{self, Dataplane, service_key};
+use crate::dataplane::{self, Dataplane, Hops, service_key};
+use crate::hops::{self, Target};
 use crate::lock::PinLock;
 use crate::maglev;
 use crate::pins::{self, PinnedMaps};
@@ -117,6 +118,8 @@ pub struct Lb {
     pub(super) reconciles: u64,
     /// What protecting divergent sessions has done so far.
     pub(super) protection: ProtectionStats,
+    /// The backends' resolved next hops (MACs not in the config, egress).
+    pub(super) hops: Hops,
 }
 
 /// Totals of the protected-session bookkeeping, for metrics and status.
@@ -245,8 +248,12 @@ impl Lb {
             sources: SourceDefaults::default(),
             reconciles: 0,
             protection: ProtectionStats::default(),
+            hops: Hops::new(),
         };
         lb.sources = SourceDefaults::detect(&lb.base);
+        // Backends of the state file count too: resolve what the whole
+        // desired state needs before the first write.
+        lb.hops = hops::resolve_now(&lb.effective_config()?, hops::START_WAIT)?;
         let kernel = lb.kernel_backends()?;
         lb.find_orphans(&kernel)?;
         lb.sync_health(&kernel)?;
@@ -469,6 +476,27 @@ impl Lb {
     }
 
     /// What the health-check tasks should be checking now.
+    /// The next hops this daemon knows.
+    pub fn hops(&self) -> &Hops {
+        &self.hops
+    }
+
+    /// The backends whose next hop comes from the kernel.
+    pub fn hop_targets(&self) -> Vec<Target> {
+        self.effective_config()
+            .map(|cfg| hops::targets(&cfg))
+            .unwrap_or_default()
+    }
+
+    /// Takes a new set of resolved next hops; writes the records it changes.
+    pub fn set_hops(&mut self, hops: Hops) -> Result<()> {
+        if hops == self.hops {
+            return Ok(());
+        }
+        self.hops = hops;
+        self.apply()
+    }
+
     pub fn check_targets(&self) -> Vec<CheckTarget> {
         let Ok(cfg) = self.effective_config() else {
             return Vec::new();
@@ -498,7 +526,7 @@ impl Lb {
         let started = Instant::now();
         let (cfg, panic) = self.desired(started)?;
         let before: HashMap<BackendRef, BackendState> = states(&self.effective);
-        let report = match dataplane::apply(&mut self.maps, &cfg) {
+        let report = match dataplane::apply_with(&mut self.maps, &cfg, &self.hops) {
             Ok(r) => r,
             Err(e) => {
                 self.write_failures += 1;
@@ -625,7 +653,7 @@ impl Lb {
             if self.reconciles.is_multiple_of(TABLE_REREAD_EVERY) {
                 self.maps.forget_tables();
             }
-            let report = match dataplane::apply(&mut self.maps, &self.effective) {
+            let report = match dataplane::apply_with(&mut self.maps, &self.effective, &self.hops) {
                 Ok(r) => r,
                 Err(e) => {
                     self.write_failures += 1;

@@ -17,6 +17,7 @@ pub mod health;
 pub mod http;
 pub mod lb;
 pub mod metrics;
+pub mod nexthops;
 pub mod owner;
 pub mod source;
 pub mod state;
@@ -68,6 +69,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let lock = PinLock::acquire(&config.pin_path())?;
     let (dp, attachment) = dataplane::bring_up(&config, false)?;
     let maps = PinnedMaps::open(&config.pin_path())?;
+    let ingress = crate::hops::ifindex(&config.interface)?;
     let metrics_address = config.metrics_address;
     let lb = Lb::new(
         opts.config.clone(),
@@ -78,10 +80,12 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         lock,
         attachment == Attachment::Adopted,
     )?;
+    let initial_hops = lb.hops().clone();
     tracing::info!(config = %opts.config.display(), "desired state applied");
     let metrics = Arc::new(metrics::Metrics::default());
     let (targets_tx, targets_rx) = tokio::sync::watch::channel(Vec::new());
-    let (owner, thread) = owner::spawn(lb, metrics.clone(), targets_tx)?;
+    let (hop_targets_tx, hop_targets_rx) = tokio::sync::watch::channel(Vec::new());
+    let (owner, thread) = owner::spawn(lb, metrics.clone(), targets_tx, hop_targets_tx)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -93,6 +97,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         metrics,
         targets_rx,
         metrics_address,
+        (hop_targets_rx, ingress, initial_hops),
     ));
     // The owner re-pins the link if needed, so the dataplane outlives us.
     rt.block_on(owner.shutdown());
@@ -110,12 +115,23 @@ async fn serve_until_signal(
     metrics: Arc<metrics::Metrics>,
     targets: tokio::sync::watch::Receiver<Vec<lb::CheckTarget>>,
     metrics_address: Option<std::net::SocketAddr>,
+    (hop_targets, ingress, initial_hops): (
+        tokio::sync::watch::Receiver<Vec<crate::hops::Target>>,
+        u32,
+        crate::dataplane::Hops,
+    ),
 ) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(nexthops::supervise(
+        hop_targets,
+        ingress,
+        initial_hops,
+        owner.clone(),
+    )));
     tasks.push(tokio::spawn(checks::supervise(
         targets,
         owner.clone(),

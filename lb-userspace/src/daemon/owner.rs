@@ -15,6 +15,7 @@ use tokio::sync::{oneshot, watch};
 use super::lb::{BackendRef, CheckTarget, Lb};
 use super::metrics::Metrics;
 use crate::api::{Request, Response};
+use crate::hops::Target;
 
 /// How often drain deadlines, idle orphans and panic grace periods are looked at.
 const TICK: Duration = Duration::from_secs(1);
@@ -33,6 +34,8 @@ pub enum Msg {
     Metrics(oneshot::Sender<Result<String>>),
     /// Exit after making sure the dataplane stays pinned.
     Shutdown(oneshot::Sender<()>),
+    /// The backends' next hops changed (resolved, or a MAC re-learned).
+    Hops(crate::dataplane::Hops),
 }
 
 /// A cheap, cloneable way to reach the owner thread.
@@ -66,6 +69,11 @@ impl Handle {
         let _ = self.tx.send(Msg::Check(backend, result));
     }
 
+    /// Hands over a new set of resolved next hops; never waits.
+    pub fn hops(&self, hops: crate::dataplane::Hops) {
+        let _ = self.tx.send(Msg::Hops(hops));
+    }
+
     /// Asks the owner to stop, and waits until it has.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
@@ -75,16 +83,18 @@ impl Handle {
     }
 }
 
-/// Starts the owner thread with `lb`; check targets are published on `targets`.
+/// Starts the owner thread with `lb`; check targets are published on
+/// `targets`, the backends whose next hops need resolving on `hop_targets`.
 pub fn spawn(
     lb: Lb,
     metrics: Arc<Metrics>,
     targets: watch::Sender<Vec<CheckTarget>>,
+    hop_targets: watch::Sender<Vec<Target>>,
 ) -> Result<(Handle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("xlb-owner".into())
-        .spawn(move || run(lb, rx, &metrics, &targets))
+        .spawn(move || run(lb, rx, &metrics, &targets, &hop_targets))
         .context("starting the owner thread")?;
     Ok((Handle { tx }, thread))
 }
@@ -94,9 +104,12 @@ fn run(
     rx: Receiver<Msg>,
     metrics: &Metrics,
     targets: &watch::Sender<Vec<CheckTarget>>,
+    hop_targets: &watch::Sender<Vec<Target>>,
 ) {
     let mut published = lb.check_targets();
     targets.send_replace(published.clone());
+    let mut published_hops = lb.hop_targets();
+    hop_targets.send_replace(published_hops.clone());
     let now = Instant::now();
     let mut next_tick = now + TICK;
     let mut next_reconcile = now + RECONCILE_EVERY;
@@ -123,6 +136,11 @@ fn run(
             }
             Ok(Msg::Metrics(reply)) => {
                 let _ = reply.send(metrics.render(&lb));
+            }
+            Ok(Msg::Hops(hops)) => {
+                if let Err(e) = lb.set_hops(hops) {
+                    tracing::error!("writing new next hops failed (reconcile retries): {e:#}");
+                }
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
@@ -161,6 +179,11 @@ fn run(
             if now_targets != published {
                 targets.send_replace(now_targets.clone());
                 published = now_targets;
+            }
+            let now_hops = lb.hop_targets();
+            if now_hops != published_hops {
+                hop_targets.send_replace(now_hops.clone());
+                published_hops = now_hops;
             }
         }
     }
