@@ -70,6 +70,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let (dp, attachment) = dataplane::bring_up(&config, false)?;
     let maps = PinnedMaps::open(&config.pin_path())?;
     let ingress = crate::hops::ifindex(&config.interface)?;
+    warn_martian_tunnel_replies(&config);
     let metrics_address = config.metrics_address;
     let lb = Lb::new(
         opts.config.clone(),
@@ -107,6 +108,36 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     }
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Tunnelled IPv4 checks are answered from the VIP; a kernel that holds the
+/// VIP as a local address drops such answers as martians unless
+/// `accept_local` is set on the interface (IPv6 is not affected). Says so
+/// at start rather than letting every tunnelled check fail unexplained.
+fn warn_martian_tunnel_replies(config: &Config) {
+    let tunnelled_v4 = config.services.iter().any(|s| {
+        s.vip.is_ipv4()
+            && s.health
+                .as_ref()
+                .is_some_and(|h| h.via == crate::config::HealthVia::Tunnel)
+    });
+    if !tunnelled_v4 {
+        return;
+    }
+    let read = |scope: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{scope}/accept_local"))
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false)
+    };
+    if !read("all") && !read(&config.interface) {
+        tracing::warn!(
+            interface = %config.interface,
+            "IPv4 health checks through the tunnel are answered from the VIP; if the VIP is a \
+             local address of this host, the kernel drops those answers unless \
+             net.ipv4.conf.{}.accept_local=1 (the checks then fail)",
+            config.interface
+        );
+    }
 }
 
 async fn serve_until_signal(
