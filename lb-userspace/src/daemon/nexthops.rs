@@ -49,6 +49,18 @@ pub async fn supervise(
     let mut sent = initial;
     let mut warned: HashMap<IpAddr, Instant> = HashMap::new();
     let mut last_refresh = Instant::now();
+    // The owner publishes the targets from its own thread once it runs; a poll
+    // before that would see none and withdraw every next hop the daemon
+    // started with (all records zeroed, frames dropped until the next poll).
+    match targets.has_changed() {
+        Ok(true) => {}
+        Ok(false) => {
+            if targets.changed().await.is_err() {
+                return;
+            }
+        }
+        Err(_) => return,
+    }
     let mut ticker = tokio::time::interval(POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -97,10 +109,17 @@ pub async fn supervise(
                 }
             }
         }
-        let hops: Hops = known
+        let mut hops: Hops = known
             .iter()
             .map(|(addr, hop)| (*addr, to_hop(hop, ingress)))
             .collect();
+        // A target this task has no answer for yet keeps the one in force
+        // (from the daemon's start): the last answer stands for it too.
+        for t in &list {
+            if let (false, Some(hop)) = (hops.contains_key(&t.addr), sent.get(&t.addr)) {
+                hops.insert(t.addr, *hop);
+            }
+        }
         if hops != sent {
             owner.hops(hops.clone());
             sent = hops;
