@@ -20,6 +20,27 @@ fn smallest_bench_produces_a_report() {
     r.scale = prog_cost::part2(Budget::SMOKE).expect("part 2");
     let costs = &r.tables[0];
     assert_eq!(costs.rows.len(), 4);
+    // The encapsulating path, each frame run once, against the L2 hit of its family.
+    let once = &r.tables[1];
+    for (row, l2) in [
+        (
+            "xlb ipip hit, IPv4, repeat=1",
+            "xlb affinity hit, IPv4, repeat=1",
+        ),
+        (
+            "xlb ipip hit, IPv6, repeat=1",
+            "xlb affinity hit, IPv6, repeat=1",
+        ),
+    ] {
+        assert!(once.rows.iter().any(|r| r.name == l2), "{l2} missing");
+        assert!(
+            once.extra.iter().any(|(r, c, v)| r == row
+                && c == "× L2 hit, same family"
+                && v.parse::<f64>().is_ok()),
+            "{row}: no ratio to {l2}: {:?}",
+            once.extra
+        );
+    }
     for row in r.tables.iter().flat_map(|t| &t.rows) {
         assert_eq!(row.samples.len(), Budget::SMOKE.rounds, "{}", row.name);
         assert!(
@@ -30,17 +51,46 @@ fn smallest_bench_produces_a_report() {
         );
     }
     let rate = traffic::part3(Budget::SMOKE).expect("part 3 (live-frames packet rate)");
-    assert_eq!(rate.rows.len(), 3);
+    assert_eq!(rate.rows.len(), 4);
     for row in &rate.rows {
         assert!(row.median > 0.0, "{}: nothing arrived", row.name);
     }
+    let ipip = "xlb ipip, native XDP";
+    assert!(rate.rows.iter().any(|r| r.name == ipip), "{ipip} missing");
+    // Encapsulated frames come back and are counted like the others.
+    let arrived = rate
+        .extra
+        .iter()
+        .find(|(r, c, _)| r == ipip && c == "arrived/sent")
+        .map(|(_, _, v)| {
+            v.trim_end_matches('%')
+                .parse::<f64>()
+                .expect("a percentage")
+        });
+    assert!(
+        arrived.is_some_and(|p| p > 50.0),
+        "{ipip}: arrived/sent {arrived:?}"
+    );
+    assert!(
+        rate.extra
+            .iter()
+            .any(|(r, c, _)| r == ipip && c == "× xlb, native XDP"),
+        "{ipip}: no ratio to xlb's L2 mode"
+    );
     assert!(
         ip_netns_empty_of("xlbrate"),
         "rate bench left namespaces behind"
     );
     r.tables.push(rate);
     let cores = scaling::part_scaling(Budget::SMOKE).expect("part 3b (rate against cores)");
-    assert_eq!(cores.rows.len(), 2 * machine::cpus().len());
+    assert_eq!(cores.rows.len(), 3 * machine::cpus().len());
+    assert!(
+        cores
+            .extra
+            .iter()
+            .any(|(r, c, _)| r.starts_with("xlb ipip") && c == "× xlb L2, same cores"),
+        "scaling: no ipip ratio to xlb L2"
+    );
     for row in &cores.rows {
         assert!(row.median > 0.0, "{}: nothing arrived", row.name);
     }
@@ -64,15 +114,27 @@ fn smallest_bench_produces_a_report() {
     report::write(&r, &dir).expect("writing the report");
     let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
     assert!(md.contains("xlb affinity hit, IPv4"), "{md}");
+    assert!(md.contains("| xlb ipip hit, IPv4, repeat=1 |"), "{md}");
+    assert!(md.contains("| xlb ipip, native XDP |"), "{md}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("json"))
             .expect("report.json parses");
     assert!(json["tables"][0]["rows"][1]["median"].as_f64().is_some());
+    let json_rows: Vec<&str> = json["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .flat_map(|t| t["rows"].as_array().into_iter().flatten())
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    for name in ["xlb ipip hit, IPv6, repeat=1", "xlb ipip, native XDP"] {
+        assert!(json_rows.contains(&name), "{name} not in report.json");
+    }
     let svg = std::fs::read_to_string(dir.join("scale.svg")).expect("scale.svg");
     assert!(svg.contains("<svg") && svg.contains("affinity map entries"));
     let rate = std::fs::read_to_string(dir.join("rate.svg")).expect("rate.svg");
     assert!(
-        rate.contains("xlb, native XDP"),
+        rate.contains("xlb, native XDP") && rate.contains("xlb ipip, native XDP"),
         "throughput plot names the contenders"
     );
     let _ = std::fs::remove_dir_all(&dir);

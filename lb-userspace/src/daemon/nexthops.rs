@@ -109,17 +109,7 @@ pub async fn supervise(
                 }
             }
         }
-        let mut hops: Hops = known
-            .iter()
-            .map(|(addr, hop)| (*addr, to_hop(hop, ingress)))
-            .collect();
-        // A target this task has no answer for yet keeps the one in force
-        // (from the daemon's start): the last answer stands for it too.
-        for t in &list {
-            if let (false, Some(hop)) = (hops.contains_key(&t.addr), sent.get(&t.addr)) {
-                hops.insert(t.addr, *hop);
-            }
-        }
+        let hops = merge(&sent, &known, &list, ingress);
         if hops != sent {
             owner.hops(hops.clone());
             sent = hops;
@@ -127,5 +117,64 @@ pub async fn supervise(
         if targets.has_changed().is_err() {
             return;
         }
+    }
+}
+
+/// The next hops to hand over: this round's answers, and for a target not
+/// answered yet (its entry being resolved or re-learned) what was last
+/// handed over. Only a target gone from the config loses its next hop: a
+/// record must never fall back to "unresolved" while its MAC is being
+/// re-learned.
+fn merge(sent: &Hops, known: &HashMap<IpAddr, NextHop>, list: &[Target], ingress: u32) -> Hops {
+    let mut hops: Hops = sent
+        .iter()
+        .filter(|(addr, _)| list.iter().any(|t| t.addr == **addr))
+        .map(|(addr, hop)| (*addr, *hop))
+        .collect();
+    hops.extend(
+        known
+            .iter()
+            .map(|(addr, hop)| (*addr, to_hop(hop, ingress))),
+    );
+    hops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn next_hop(last: u8, ifindex: u32) -> NextHop {
+        NextHop {
+            mac: [2, 0, 0, 0, 0, last],
+            via: "10.0.0.1".parse().expect("ip"),
+            ifindex,
+            smac: [2, 0, 0, 0, 1, 1],
+            mtu: 1500,
+            src: None,
+        }
+    }
+
+    #[test]
+    fn pending_targets_keep_their_last_hop_and_removed_ones_lose_it() {
+        let a: IpAddr = "10.0.0.21".parse().expect("ip");
+        let b: IpAddr = "10.0.0.22".parse().expect("ip");
+        let c: IpAddr = "10.0.0.23".parse().expect("ip");
+        let target = |addr| Target {
+            addr,
+            routed: false,
+        };
+        let mut sent = Hops::new();
+        for (addr, last) in [(a, 1), (b, 2), (c, 3)] {
+            sent.insert(addr, to_hop(&next_hop(last, 7), 7));
+        }
+        // a re-learned with a new MAC, b pending (no answer), c removed.
+        let known = HashMap::from([(a, next_hop(9, 7))]);
+        let hops = merge(&sent, &known, &[target(a), target(b)], 7);
+        assert_eq!(hops.len(), 2);
+        assert_eq!(hops[&a].mac, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(hops[&b], sent[&b], "pending: the last hop stays");
+        assert!(!hops.contains_key(&c));
+        // The ingress interface is egress 0 (XDP_TX).
+        assert_eq!(hops[&a].ifindex, 0);
     }
 }

@@ -10,8 +10,12 @@
 //! - A miss becomes a hit after one run, so the miss path cannot use
 //!   `repeat`. It runs each of many distinct clients once (`repeat = 1`),
 //!   and is compared with the floor and the hit path measured the same way.
+//! - The `ipip` path moves the frame's head to make room for the outer
+//!   header, and the reused buffer keeps the moved head: a second repetition
+//!   would parse the encapsulated frame. It is measured only at `repeat = 1`.
 
 use std::{
+    net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
@@ -56,16 +60,33 @@ impl Drop for BenchDataplane {
     }
 }
 
+/// VIP of the bench's IPv4 `ipip` service (TCP/80, backends in 10.50.0.0/24).
+pub const IPIP_VIP4: &str = "10.0.0.11";
+/// VIP of the bench's IPv6 `ipip` service (TCP/80, backends in fd50::/64).
+pub const IPIP_VIP6: &str = "fd00::11";
+/// Outer source of the bench's IPv4 `ipip` packets.
+const IPIP_SRC4: &str = "10.0.0.1";
+/// Outer source of the bench's IPv6 `ipip` packets.
+const IPIP_SRC6: &str = "fd00::1";
+/// Backend addresses of the `ipip` services, per family.
+const IPIP_BACKENDS: [(&str, &str); 2] = [("10.50.0.", IPIP_SRC4), ("fd50::", IPIP_SRC6)];
+
 /// Config of the bench dataplane: TCP/80 on an IPv4 and an IPv6 VIP, three
-/// backends each, all with `backend_mac`.
-fn bench_config(affinity_entries: u32, backend_mac: [u8; 6]) -> String {
+/// backends each, all with `backend_mac` ("dsr", layer 2); with `ipip`, also
+/// TCP/80 on [`IPIP_VIP4`] and [`IPIP_VIP6`] in `ipip` mode (layer 3), three
+/// backends each in another subnet, reached through [`bench_hops`].
+fn bench_config(affinity_entries: u32, backend_mac: [u8; 6], ipip: bool) -> String {
     let mac = backend_mac
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
+    // Only as many service slots as services: the slots size the Maglev map,
+    // whose memory part 2 reports.
+    let max_services = if ipip { 4 } else { 2 };
     let mut text = format!(
-        "interface = \"bench0\"\nmax_services = 2\naffinity_max_entries = {affinity_entries}\n"
+        "interface = \"bench0\"\nmax_services = {max_services}\n\
+         affinity_max_entries = {affinity_entries}\n"
     );
     for (vip, prefix) in [("10.0.0.10", "10.0.0.2"), ("fd00::10", "fd00::2")] {
         text.push_str(&format!(
@@ -77,20 +98,65 @@ fn bench_config(affinity_entries: u32, backend_mac: [u8; 6]) -> String {
             ));
         }
     }
+    let ipip_services = [
+        ("far4", IPIP_VIP4, IPIP_BACKENDS[0]),
+        ("far6", IPIP_VIP6, IPIP_BACKENDS[1]),
+    ];
+    for (name, vip, (prefix, _)) in ipip_services.into_iter().filter(|_| ipip) {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\
+             forward_mode = \"ipip\"\n"
+        ));
+        for i in 1..=3 {
+            text.push_str(&format!("[[service.backend]]\naddress = \"{prefix}{i}\"\n"));
+        }
+    }
     text.replace("s10.0.0.10", "web4")
         .replace("sfd00::10", "web6")
 }
 
-/// Loads the xlb program with `affinity_entries` capacity, configured for
-/// the bench with every backend on the LB's own MAC (see the module comment).
-pub fn load_xlb(affinity_entries: u32) -> Result<BenchDataplane> {
-    load_xlb_with(affinity_entries, LB_MAC)
+/// Next hops of the `ipip` backends, as the resolver would find them: all
+/// behind `next_hop` on the interface the program runs on, MTU 1500.
+fn bench_hops(next_hop: [u8; 6]) -> Result<dataplane::Hops> {
+    let mut hops = dataplane::Hops::new();
+    for (prefix, src) in IPIP_BACKENDS {
+        let src: IpAddr = src.parse().context("bench outer source")?;
+        for i in 1..=3 {
+            let addr: IpAddr = format!("{prefix}{i}")
+                .parse()
+                .context("bench backend address")?;
+            hops.insert(
+                addr,
+                dataplane::Hop {
+                    mac: next_hop,
+                    ifindex: 0,
+                    smac: LB_MAC,
+                    mtu: 1500,
+                    src: Some(src),
+                },
+            );
+        }
+    }
+    Ok(hops)
 }
 
-/// Like [`load_xlb`], with the backends' MAC chosen by the caller.
+/// Loads the xlb program with `affinity_entries` capacity, configured for
+/// the bench with the two layer-2 services only, every backend on the LB's
+/// own MAC (see the module comment).
+pub fn load_xlb(affinity_entries: u32) -> Result<BenchDataplane> {
+    load(affinity_entries, LB_MAC, false)
+}
+
+/// Like [`load_xlb`], with the backends' MAC chosen by the caller, and the
+/// two `ipip` services too, whose next hop is also `backend_mac`.
 pub fn load_xlb_with(affinity_entries: u32, backend_mac: [u8; 6]) -> Result<BenchDataplane> {
-    let config =
-        Config::parse(&bench_config(affinity_entries, backend_mac)).context("bench config")?;
+    load(affinity_entries, backend_mac, true)
+}
+
+fn load(affinity_entries: u32, backend_mac: [u8; 6], ipip: bool) -> Result<BenchDataplane> {
+    let config = Config::parse(&bench_config(affinity_entries, backend_mac, ipip))
+        .context("bench config")?;
+    let hops = bench_hops(backend_mac)?;
     let dir = PathBuf::from(format!(
         "/sys/fs/bpf/xlb-bench-{}-{}",
         std::process::id(),
@@ -104,7 +170,7 @@ pub fn load_xlb_with(affinity_entries: u32, backend_mac: [u8; 6]) -> Result<Benc
         e
     };
     let mut maps = PinnedMaps::open(&dir).map_err(cleanup)?;
-    dataplane::apply(&mut maps, &config).map_err(cleanup)?;
+    dataplane::apply_with(&mut maps, &config, &hops).map_err(cleanup)?;
     Ok(BenchDataplane { dp, maps, dir })
 }
 
@@ -150,6 +216,62 @@ pub fn ns_per_run(prog: &mut Xdp, frame: &[u8], repeat: u32, verdict: u32) -> Re
     Ok(r.duration.as_nanos() as f64)
 }
 
+/// Runs `frame` once and checks the program encapsulated it as the bench
+/// `ipip` services must: XDP_TX, the outer header of the frame's family
+/// (20 or 40 bytes more) addressed to one of the `ipip` backends, and the
+/// inner packet untouched. Keeps the bench from silently measuring another path.
+fn check_encap(prog: &mut Xdp, frame: &[u8]) -> Result<()> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    if r.return_value != XDP_TX {
+        bail!("ipip frame: expected XDP_TX, got {}", r.return_value);
+    }
+    out.truncate(r.data_size_out as usize);
+    let v6 = frame.get(12..14) == Some(&[0x86, 0xdd][..]);
+    // (outer header length, EtherType, offset of the protocol field, its value,
+    // offset and length of the outer destination, the backends' prefix).
+    let (grow, ethertype, proto_at, proto, dst_at, dst_len, prefix) = if v6 {
+        (
+            40,
+            [0x86, 0xdd],
+            14 + 6,
+            41,
+            14 + 24,
+            16,
+            IPIP_BACKENDS[1].0,
+        )
+    } else {
+        (20, [0x08, 0x00], 14 + 9, 4, 14 + 16, 4, IPIP_BACKENDS[0].0)
+    };
+    if out.len() != frame.len() + grow {
+        bail!(
+            "ipip frame: {} bytes out of {}, expected {grow} more (not encapsulated?)",
+            out.len(),
+            frame.len()
+        );
+    }
+    let dst = match dst_len {
+        4 => <[u8; 4]>::try_from(&out[dst_at..dst_at + 4]).map(|a| IpAddr::from(a).to_string()),
+        _ => <[u8; 16]>::try_from(&out[dst_at..dst_at + 16]).map(|a| IpAddr::from(a).to_string()),
+    }
+    .context("outer destination")?;
+    if out[12..14] != ethertype
+        || out[proto_at] != proto
+        || !dst.starts_with(prefix)
+        || out[14 + grow..] != frame[14..]
+    {
+        bail!("ipip frame: the output is not the frame encapsulated to an ipip backend");
+    }
+    Ok(())
+}
+
 /// Mean ns of running each frame once.
 fn ns_each_once(prog: &mut Xdp, frames: &[Vec<u8>], verdict: u32) -> Result<f64> {
     let mut total = 0.0;
@@ -168,7 +290,7 @@ fn fresh_client(n: u32) -> String {
 /// Part 1: ns/packet of each path, interleaved, against the XDP_PASS floor.
 pub fn part1(budget: Budget) -> Result<Vec<Table>> {
     let mut pass = load_pass()?;
-    let mut xlb = load_xlb(lb_common::DEFAULT_AFFINITY_ENTRIES)?;
+    let mut xlb = load_xlb_with(lb_common::DEFAULT_AFFINITY_ENTRIES, LB_MAC)?;
     let hit4 = Frame::tcp("10.1.0.1", "10.0.0.10", 80).build();
     let hit6 = Frame::tcp("fd00:1::1", "fd00::10", 80).build();
     let not_ours = Frame::tcp("10.1.0.1", "10.0.0.99", 80).build();
@@ -185,14 +307,28 @@ pub fn part1(budget: Budget) -> Result<Vec<Table>> {
         "XDP_PASS program (floor), repeat=1",
         "xlb affinity hit, IPv4, repeat=1",
         "xlb miss (Maglev + insert), IPv4, repeat=1",
+        "xlb affinity hit, IPv6, repeat=1",
+        "xlb ipip hit, IPv4, repeat=1",
+        "xlb ipip hit, IPv6, repeat=1",
     ];
+    // Each ipip row against the layer-2 hit row of its family.
+    let ipip_vs_l2 = [(4, 1), (5, 3)];
     let mut once: Vec<Vec<f64>> = vec![Vec::new(); once_names.len()];
 
     // Create the hit entries before measuring.
     let prog = xlb.dp.program_mut()?;
     ns_per_run(prog, &hit4, 1, XDP_TX)?;
     ns_per_run(prog, &hit6, 1, XDP_TX)?;
+    let ipip4 = Frame::tcp("10.1.0.1", IPIP_VIP4, 80).build();
+    let ipip6 = Frame::tcp("fd00:1::1", IPIP_VIP6, 80).build();
+    for frame in [&ipip4, &ipip6] {
+        ns_per_run(prog, frame, 1, XDP_TX)?;
+        check_encap(prog, frame)?;
+    }
     let hit4_copies = vec![hit4.clone(); budget.miss_frames];
+    let hit6_copies = vec![hit6.clone(); budget.miss_frames];
+    let ipip4_copies = vec![ipip4; budget.miss_frames];
+    let ipip6_copies = vec![ipip6; budget.miss_frames];
     let pass_copies = vec![not_ours.clone(); budget.miss_frames];
 
     for round in 0..budget.rounds {
@@ -222,6 +358,9 @@ pub fn part1(budget: Budget) -> Result<Vec<Table>> {
         let prog = xlb.dp.program_mut()?;
         once[1].push(ns_each_once(prog, &hit4_copies, XDP_TX)?);
         once[2].push(ns_each_once(prog, &misses, XDP_TX)?);
+        once[3].push(ns_each_once(prog, &hit6_copies, XDP_TX)?);
+        once[4].push(ns_each_once(prog, &ipip4_copies, XDP_TX)?);
+        once[5].push(ns_each_once(prog, &ipip6_copies, XDP_TX)?);
     }
     let miss_count = lb_common::stat::NEW_SESSION;
     let snap = xlb::stats::snapshot(&xlb.maps)?;
@@ -234,10 +373,21 @@ pub fn part1(budget: Budget) -> Result<Vec<Table>> {
         .zip(steady)
         .map(|(n, s)| Series::new(*n, "ns/packet", s))
         .collect();
-    let once_rows = once_names
+    let once_rows: Vec<Series> = once_names
         .iter()
         .zip(once)
         .map(|(n, s)| Series::new(*n, "ns/packet", s))
+        .collect();
+    let once_extra = ipip_vs_l2
+        .iter()
+        .filter(|&&(_, l2)| once_rows[l2].median > 0.0)
+        .map(|&(ipip, l2)| {
+            (
+                once_rows[ipip].name.clone(),
+                "× L2 hit, same family".to_string(),
+                format!("{:.2}", once_rows[ipip].median / once_rows[l2].median),
+            )
+        })
         .collect();
     Ok(vec![
         Table {
@@ -262,12 +412,17 @@ pub fn part1(budget: Budget) -> Result<Vec<Table>> {
                  new clients per round each run once (repeat=1), which also counts one timer read \
                  per run; the floor and the hit path are measured the same way for comparison. \
                  The miss path hashes the client, reads the Maglev table and inserts the affinity \
-                 entry.",
+                 entry. The ipip rows are affinity hits of `forward_mode = \"ipip\"` services \
+                 (layer-3 DSR): the frame is encapsulated in an outer IPv4 (20 bytes) or IPv6 \
+                 (40 bytes) header to the backend's address and sent to its next hop; moving the \
+                 frame's head leaves the reused buffer changed, so this path is only measured \
+                 here, at repeat=1 (`× L2 hit, same family`: against the layer-2 hit of the \
+                 same IP family, measured the same way).",
                 budget.miss_frames
             ),
             baseline: once_names[0].into(),
             rows: once_rows,
-            extra: Vec::new(),
+            extra: once_extra,
         },
     ])
 }

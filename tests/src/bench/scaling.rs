@@ -4,7 +4,8 @@
 //! live-frames mode. veth hands a frame to the peer queue of the CPU that
 //! sends it, so with `n` threads `n` queues (and `n` cores) carry traffic
 //! through the contender and back to the sink. For `n` in 1..=CPUs, xlb
-//! (native XDP) against the program that only swaps the MACs, interleaved;
+//! (native XDP; layer 2, and `ipip` as in part 3) against the program that
+//! only swaps the MACs, interleaved;
 //! rates count arrivals at the sink over the wall time of the whole burst.
 //! On a machine whose cores outnumber its other work this shows how xlb
 //! scales; on a small shared one the generator and the sink compete with
@@ -24,11 +25,14 @@ use xlb::objects::{GEN_OBJ, SINK_OBJ, TX_OBJ};
 
 use super::{
     Budget, Series, Table, machine, progress,
-    traffic::{BATCH, CLIENTS, GEN_MAC, RateLab, attach, load_prog, load_with, sink_count, xdp},
+    traffic::{
+        BATCH, CLIENTS, GEN_MAC, RateLab, attach, check_forwarded, gen_frame, load_prog, load_with,
+        sink_count, xdp,
+    },
 };
 use crate::{
-    bench::prog_cost::load_xlb_with,
-    frames::{Frame, LB_MAC},
+    bench::prog_cost::{IPIP_VIP4, load_xlb_with},
+    frames::LB_MAC,
     netns,
 };
 
@@ -37,8 +41,12 @@ const MAX_ROUNDS: usize = 3;
 /// How long the queues get to drain after a burst before arrivals are read.
 const DRAIN: Duration = Duration::from_millis(100);
 
-/// The two contenders, in run order.
-const CONTENDERS: [&str; 2] = ["MAC swap + XDP_TX only, native", "xlb, native XDP"];
+/// The contenders, in run order: the limit first, xlb's layer-2 mode second.
+const CONTENDERS: [&str; 3] = [
+    "MAC swap + XDP_TX only, native",
+    "xlb, native XDP",
+    "xlb ipip, native XDP",
+];
 
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) -> Result<()> {
@@ -144,9 +152,14 @@ fn run_one(
         attach(&lab.lb_ns, xdp(&mut tx, "xlb_tx")?, "lb0", XdpMode::Driver)?;
         burst(lab, generator, sink, frame, cpus, frames)
     } else {
+        // Both xlb modes: the caller passes the frame for the mode's service.
         let mut xlb = load_xlb_with(262_144, GEN_MAC)?;
         attach(&lab.lb_ns, xlb.dp.program_mut()?, "lb0", XdpMode::Driver)?;
-        burst(lab, generator, sink, frame, cpus, frames)
+        let r = burst(lab, generator, sink, frame, cpus, frames)?;
+        if contender == 2 {
+            check_forwarded(&xlb, frames.saturating_mul(cpus.len() as u32))?;
+        }
+        Ok(r)
     }
 }
 
@@ -178,9 +191,8 @@ pub fn part_scaling(budget: Budget) -> Result<Table> {
         "gen0",
         XdpMode::Driver,
     )?;
-    let mut frame_spec = Frame::tcp("10.3.0.1", "10.0.0.10", 80);
-    frame_spec.payload = vec![0; 6];
-    let frame = frame_spec.build();
+    let frame = gen_frame("10.0.0.10")?;
+    let ipip_frame = gen_frame(IPIP_VIP4)?;
     // Per thread: a fifth of part 3's count keeps a run with every core busy
     // about as long as one of part 3's single-thread runs.
     let frames = (budget.gen_frames / 5).max(BATCH);
@@ -199,7 +211,8 @@ pub fn part_scaling(budget: Budget) -> Result<Table> {
         ));
         for (i, &(n, c)) in points.iter().enumerate() {
             let generator = xdp(&mut generator, "xlb_gen")?;
-            let (arrived, secs) = run_one(&lab, generator, &sink, &frame, c, &cpus[..n], frames)
+            let frame = if c == 2 { &ipip_frame } else { &frame };
+            let (arrived, secs) = run_one(&lab, generator, &sink, frame, c, &cpus[..n], frames)
                 .with_context(|| row_name(c, n))?;
             samples[i].push(arrived as f64 / secs / 1e6);
             delivered[i].0 += arrived;
@@ -222,14 +235,24 @@ pub fn part_scaling(budget: Budget) -> Result<Table> {
         let name = rows[i].name.clone();
         let (arrived, sent) = delivered[i];
         extra.push((name.clone(), "cores".into(), n.to_string()));
-        if c == 1 {
-            // The MAC-swap row of the same core count comes just before.
-            let limit = rows[i - 1].median;
+        if c >= 1 {
+            // The rows of the same core count come just before, in contender order.
+            let limit = rows[i - c].median;
             if limit > 0.0 {
                 extra.push((
                     name.clone(),
                     "× MAC swap, same cores".into(),
                     format!("{:.2}", rows[i].median / limit),
+                ));
+            }
+        }
+        if c == 2 {
+            let l2 = rows[i - 1].median;
+            if l2 > 0.0 {
+                extra.push((
+                    name.clone(),
+                    "× xlb L2, same cores".into(),
+                    format!("{:.2}", rows[i].median / l2),
                 ));
             }
         }
@@ -248,7 +271,9 @@ pub fn part_scaling(budget: Budget) -> Result<Table> {
              own queue of a {}-queue veth pair; contenders interleaved, {rounds} rounds. \
              Machine: {}, Linux {}. Generator, contender and sink run on the same cores, so on \
              a small machine adding cores adds their work too; the ratio to the MAC-swap-only \
-             program at the same core count is the comparable figure.",
+             program at the same core count is the comparable figure. xlb ipip: the frames go \
+             to the VIP of a `forward_mode = \"ipip\"` service whose next hop is the \
+             generator's interface and come back encapsulated (84 bytes on the wire).",
             cpus.len(),
             cpus.len(),
             machine::describe_cpus(),
