@@ -55,6 +55,10 @@
 //!                                 # "tcp" (connect), "http" (GET, expect a status; tcp services
 //!                                 # only), "udp" (send, expect a reply)
 //! port = 80                       # default the service port; checks go to the backend's own address
+//!                                 # (via "direct") or to the vip (via "tunnel")
+//! via = "direct"                  # default "direct" (to the backend's own address) | "tunnel" ("ipip"
+//!                                 # services, kinds "tcp"/"udp": the probe goes IP-in-IP to the backend,
+//!                                 # addressed to vip:port, proving the backend accepts VIP traffic)
 //! interval = "2s"                 # default "2s" (HAProxy `inter`); 100ms..=1h; checks are spread over it
 //! timeout = "1s"                  # default "1s" (capped at interval); > 0 and <= interval
 //! rise = 2                        # default 2: consecutive successes that bring a down backend up; 1..=100
@@ -191,8 +195,10 @@ pub struct ServiceConfig {
 pub struct HealthConfig {
     /// What one check does.
     pub kind: HealthKind,
-    /// Port checked on the backend's own address; default the service port.
+    /// Port checked (on the backend's own address, or on the VIP when tunnelled); default the service port.
     pub port: u16,
+    /// Which way the checks reach the backend; default [`HealthVia::Direct`].
+    pub via: HealthVia,
     /// Time between two checks of one backend; default 2s, 100ms..=1h.
     pub interval: Duration,
     /// Longest one check may take; default 1s (capped at the interval), > 0 and <= interval.
@@ -204,6 +210,26 @@ pub struct HealthConfig {
     /// Source address of the checks (`source`), same family as the vip and never a VIP;
     /// default none: the global `health_source_v4`/`_v6`, else the detected one.
     pub source: Option<IpAddr>,
+}
+
+/// Which way a health check reaches its backend (`via`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HealthVia {
+    /// `"direct"`: to the backend's own address.
+    #[default]
+    Direct,
+    /// `"tunnel"`: to the VIP, IP-in-IP encapsulated to the backend's address as the
+    /// dataplane sends clients' packets (`"ipip"` services; kinds `"tcp"` and `"udp"`).
+    Tunnel,
+}
+
+impl fmt::Display for HealthVia {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HealthVia::Direct => "direct",
+            HealthVia::Tunnel => "tunnel",
+        })
+    }
 }
 
 /// One kind of health check.
@@ -535,6 +561,7 @@ struct RawService {
 struct RawHealth {
     kind: Option<String>,
     port: Option<i64>,
+    via: Option<String>,
     interval: Option<String>,
     timeout: Option<String>,
     rise: Option<i64>,
@@ -864,7 +891,16 @@ fn validate_service(
     }
     let health = raw
         .health
-        .map(|h| validate_health(&format!("{path}.health"), vip, protocol, port, h))
+        .map(|h| {
+            validate_health(
+                &format!("{path}.health"),
+                vip,
+                protocol,
+                port,
+                forward_mode,
+                h,
+            )
+        })
         .transpose()?;
 
     Ok(ServiceConfig {
@@ -887,6 +923,7 @@ fn validate_health(
     vip: IpAddr,
     protocol: Protocol,
     port: u16,
+    forward_mode: ForwardMode,
     raw: RawHealth,
 ) -> Result<HealthConfig> {
     let kind_name = raw.kind.as_deref().unwrap_or(match protocol {
@@ -950,6 +987,26 @@ fn validate_health(
             "{path}.kind: {other:?} is not a health check kind (expected \"tcp\", \"http\" or \"udp\")"
         ),
     };
+    let via = match raw.via.as_deref() {
+        None | Some("direct") => HealthVia::Direct,
+        Some("tunnel") => {
+            if forward_mode != ForwardMode::Ipip {
+                bail!(
+                    "{path}.via: \"tunnel\" needs forward_mode = \"ipip\" (this service is \"dsr\": \
+                     its backends are reached without a tunnel)"
+                );
+            }
+            if !matches!(kind, HealthKind::Tcp | HealthKind::Udp { .. }) {
+                bail!(
+                    "{path}.via: \"tunnel\" works with kinds \"tcp\" and \"udp\" only (kind is \"{kind_name}\")"
+                );
+            }
+            HealthVia::Tunnel
+        }
+        Some(other) => {
+            bail!("{path}.via: {other:?} is not a way to check (expected \"direct\" or \"tunnel\")")
+        }
+    };
     let port = int(&format!("{path}.port"), raw.port, port, 1, u16::MAX)?;
     let duration = |field: &str, text: Option<String>, default: Duration| -> Result<Duration> {
         let Some(text) = text else {
@@ -994,6 +1051,7 @@ fn validate_health(
     Ok(HealthConfig {
         kind,
         port,
+        via,
         interval,
         timeout,
         rise,
@@ -1706,6 +1764,56 @@ mod health_tests {
         // The default timeout never exceeds the interval.
         assert_eq!(h.timeout, Duration::from_millis(500));
         assert_eq!(h.port, 8080);
+    }
+
+    /// `via = "tunnel"`: only for "ipip" services and kinds tcp/udp; errors name the field.
+    #[test]
+    fn tunnelled_checks_need_ipip_and_tcp_or_udp() {
+        let ipip = SVC.replace("mac = \"02:00:00:00:00:21\"\n", "").replace(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nforward_mode = \"ipip\"\n",
+        );
+        let parse = |svc: &str, h: &str| Config::parse(&format!("{svc}[service.health]\n{h}"));
+        let via = |svc: &str, h: &str| {
+            parse(svc, h).expect("valid").services[0]
+                .health
+                .clone()
+                .expect("health")
+                .via
+        };
+        assert_eq!(via(SVC, ""), HealthVia::Direct);
+        assert_eq!(via(&ipip, ""), HealthVia::Direct);
+        assert_eq!(via(&ipip, "via = \"direct\""), HealthVia::Direct);
+        assert_eq!(via(&ipip, "via = \"tunnel\""), HealthVia::Tunnel);
+        assert_eq!(
+            via(&ipip, "via = \"tunnel\"\nkind = \"tcp\"\nport = 8080"),
+            HealthVia::Tunnel
+        );
+        let udp = ipip.replace("protocol = \"tcp\"", "protocol = \"udp\"");
+        assert_eq!(
+            via(&udp, "via = \"tunnel\"\nudp_expect = \"pong\""),
+            HealthVia::Tunnel
+        );
+
+        let e = |svc: &str, h: &str| format!("{:#}", parse(svc, h).expect_err("must fail"));
+        let field = "service[0] (\"web\").health.via: ";
+        let dsr = e(SVC, "via = \"tunnel\"");
+        assert!(
+            dsr.contains(&format!("{field}\"tunnel\" needs forward_mode = \"ipip\"")),
+            "{dsr}"
+        );
+        let http = e(&ipip, "via = \"tunnel\"\nkind = \"http\"");
+        assert!(
+            http.contains(&format!(
+                "{field}\"tunnel\" works with kinds \"tcp\" and \"udp\" only (kind is \"http\")"
+            )),
+            "{http}"
+        );
+        let bad = e(&ipip, "via = \"gre\"");
+        assert!(
+            bad.contains(&format!("{field}\"gre\" is not a way to check")),
+            "{bad}"
+        );
     }
 
     #[test]

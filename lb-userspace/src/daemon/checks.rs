@@ -15,6 +15,7 @@ use super::health::{self, CheckOutcome};
 use super::lb::{BackendRef, CheckTarget};
 use super::metrics::Metrics;
 use super::owner::Handle;
+use crate::config::HealthVia;
 
 /// Keeps the running check tasks in step with the owner's target list until the list's sender is gone.
 pub async fn supervise(
@@ -63,7 +64,13 @@ async fn check_loop(target: CheckTarget, offset: Duration, owner: Handle, metric
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let outcome = health::check(target.addr, &target.spec, target.source).await;
+        let outcome = match target.spec.via {
+            HealthVia::Direct => health::check(target.addr, &target.spec, target.source).await,
+            HealthVia::Tunnel => {
+                health::check_tunnelled(target.addr.ip(), target.vip, &target.spec, target.source)
+                    .await
+            }
+        };
         metrics.observe_check(&target.backend, &outcome);
         let result = match outcome {
             CheckOutcome::Pass(latency) => Ok(latency),

@@ -1,5 +1,6 @@
 //! Health checks: how one check of one backend runs. The tasks that run
-//! them are in `checks.rs`; the rise/fall state machine in `desired.rs`.
+//! them are in `checks.rs`; the rise/fall state machine in `desired.rs`;
+//! checks through the tunnel (`via = "tunnel"`) in `tunnel_check.rs`.
 //!
 //! A check says [`CheckOutcome::Pass`], [`CheckOutcome::Fail`] (the backend's
 //! fault, or no answer within the timeout) or [`CheckOutcome::NotRun`] (this
@@ -15,6 +16,7 @@ use hyper::body::Bytes;
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use super::lb::BackendRef;
+use super::tunnel_check;
 use crate::config::{HealthConfig, HealthKind};
 
 /// What one check found.
@@ -29,7 +31,8 @@ pub enum CheckOutcome {
 }
 
 /// Why a check did not pass.
-enum Problem {
+#[derive(Debug)]
+pub(super) enum Problem {
     /// The backend's fault (refused, reset, wrong answer).
     Backend(String),
     /// This host's: the check never really reached the backend.
@@ -38,7 +41,7 @@ enum Problem {
 
 /// Where an I/O error happened: errors creating or binding a socket are always local.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Stage {
+pub(super) enum Stage {
     /// socket(2), bind(2).
     Setup,
     /// connect, send, receive.
@@ -62,7 +65,7 @@ fn is_local(errno: Option<i32>, stage: Stage) -> bool {
     stage == Stage::Setup || errno.is_some_and(|e| LOCAL_ERRNOS.contains(&e))
 }
 
-fn io_problem(what: &str, e: &std::io::Error, stage: Stage) -> Problem {
+pub(super) fn io_problem(what: &str, e: &std::io::Error, stage: Stage) -> Problem {
     let why = format!("{what}: {e}");
     if is_local(e.raw_os_error(), stage) {
         Problem::Local(why)
@@ -109,8 +112,52 @@ fn http_problem(what: &str, e: &hyper::Error) -> Problem {
 /// that ends after `spec.timeout` fails even if it got its answer (its task was held up,
 /// so the answer is no evidence of a healthy backend within the timeout).
 pub async fn check(addr: SocketAddr, spec: &HealthConfig, source: Option<IpAddr>) -> CheckOutcome {
+    timed(spec, run(addr, &spec.kind, source)).await
+}
+
+/// Runs one check of `backend` through the tunnel (`via = "tunnel"`): the probe goes to
+/// `vip` (the VIP and the checked port) encapsulated IP-in-IP to `backend`, from `source`
+/// (else the kernel's source towards `backend`). Timed as [`check`]; kinds tcp and udp.
+pub async fn check_tunnelled(
+    backend: IpAddr,
+    vip: SocketAddr,
+    spec: &HealthConfig,
+    source: Option<IpAddr>,
+) -> CheckOutcome {
+    timed(spec, async {
+        let source = match source {
+            Some(src) => src,
+            None => route_source(backend).await?,
+        };
+        tunnel_check::run(backend, vip, &spec.kind, source).await
+    })
+    .await
+}
+
+/// The source address the kernel would pick towards `to` (a UDP connect sends nothing).
+async fn route_source(to: IpAddr) -> Result<IpAddr, Problem> {
+    let any = match to {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let sock = UdpSocket::bind(SocketAddr::new(any, 0))
+        .await
+        .map_err(|e| io_problem("creating a socket", &e, Stage::Setup))?;
+    sock.connect(SocketAddr::new(to, 9))
+        .await
+        .map_err(|e| Problem::Local(format!("finding a source towards {to}: {e}")))?;
+    sock.local_addr()
+        .map(|a| a.ip())
+        .map_err(|e| Problem::Local(format!("finding a source towards {to}: {e}")))
+}
+
+/// Runs `probe` within `spec.timeout` and says what it found.
+async fn timed(
+    spec: &HealthConfig,
+    probe: impl std::future::Future<Output = Result<(), Problem>>,
+) -> CheckOutcome {
     let start = Instant::now();
-    let result = tokio::time::timeout(spec.timeout, run(addr, &spec.kind, source)).await;
+    let result = tokio::time::timeout(spec.timeout, probe).await;
     let elapsed = start.elapsed();
     let timeout = humantime::format_duration(spec.timeout);
     match result {
@@ -342,6 +389,7 @@ mod tests {
         HealthConfig {
             kind,
             port: 0,
+            via: crate::config::HealthVia::Direct,
             interval: Duration::from_millis(500),
             timeout: Duration::from_millis(300),
             rise: 2,

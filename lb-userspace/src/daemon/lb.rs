@@ -64,6 +64,8 @@ pub struct CheckTarget {
     pub backend: BackendRef,
     /// Its own address and the checked port.
     pub addr: SocketAddr,
+    /// The service's VIP and the checked port: where tunnelled checks (`via = "tunnel"`) go.
+    pub vip: SocketAddr,
     /// The service's check settings.
     pub spec: HealthConfig,
     /// The address the check leaves from (never a VIP); `None`: the kernel's choice.
@@ -509,6 +511,7 @@ impl Lb {
                         backend: be.name.clone(),
                     },
                     addr: SocketAddr::new(be.address, spec.port),
+                    vip: SocketAddr::new(svc.vip, spec.port),
                     spec: spec.clone(),
                     source: self.sources.for_backend(spec.source, be.address),
                 });

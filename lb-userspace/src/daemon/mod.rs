@@ -21,6 +21,7 @@ pub mod nexthops;
 pub mod owner;
 pub mod source;
 pub mod state;
+mod tunnel_check;
 pub mod views;
 
 use std::path::PathBuf;

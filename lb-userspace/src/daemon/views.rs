@@ -12,7 +12,7 @@ use lb_common::{AffinityKey, BACKEND_EMPTY, FAMILY_V4, NO_BACKEND, mask_addr};
 use super::lb::{BackendRef, Lb, admin_name, state_name, unix_ms};
 use super::state::Admin;
 use crate::api::{BackendInfo, ServiceInfo, SessionInfo, StatusInfo, WhereInfo};
-use crate::config::{BackendState, format_mac};
+use crate::config::{BackendState, HealthVia, format_mac};
 use crate::dataplane::addr_words;
 use crate::sessions::{ip_from_words, monotonic_ns};
 use crate::stats;
@@ -81,9 +81,13 @@ impl Lb {
                 panic: self.panic.get(&s.name).is_some_and(|p| p.active),
                 health: s.health.as_ref().map(|h| {
                     format!(
-                        "{} port {} every {} (timeout {}, rise {}, fall {})",
+                        "{} port {}{} every {} (timeout {}, rise {}, fall {})",
                         h.kind,
                         h.port,
+                        match h.via {
+                            HealthVia::Direct => "",
+                            HealthVia::Tunnel => " of the vip through the tunnel",
+                        },
                         humantime::format_duration(h.interval),
                         humantime::format_duration(h.timeout),
                         h.rise,
