@@ -401,6 +401,11 @@ impl RoutedLab {
     /// The `xlb daemon` config: HTTP (tcp) and UDP services on both VIPs, all `ipip`, every
     /// backend by address only (no `mac`), health checks of the backends' own addresses.
     pub fn daemon_config(&self, mode: Mode, health: &HealthOptions) -> String {
+        self.daemon_config_via(mode, health, Via::Direct)
+    }
+
+    /// [`RoutedLab::daemon_config`] with checks sent `via` the given way.
+    pub fn daemon_config_via(&self, mode: Mode, health: &HealthOptions, via: Via) -> String {
         let mut text = format!(
             "interface = \"{LB_IF}\"\nxdp_mode = \"{}\"\npin_dir = \"{}\"\nmax_services = 4\n\
              maglev_table_size = 4099\nstate_file = \"{}\"\nmetrics_address = \"{LB_IPV4}:{METRICS_PORT}\"\n",
@@ -410,14 +415,17 @@ impl RoutedLab {
         );
         for vip in self.vips() {
             let fam = if vip.is_ipv4() { "v4" } else { "v6" };
-            for (name, port, proto, kind) in [
-                (
-                    "http",
-                    HTTP_PORT,
-                    "tcp",
-                    "kind = \"http\"\nhttp_path = \"/\"\n",
+            // Tunnelled checks know tcp and udp only: the HTTP services get a connect check.
+            let (http_kind, udp_kind) = match via {
+                Via::Direct => ("kind = \"http\"\nhttp_path = \"/\"\n", "kind = \"udp\"\n"),
+                Via::Tunnel => (
+                    "kind = \"tcp\"\nvia = \"tunnel\"\n",
+                    "kind = \"udp\"\nvia = \"tunnel\"\n",
                 ),
-                ("echo", UDP_PORT, "udp", "kind = \"udp\"\n"),
+            };
+            for (name, port, proto, kind) in [
+                ("http", HTTP_PORT, "tcp", http_kind),
+                ("echo", UDP_PORT, "udp", udp_kind),
             ] {
                 text.push_str(&format!(
                     "\n[[service]]\nname = \"{name}-{fam}\"\nvip = \"{vip}\"\nport = {port}\n\
@@ -592,6 +600,15 @@ impl RoutedDaemon {
             .and_then(|e| e[1].as_u64())
             .with_context(|| format!("no counter {reason} in {stats}"))
     }
+}
+
+/// How the daemon's health checks reach a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// To the backend's own address (`via = "direct"`, the default).
+    Direct,
+    /// To the VIP, IP-in-IP to the backend (`via = "tunnel"`).
+    Tunnel,
 }
 
 /// The services of [`RoutedLab::daemon_config`], in config order.

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use xlb_tests::daemon::{self, HealthOptions, PROTOS, only_moved_from, sample};
 use xlb_tests::driver::{self, Mapping, Mode};
-use xlb_tests::routed_lab::{RoutedDaemon, RoutedLab, SERVICES, time_to_answer};
+use xlb_tests::routed_lab::{
+    LB_IPV4, LB_IPV6, RoutedDaemon, RoutedLab, SERVICES, Via, time_to_answer,
+};
 use xlb_tests::{LabOptions, Proto, Servers, UDP_PORT};
 
 /// Client addresses per family.
@@ -64,6 +66,16 @@ fn per_backend(mapping: &Mapping) -> BTreeMap<(&'static str, String), u64> {
 /// A routed lab with servers, `xlb decap` on every backend and a daemon whose backends are
 /// all up. Drop order of the tuple's parts is the caller's: daemon, servers, lab.
 fn start(tag: &str, health: &HealthOptions, mode: Mode) -> (RoutedLab, Servers, RoutedDaemon) {
+    start_via(tag, health, mode, Via::Direct)
+}
+
+/// [`start`] with health checks sent `via` the given way.
+fn start_via(
+    tag: &str,
+    health: &HealthOptions,
+    mode: Mode,
+    via: Via,
+) -> (RoutedLab, Servers, RoutedDaemon) {
     daemon::assert_root();
     let lab = RoutedLab::new(tag, BACKENDS, CLIENTS).expect("routed lab");
     let servers = Servers::start_specs(lab.server_specs().expect("specs")).expect("servers");
@@ -75,7 +87,7 @@ fn start(tag: &str, health: &HealthOptions, mode: Mode) -> (RoutedLab, Servers, 
         assert!(out.contains("attached"), "{out}");
     }
     let d = lab
-        .start_daemon(&lab.daemon_config(mode, health))
+        .start_daemon(&lab.daemon_config_via(mode, health, via))
         .expect("xlb daemon");
     for b in &lab.backends {
         d.wait_all(&lab, &b.name, "health", "up", Duration::from_secs(15))
@@ -498,4 +510,65 @@ fn dsr_backend_mac_change() {
     let log = d.child.log();
     assert!(log.contains("next hop changed"), "{log}");
     assert!(!log.contains(" down: "), "a backend went down:\n{log}");
+}
+
+/// Tunnelled health checks (`via = "tunnel"`: the probe goes to VIP:port inside IP-in-IP)
+/// take a backend whose decapsulator is detached down, although its servers still answer
+/// on its own address (where a direct check passes), and bring it back up when the
+/// decapsulator is attached again; only its clients move, nobody moves back.
+#[test]
+fn ipip_health_tunnel() {
+    let (lab, _servers, d) = start_via(
+        "ipiptun",
+        &HealthOptions::default(),
+        Mode::Generic,
+        Via::Tunnel,
+    );
+    let before = lab.observe(&PROTOS, 2).expect("traffic");
+    let on_b2 = before.values().filter(|n| *n == "b2").count();
+    assert!(on_b2 > 0);
+
+    let b2 = lab.backend("b2").expect("b2");
+    let own = [
+        (IpAddr::V4(LB_IPV4), IpAddr::V4(b2.ipv4)),
+        (IpAddr::V6(LB_IPV6), IpAddr::V6(b2.ipv6)),
+    ];
+    // What a direct check sees: b2 answers on its own addresses throughout.
+    let direct_ok = || {
+        lab.lb
+            .run(|| {
+                for (src, dst) in own {
+                    let http = xlb_tests::client::http_get(src, dst, xlb_tests::HTTP_PORT)?;
+                    let udp = xlb_tests::client::udp_ask(src, dst, UDP_PORT)?;
+                    anyhow::ensure!(http == "b2" && udp == "b2", "{http} / {udp}");
+                }
+                Ok(())
+            })
+            .expect("b2 answers on its own addresses")
+    };
+    direct_ok();
+
+    lab.decap_detach("b2").expect("detach b2's decapsulator");
+    let took = d
+        .wait_all(&lab, "b2", "state", "down", Duration::from_secs(10))
+        .expect("b2 down through the tunnel");
+    eprintln!("tunnel checks: b2 DOWN in every service {took:?} after its decapsulator left");
+    direct_ok();
+    for b in ["b1", "b3"] {
+        d.wait_all(&lab, b, "health", "up", Duration::from_secs(1))
+            .expect("the others stay up");
+    }
+    let after = lab.observe(&PROTOS, 2).expect("traffic after the failure");
+    let moved = only_moved_from(&before, &after, "b2").unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(moved, on_b2);
+
+    let out = lab.decap_attach("b2", Mode::Generic).expect("reattach");
+    assert!(out.contains("attached"), "{out}");
+    let took = d
+        .wait_all(&lab, "b2", "state", "active", Duration::from_secs(10))
+        .expect("b2 up through the tunnel");
+    eprintln!("tunnel checks: b2 UP in every service {took:?} after its decapsulator came back");
+    let back = lab.observe(&PROTOS, 2).expect("traffic after recovery");
+    assert_eq!(back, after, "recovery moved clients");
+    drop(d);
 }
