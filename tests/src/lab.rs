@@ -323,7 +323,7 @@ impl Drop for Lab {
 }
 
 /// Where bpffs is expected.
-const BPFFS: &str = "/sys/fs/bpf";
+pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -384,7 +384,7 @@ fn v6(n: usize) -> Result<Ipv6Addr> {
 }
 
 /// Whether /sys/fs/bpf is a mounted bpffs.
-fn bpffs_mounted() -> bool {
+pub(crate) fn bpffs_mounted() -> bool {
     let Ok(path) = std::ffi::CString::new(BPFFS) else {
         return false;
     };
@@ -396,7 +396,7 @@ fn bpffs_mounted() -> bool {
 }
 
 /// Settings every namespace gets before its interfaces exist (new interfaces copy `default`).
-const COMMON_SYSCTLS: &[(&str, &str)] = &[
+pub(crate) const COMMON_SYSCTLS: &[(&str, &str)] = &[
     // No duplicate address detection: addresses are usable at once and never tentative.
     ("net.ipv6.conf.all.accept_dad", "0"),
     ("net.ipv6.conf.default.accept_dad", "0"),
@@ -582,7 +582,7 @@ fn wait_ready(
 }
 
 /// Whether `ifname` in `ns` reports operstate UP.
-fn link_up(ns: &NetNs, ifname: &str) -> Result<bool> {
+pub(crate) fn link_up(ns: &NetNs, ifname: &str) -> Result<bool> {
     let v = ns.ip_json(&["link", "show", "dev", ifname])?;
     Ok(v.as_array()
         .and_then(|links| links.first())
@@ -592,7 +592,7 @@ fn link_up(ns: &NetNs, ifname: &str) -> Result<bool> {
 }
 
 /// Whether any IPv6 address in `ns` is still tentative (or failed DAD).
-fn has_tentative(ns: &NetNs) -> Result<bool> {
+pub(crate) fn has_tentative(ns: &NetNs) -> Result<bool> {
     let v = ns.ip_json(&["-6", "addr", "show", "tentative"])?;
     let links = v.as_array().map(Vec::as_slice).unwrap_or_default();
     Ok(links.iter().any(|l| {

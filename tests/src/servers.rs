@@ -60,11 +60,15 @@ struct Counters {
     udp: AtomicU64,
 }
 
-/// What one backend's server thread needs.
-struct Spec {
-    name: String,
-    netns: PathBuf,
-    udp_addrs: Vec<IpAddr>,
+/// What one backend's servers need: for labs other than [`Lab`] (e.g. the routed lab).
+#[derive(Clone, Debug)]
+pub struct ServerSpec {
+    /// The backend's name: what its servers answer.
+    pub name: String,
+    /// Its namespace (`/run/netns/NAME`).
+    pub netns: PathBuf,
+    /// The addresses its UDP server binds (replies leave from the bound address).
+    pub udp_addrs: Vec<IpAddr>,
 }
 
 /// One backend's running server thread.
@@ -103,6 +107,33 @@ impl Servers {
             servers.backends.push(start_backend(spec(lab, b))?);
         }
         Ok(servers)
+    }
+
+    /// Starts HTTP and UDP servers for each of `specs`; returns once all sockets are bound.
+    pub fn start_specs(specs: Vec<ServerSpec>) -> Result<Self> {
+        let mut servers = Self {
+            backends: Vec::new(),
+        };
+        for spec in specs {
+            // On error `servers` drops here and stops the backends already started.
+            servers.backends.push(start_backend(spec)?);
+        }
+        Ok(servers)
+    }
+
+    /// Starts the servers of `spec.name` again after [`Servers::stop_backend`]; its
+    /// counters restart at zero.
+    pub fn start_spec(&mut self, spec: ServerSpec) -> Result<()> {
+        let slot = self
+            .backends
+            .iter_mut()
+            .find(|s| s.name == spec.name)
+            .ok_or_else(|| anyhow!("no backend server named {}", spec.name))?;
+        if slot.thread.is_some() {
+            bail!("the servers of {} are running already", spec.name);
+        }
+        *slot = start_backend(spec)?;
+        Ok(())
     }
 
     /// Starts the servers of backend `name` again after [`Servers::stop_backend`] (it comes
@@ -165,8 +196,8 @@ impl Drop for Servers {
 }
 
 /// What the servers of lab backend `b` bind.
-fn spec(lab: &Lab, b: &crate::lab::Backend) -> Spec {
-    Spec {
+fn spec(lab: &Lab, b: &crate::lab::Backend) -> ServerSpec {
+    ServerSpec {
         name: b.name.clone(),
         netns: b.netns.path().to_owned(),
         // UDP replies leave from the socket's bound address, so bind each address
@@ -181,7 +212,7 @@ fn spec(lab: &Lab, b: &crate::lab::Backend) -> Spec {
 }
 
 /// Spawns one backend's thread and waits until it has bound its sockets.
-fn start_backend(spec: Spec) -> Result<BackendServer> {
+fn start_backend(spec: ServerSpec) -> Result<BackendServer> {
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -220,7 +251,7 @@ struct Sockets {
 }
 
 /// Joins the namespace and binds every socket.
-fn bind_all(spec: &Spec) -> Result<Sockets> {
+fn bind_all(spec: &ServerSpec) -> Result<Sockets> {
     netns::enter(&spec.netns)?;
     let tcp = vec![
         tcp_listener(SocketAddr::new(
@@ -267,7 +298,12 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
 }
 
 /// The body of a backend's server thread.
-fn serve(spec: Spec, stop: &AtomicBool, counters: &Counters, ready: mpsc::Sender<Result<()>>) {
+fn serve(
+    spec: ServerSpec,
+    stop: &AtomicBool,
+    counters: &Counters,
+    ready: mpsc::Sender<Result<()>>,
+) {
     let sockets = match bind_all(&spec) {
         Ok(s) => s,
         Err(e) => {

@@ -49,6 +49,18 @@ pub async fn supervise(
     let mut sent = initial;
     let mut warned: HashMap<IpAddr, Instant> = HashMap::new();
     let mut last_refresh = Instant::now();
+    // The owner publishes the targets from its own thread once it runs; a poll
+    // before that would see none and withdraw every next hop the daemon
+    // started with (all records zeroed, frames dropped until the next poll).
+    match targets.has_changed() {
+        Ok(true) => {}
+        Ok(false) => {
+            if targets.changed().await.is_err() {
+                return;
+            }
+        }
+        Err(_) => return,
+    }
     let mut ticker = tokio::time::interval(POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
