@@ -13,7 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, MapType, PerCpuArray},
     programs::{
-        Xdp, XdpMode as AyaXdpMode,
+        Xdp,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
@@ -197,29 +197,7 @@ impl Decapsulator {
             })?;
             return Ok(Attachment::Adopted);
         }
-        let aya_mode = match mode {
-            XdpMode::Native => AyaXdpMode::Driver,
-            XdpMode::Generic => AyaXdpMode::Skb,
-        };
-        let program = self.program_mut()?;
-        let id = program.attach(iface, aya_mode).map_err(|e| {
-            let hint = match mode {
-                XdpMode::Native => {
-                    " (the driver may not support native XDP, or another XDP program is attached: \
-                     retry with --xdp-mode generic)"
-                }
-                XdpMode::Generic => " (is another XDP program attached in generic mode?)",
-            };
-            anyhow!("attaching xlb-decap to {iface} in {mode:?} mode failed: {e}{hint}")
-        })?;
-        let link = program.take_link(id).context("taking the XDP link")?;
-        let fd_link = FdLink::try_from(link).context(
-            "the kernel attached XDP without a bpf_link, so it cannot be pinned (kernel too old?)",
-        )?;
-        fd_link
-            .pin(&link_pin)
-            .with_context(|| format!("pinning the XDP link at {}", link_pin.display()))?;
-        Ok(Attachment::New)
+        crate::dataplane::attach_and_pin(self.program_mut()?, "xlb-decap", iface, mode, &link_pin)
     }
 }
 

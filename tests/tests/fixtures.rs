@@ -214,6 +214,11 @@ impl Fixture {
 
     /// The backend MAC that userspace's own Maglev build predicts for `client`.
     fn maglev_mac(&self, service: &str, client: IpAddr) -> [u8; 6] {
+        self.maglev_backend(service, client).mac
+    }
+
+    /// The backend (config entry) userspace's own Maglev build predicts for `client`.
+    fn maglev_backend(&self, service: &str, client: IpAddr) -> &xlb::config::BackendConfig {
         let svc = self
             .config
             .services
@@ -231,7 +236,7 @@ impl Fixture {
         };
         let masked = lb_common::mask_addr(&addr_words(client), &prefix_mask(prefix, bits));
         let idx = table[maglev::slot(&masked, self.config.maglev_table_size) as usize];
-        svc.backends[idx as usize].mac
+        &svc.backends[idx as usize]
     }
 
     fn affinity(&self, service: &str, client: IpAddr, prefix: u8) -> Option<Affinity> {
@@ -2324,24 +2329,7 @@ fn ipip_hops(mtu: u32) -> dataplane::Hops {
 impl Fixture {
     /// The address of the backend userspace's Maglev build predicts for `client`.
     fn maglev_addr(&self, service: &str, client: IpAddr) -> IpAddr {
-        let svc = self
-            .config
-            .services
-            .iter()
-            .find(|s| s.name == service)
-            .expect("service in config");
-        let ids: Vec<u32> = (0..svc.backends.len() as u32).collect();
-        let table =
-            dataplane::service_table(svc, &ids, self.config.maglev_table_size).expect("table");
-        let bits = if client.is_ipv4() { 32 } else { 128 };
-        let prefix = if client.is_ipv4() {
-            svc.affinity_prefix_v4
-        } else {
-            svc.affinity_prefix_v6
-        };
-        let masked = lb_common::mask_addr(&addr_words(client), &prefix_mask(prefix, bits));
-        let idx = table[maglev::slot(&masked, self.config.maglev_table_size) as usize];
-        svc.backends[idx as usize].address
+        self.maglev_backend(service, client).address
     }
 }
 

@@ -142,29 +142,42 @@ impl Dataplane {
                 .with_context(|| format!("replacing the program behind {}", link_pin.display()))?;
             return Ok(Attachment::Adopted);
         }
-        let aya_mode = match mode {
-            XdpMode::Native => AyaXdpMode::Driver,
-            XdpMode::Generic => AyaXdpMode::Skb,
-        };
-        let program = self.program_mut()?;
-        let id = program.attach(iface, aya_mode).map_err(|e| {
-            let hint = match mode {
-                XdpMode::Native => {
-                    " (the driver may not support native XDP: retry with --xdp-mode generic)"
-                }
-                XdpMode::Generic => "",
-            };
-            anyhow!("attaching XDP to {iface} in {mode:?} mode failed: {e}{hint}")
-        })?;
-        let link = program.take_link(id).context("taking the XDP link")?;
-        let fd_link = FdLink::try_from(link).context(
-            "the kernel attached XDP without a bpf_link, so it cannot be pinned (kernel too old?)",
-        )?;
-        fd_link
-            .pin(&link_pin)
-            .with_context(|| format!("pinning the XDP link at {}", link_pin.display()))?;
-        Ok(Attachment::New)
+        attach_and_pin(self.program_mut()?, "xlb", iface, mode, &link_pin)
     }
+}
+
+/// Attaches `program` (named `what` in errors) to `iface` in `mode` through
+/// a bpf_link and pins the link at `link_pin`, so the program outlives the
+/// process: how `xlb run`, the daemon and `xlb decap` attach anew.
+pub fn attach_and_pin(
+    program: &mut Xdp,
+    what: &str,
+    iface: &str,
+    mode: XdpMode,
+    link_pin: &Path,
+) -> Result<Attachment> {
+    let aya_mode = match mode {
+        XdpMode::Native => AyaXdpMode::Driver,
+        XdpMode::Generic => AyaXdpMode::Skb,
+    };
+    let id = program.attach(iface, aya_mode).map_err(|e| {
+        let hint = match mode {
+            XdpMode::Native => {
+                " (the driver may not support native XDP, or another XDP program is attached: \
+                 retry with --xdp-mode generic)"
+            }
+            XdpMode::Generic => " (is another XDP program attached in generic mode?)",
+        };
+        anyhow!("attaching {what} to {iface} in {mode:?} mode failed: {e}{hint}")
+    })?;
+    let link = program.take_link(id).context("taking the XDP link")?;
+    let fd_link = FdLink::try_from(link).context(
+        "the kernel attached XDP without a bpf_link, so it cannot be pinned (kernel too old?)",
+    )?;
+    fd_link
+        .pin(link_pin)
+        .with_context(|| format!("pinning the XDP link at {}", link_pin.display()))?;
+    Ok(Attachment::New)
 }
 
 /// Loads (or adopts) and attaches the dataplane for `config`, logging which
