@@ -241,16 +241,31 @@ pub fn read_array<V: Pod>(
 /// Elements fetched per `BPF_MAP_LOOKUP_BATCH` of a hash map.
 const HASH_CHUNK: usize = 4096;
 
-/// Every element of a hash (or LRU hash) map, read with `BPF_MAP_LOOKUP_BATCH`
-/// a chunk at a time, or one key at a time where the kernel has no batch ops
-/// (warned once). Concurrent updates may or may not be seen, as with any
-/// walk of a live hash map; no element present throughout is missed.
+/// Every element of a hash (or LRU hash) map, collected; see [`visit_hash`].
 pub fn read_hash<K: Pod + Eq + std::hash::Hash, V: Pod>(
     map: &aya::maps::HashMap<MapData, K, V>,
 ) -> anyhow::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    visit_hash(map, |k, v| {
+        out.push((k, v));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` on every element of a hash (or LRU hash) map, read with
+/// `BPF_MAP_LOOKUP_BATCH` a chunk at a time (or one key at a time where the
+/// kernel has no batch ops, warned once), so a walk of a map of millions of
+/// sessions holds one chunk in memory, not the map. Concurrent updates may
+/// or may not be seen, as with any walk of a live hash map; no element
+/// present throughout is missed.
+pub fn visit_hash<K: Pod + Eq + std::hash::Hash, V: Pod>(
+    map: &aya::maps::HashMap<MapData, K, V>,
+    mut f: impl FnMut(K, V) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let fd = map.map().fd();
-    let mut out: Vec<(K, V)> = Vec::new();
     let mut chunk = HASH_CHUNK;
+    let mut seen = 0usize;
     // The batch token of a hash map is a bucket index (u32).
     let mut token: Option<u32> = None;
     loop {
@@ -275,34 +290,37 @@ pub fn read_hash<K: Pod + Eq + std::hash::Hash, V: Pod>(
         };
         let result = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let done = (attr.count as usize).min(chunk);
-        match result {
-            Ok(()) => {}
+        let last = match result {
+            Ok(()) => false,
             // The end of the map, after `done` elements.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                out.extend(keys.into_iter().zip(values).take(done));
-                return Ok(out);
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             // One bucket holds more elements than the chunk: retry bigger.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < (1 << 20) => {
                 chunk *= 2;
                 continue;
             }
-            Err(e) if out.is_empty() && token.is_none() && unsupported(&e) => {
+            Err(e) if seen == 0 && token.is_none() && unsupported(&e) => {
                 warn_fallback(&e);
-                let mut all = Vec::new();
                 for entry in map.iter() {
-                    all.push(entry.context("reading a map element")?);
+                    let (k, v) = entry.context("reading a map element")?;
+                    f(k, v)?;
                 }
-                return Ok(all);
+                return Ok(());
             }
             Err(error) => {
                 return Err(anyhow::Error::new(BatchError::Failed {
-                    done: out.len() + done,
+                    done: seen + done,
                     error,
                 }));
             }
+        };
+        seen += done;
+        for (k, v) in keys.into_iter().zip(values).take(done) {
+            f(k, v)?;
         }
-        out.extend(keys.into_iter().zip(values).take(done));
+        if last {
+            return Ok(());
+        }
         token = Some(out_batch);
     }
 }

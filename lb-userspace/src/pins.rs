@@ -300,19 +300,26 @@ impl PinnedMaps {
 
     /// Every session, from both maps (batched reads): (key, value, whether
     /// it is in the protected map). A client has one entry, in one map.
+    /// Holds them all in memory: for lists; walks use [`Self::visit_sessions`].
     pub fn all_sessions(&self) -> Result<Vec<(AffinityKey, Affinity, bool)>> {
-        let mut out: Vec<(AffinityKey, Affinity, bool)> = bpf_batch::read_hash(&self.affinity)
-            .context("reading the affinity map")?
-            .into_iter()
-            .map(|(k, v)| (k, v, false))
-            .collect();
-        out.extend(
-            bpf_batch::read_hash(&self.protected)
-                .context("reading the protected session map")?
-                .into_iter()
-                .map(|(k, v)| (k, v, true)),
-        );
+        let mut out = Vec::new();
+        self.visit_sessions(|k, v, p| {
+            out.push((k, v, p));
+            Ok(())
+        })?;
         Ok(out)
+    }
+
+    /// Calls `f` on every session of both maps (key, value, whether it is in
+    /// the protected map), a batch at a time.
+    pub fn visit_sessions(
+        &self,
+        mut f: impl FnMut(AffinityKey, Affinity, bool) -> Result<()>,
+    ) -> Result<()> {
+        bpf_batch::visit_hash(&self.affinity, |k, v| f(k, v, false))
+            .context("reading the affinity map")?;
+        bpf_batch::visit_hash(&self.protected, |k, v| f(k, v, true))
+            .context("reading the protected session map")
     }
 
     /// One client's session, as the kernel finds it: the LRU first, then

@@ -856,12 +856,13 @@ impl Lb {
     /// (deleted when the service has no usable backend). Returns moves per id.
     fn rewrite_sessions(&mut self, ids: &HashSet<u32>) -> Result<HashMap<u32, u64>> {
         let records = self.service_records()?;
-        let doomed: Vec<(AffinityKey, Affinity, bool)> = self
-            .maps
-            .all_sessions()?
-            .into_iter()
-            .filter(|(_, value, _)| ids.contains(&value.backend_id))
-            .collect();
+        let mut doomed: Vec<(AffinityKey, Affinity, bool)> = Vec::new();
+        self.maps.visit_sessions(|key, value, protected| {
+            if ids.contains(&value.backend_id) {
+                doomed.push((key, value, protected));
+            }
+            Ok(())
+        })?;
         let mut moved: HashMap<u32, u64> = HashMap::new();
         for (key, mut value, protected) in doomed {
             let old = value.backend_id;
@@ -897,12 +898,13 @@ impl Lb {
         let records = self.service_records()?;
         let now = monotonic_ns();
         let mut out: HashMap<u32, u64> = HashMap::new();
-        for (key, value, _) in self.maps.all_sessions()? {
+        self.maps.visit_sessions(|key, value, _| {
             let timeout = records.get(&key.service_id).map_or(0, |r| r.timeout_ns);
             if now.saturating_sub(value.last_seen_ns) < timeout {
                 *out.entry(value.backend_id).or_default() += 1;
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -1337,18 +1339,17 @@ impl Lb {
     /// `xlb sessions flush`.
     pub fn flush(&mut self, service: Option<&str>, backend: Option<&str>) -> Result<String> {
         let (sid, bids) = self.id_filters(service, backend)?;
-        let doomed: Vec<(AffinityKey, bool)> = self
-            .maps
-            .all_sessions()?
-            .into_iter()
-            .filter(|(key, value, _)| {
-                sid.is_none_or(|id| key.service_id == id)
-                    && bids
-                        .as_ref()
-                        .is_none_or(|ids| ids.contains(&value.backend_id))
-            })
-            .map(|(key, _, protected)| (key, protected))
-            .collect();
+        let mut doomed: Vec<(AffinityKey, bool)> = Vec::new();
+        self.maps.visit_sessions(|key, value, protected| {
+            let wanted = sid.is_none_or(|id| key.service_id == id)
+                && bids
+                    .as_ref()
+                    .is_none_or(|ids| ids.contains(&value.backend_id));
+            if wanted {
+                doomed.push((key, protected));
+            }
+            Ok(())
+        })?;
         let mut n = 0;
         for (key, protected) in &doomed {
             if self.maps.session_map(*protected).remove(key).is_ok() {

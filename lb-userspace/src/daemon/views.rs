@@ -33,9 +33,12 @@ impl Lb {
             .flat_map(|s| &s.backends)
             .filter(|b| b.state == BackendState::Active)
             .count();
-        let all = self.maps.all_sessions()?;
-        let sessions = all.len();
-        let protected_sessions = all.iter().filter(|(_, _, p)| *p).count();
+        let (mut sessions, mut protected_sessions) = (0, 0);
+        self.maps.visit_sessions(|_, _, protected| {
+            sessions += 1;
+            protected_sessions += usize::from(protected);
+            Ok(())
+        })?;
         Ok(StatusInfo {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),

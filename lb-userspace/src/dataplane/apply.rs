@@ -447,11 +447,14 @@ pub fn apply_with(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result
 fn move_sessions(maps: &mut PinnedMaps, service_id: u32, from: u32, to: u32) -> Result<usize> {
     let mut moved = 0;
     for map in [&mut maps.affinity, &mut maps.protected] {
-        let moving: Vec<(AffinityKey, Affinity)> = bpf_batch::read_hash(map)
-            .context("reading the sessions")?
-            .into_iter()
-            .filter(|(key, value)| key.service_id == service_id && value.backend_id == from)
-            .collect();
+        let mut moving: Vec<(AffinityKey, Affinity)> = Vec::new();
+        bpf_batch::visit_hash(map, |key, value| {
+            if key.service_id == service_id && value.backend_id == from {
+                moving.push((key, value));
+            }
+            Ok(())
+        })
+        .context("reading the sessions")?;
         for (key, value) in moving {
             let value = Affinity {
                 backend_id: to,
@@ -483,14 +486,14 @@ fn purge_sessions(
     }
     let mut n = 0;
     for map in [&mut maps.affinity, &mut maps.protected] {
-        let doomed: Vec<AffinityKey> = bpf_batch::read_hash(map)
-            .context("reading the sessions")?
-            .into_iter()
-            .filter(|(key, value)| {
-                services.contains(&key.service_id) || backends.contains(&value.backend_id)
-            })
-            .map(|(key, _)| key)
-            .collect();
+        let mut doomed: Vec<AffinityKey> = Vec::new();
+        bpf_batch::visit_hash(map, |key, value| {
+            if services.contains(&key.service_id) || backends.contains(&value.backend_id) {
+                doomed.push(key);
+            }
+            Ok(())
+        })
+        .context("reading the sessions")?;
         for key in &doomed {
             // Already gone (LRU eviction) is fine.
             let _ = map.remove(key);

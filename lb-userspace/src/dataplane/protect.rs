@@ -93,7 +93,80 @@ pub(crate) struct Decision {
     pub stay: BTreeMap<u32, usize>,
 }
 
+/// The decision of step 1, built from the protected map first, then fed the
+/// LRU one entry at a time: a walk of millions of sessions keeps only the
+/// divergent ones.
+pub(crate) struct Decider<'a> {
+    by_id: HashMap<u32, &'a NewTable<'a>>,
+    backends: &'a [Backend],
+    now: u64,
+    already: HashSet<AffinityKey>,
+    decision: Decision,
+}
+
+impl<'a> Decider<'a> {
+    /// Sorts the protected map's entries into those that stay and those the
+    /// new `tables` release.
+    pub(crate) fn new(
+        tables: &'a [NewTable<'a>],
+        backends: &'a [Backend],
+        protected: &[(AffinityKey, lb_common::Affinity)],
+        now: u64,
+    ) -> Self {
+        let mut d = Self {
+            by_id: tables.iter().map(|t| (t.service_id, t)).collect(),
+            backends,
+            now,
+            already: HashSet::new(),
+            decision: Decision {
+                protect: Vec::new(),
+                release: Vec::new(),
+                stay: BTreeMap::new(),
+            },
+        };
+        for (key, value) in protected {
+            let Some(t) = d.by_id.get(&key.service_id) else {
+                *d.decision.stay.entry(key.service_id).or_default() += 1;
+                d.already.insert(*key);
+                continue;
+            };
+            let fresh = d.live(t, value) && keeps(backends, value.backend_id, key.service_id);
+            if fresh && answer(t.table, &key.addr) != value.backend_id {
+                *d.decision.stay.entry(key.service_id).or_default() += 1;
+                d.already.insert(*key);
+            } else {
+                // Equal now: an ordinary session again, safe in the LRU.
+                d.decision.release.push((*key, fresh.then_some(*value)));
+            }
+        }
+        d
+    }
+
+    fn live(&self, t: &NewTable<'_>, v: &lb_common::Affinity) -> bool {
+        self.now.saturating_sub(v.last_seen_ns) <= t.timeout_ns
+    }
+
+    /// Takes one LRU entry: kept for protection if a new table makes it divergent.
+    pub(crate) fn lru_entry(&mut self, key: AffinityKey, value: lb_common::Affinity) {
+        let divergent = self.by_id.get(&key.service_id).is_some_and(|t| {
+            self.live(t, &value)
+                && keeps(self.backends, value.backend_id, key.service_id)
+                && answer(t.table, &key.addr) != value.backend_id
+                && !self.already.contains(&key)
+        });
+        if divergent {
+            self.decision.protect.push((key, value));
+        }
+    }
+
+    /// The decision.
+    pub(crate) fn finish(self) -> Decision {
+        self.decision
+    }
+}
+
 /// Decides step 1 for `tables` from a snapshot of both maps.
+#[cfg(test)]
 pub(crate) fn decide(
     tables: &[NewTable<'_>],
     backends: &[Backend],
@@ -101,45 +174,11 @@ pub(crate) fn decide(
     protected: &[(AffinityKey, lb_common::Affinity)],
     now: u64,
 ) -> Decision {
-    let by_id: HashMap<u32, &NewTable<'_>> = tables.iter().map(|t| (t.service_id, t)).collect();
-    let live = |t: &NewTable<'_>, v: &lb_common::Affinity| {
-        now.saturating_sub(v.last_seen_ns) <= t.timeout_ns
-    };
-    let mut stay: BTreeMap<u32, usize> = BTreeMap::new();
-    let mut release = Vec::new();
-    let mut already: HashSet<AffinityKey> = HashSet::new();
-    for (key, value) in protected {
-        let Some(t) = by_id.get(&key.service_id) else {
-            *stay.entry(key.service_id).or_default() += 1;
-            already.insert(*key);
-            continue;
-        };
-        let fresh = live(t, value) && keeps(backends, value.backend_id, key.service_id);
-        if fresh && answer(t.table, &key.addr) != value.backend_id {
-            *stay.entry(key.service_id).or_default() += 1;
-            already.insert(*key);
-        } else {
-            // Equal now: an ordinary session again, safe in the LRU.
-            release.push((*key, fresh.then_some(*value)));
-        }
+    let mut d = Decider::new(tables, backends, protected, now);
+    for (key, value) in lru {
+        d.lru_entry(*key, *value);
     }
-    let protect = lru
-        .iter()
-        .filter(|(key, value)| {
-            by_id.get(&key.service_id).is_some_and(|t| {
-                live(t, value)
-                    && keeps(backends, value.backend_id, key.service_id)
-                    && answer(t.table, &key.addr) != value.backend_id
-                    && !already.contains(key)
-            })
-        })
-        .copied()
-        .collect();
-    Decision {
-        protect,
-        release,
-        stay,
-    }
+    d.finish()
 }
 
 /// Step 1: protects the sessions `tables` make divergent and releases the
@@ -151,10 +190,15 @@ pub(crate) fn before_flip(
     backends: &[Backend],
     now: u64,
 ) -> Result<(Protection, Pending)> {
-    let lru = bpf_batch::read_hash(&maps.affinity).context("reading the affinity map")?;
     let protected =
         bpf_batch::read_hash(&maps.protected).context("reading the protected session map")?;
-    let decision = decide(tables, backends, &lru, &protected, now);
+    let mut decider = Decider::new(tables, backends, &protected, now);
+    bpf_batch::visit_hash(&maps.affinity, |key, value| {
+        decider.lru_entry(key, value);
+        Ok(())
+    })
+    .context("reading the affinity map")?;
+    let decision = decider.finish();
     let mut report = Protection {
         per_service: decision.stay,
         ..Protection::default()
