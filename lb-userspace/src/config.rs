@@ -24,6 +24,11 @@
 //! health_source_v6 = "2001:db8::2"  # default: unset; source address of IPv6 health checks;
 //!                                 # unset: the interface's own non-VIP address of the family.
 //!                                 # Never a VIP, unspecified, multicast, loopback (or v6 link-local)
+//! announce_table = 100            # default: unset (no announcing); the daemon keeps a host route
+//!                                 # (/32, /128; dev <interface>, proto 120 "xlb") in this kernel
+//!                                 # routing table for every VIP it is ready to serve, for a BGP
+//!                                 # speaker (BIRD) to export; 1..=4294967295 except 253, 254, 255
+//!                                 # (the kernel's default, main and local tables); read at start
 //!
 //! [[service]]
 //! name = "web"                    # required, unique, [A-Za-z0-9_.-]{1,64}
@@ -106,6 +111,8 @@ pub const MAX_DRAIN_DEADLINE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Largest Maglev weight (weights are `u16` in the kernel's backend record).
 pub const MAX_WEIGHT: u16 = u16::MAX;
 
+/// The kernel's own routing tables (default, main, local): never an `announce_table`.
+const RESERVED_TABLES: [u32; 3] = [253, 254, 255];
 /// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
 const MAX_INTERFACE_LEN: usize = 15;
 /// Longest service or backend name.
@@ -140,6 +147,8 @@ pub struct Config {
     pub encap_source_v4: Option<Ipv4Addr>,
     /// Outer source of IPv6 `ipip` packets; default none (the route's preferred source).
     pub encap_source_v6: Option<Ipv6Addr>,
+    /// Kernel routing table the daemon announces ready VIPs in; default none (no announcing).
+    pub announce_table: Option<u32>,
 }
 
 /// How a service's frames reach its backends.
@@ -535,6 +544,7 @@ struct RawConfig {
     encap_source_v4: Option<String>,
     encap_source_v6: Option<String>,
     health_source_v6: Option<String>,
+    announce_table: Option<i64>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -741,6 +751,19 @@ fn validate(raw: RawConfig) -> Result<Config> {
         }
     }
 
+    let announce_table = raw
+        .announce_table
+        .map(|t| {
+            let table = int("announce_table", Some(t), 0u32, 1, u32::MAX)?;
+            if RESERVED_TABLES.contains(&table) {
+                bail!(
+                    "announce_table: {table} is one of the kernel's own tables (253 default, 254 main, 255 local); pick another, e.g. 100"
+                );
+            }
+            Ok(table)
+        })
+        .transpose()?;
+
     Ok(Config {
         interface,
         xdp_mode,
@@ -755,6 +778,7 @@ fn validate(raw: RawConfig) -> Result<Config> {
         health_source_v6,
         encap_source_v4,
         encap_source_v6,
+        announce_table,
     })
 }
 
@@ -1864,6 +1888,39 @@ mod health_tests {
             c.metrics_address,
             Some("127.0.0.1:9433".parse().expect("addr"))
         );
+    }
+
+    #[test]
+    fn announce_table_is_optional_and_never_a_kernel_table() {
+        let t = |text: &str| Config::parse(&format!("{text}\n{SVC}"));
+        assert_eq!(t("").expect("valid").announce_table, None);
+        assert_eq!(
+            t("announce_table = 100").expect("valid").announce_table,
+            Some(100)
+        );
+        assert_eq!(
+            t("announce_table = 4294967295")
+                .expect("valid")
+                .announce_table,
+            Some(u32::MAX)
+        );
+        for bad in ["0", "-1", "4294967296"] {
+            let e = format!(
+                "{:#}",
+                t(&format!("announce_table = {bad}")).expect_err(bad)
+            );
+            assert!(
+                e.contains("announce_table") && e.contains("out of range"),
+                "{e}"
+            );
+        }
+        for reserved in ["253", "254", "255"] {
+            let e = format!(
+                "{:#}",
+                t(&format!("announce_table = {reserved}")).expect_err(reserved)
+            );
+            assert!(e.contains("kernel's own tables"), "{e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! xlb userspace: configuration, Maglev tables, the owner of the pinned dataplane and the daemon.
 
+pub mod announce;
 pub mod api;
 pub mod bpf_batch;
 pub mod bpf_obj;

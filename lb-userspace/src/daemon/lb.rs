@@ -430,6 +430,20 @@ impl Lb {
         Ok((cfg, panics))
     }
 
+    /// Which VIPs this node is ready to serve, and why (see
+    /// [`crate::announce::readiness`]): judged on what the kernel was last
+    /// given, so a VIP is announced only once its backends are written.
+    pub fn vip_readiness(&self) -> BTreeMap<IpAddr, crate::announce::Readiness> {
+        crate::announce::readiness(&self.effective.services, |service, backend| {
+            self.health
+                .get(&BackendRef {
+                    service: service.to_string(),
+                    backend: backend.to_string(),
+                })
+                .is_some_and(|h| !h.up)
+        })
+    }
+
     /// Creates health records for checked backends, drops stale ones. A new
     /// record starts as the kernel has the backend: down if it is DOWN there
     /// (a previous daemon marked it), up if it serves there, and down until

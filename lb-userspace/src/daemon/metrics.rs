@@ -40,6 +40,8 @@ pub struct Metrics {
     check_failures: Family<Labels, Counter>,
     /// Checks this host could not run (local errors): never counted as failures.
     checks_not_run: Family<Labels, Counter>,
+    /// VIPs announced in `announce_table` (set by the announcer); `None`: not announcing.
+    announced: std::sync::Mutex<Option<std::collections::BTreeSet<std::net::IpAddr>>>,
 }
 
 impl Default for Metrics {
@@ -49,6 +51,7 @@ impl Default for Metrics {
             check_failures: Family::default(),
             checks_not_run: Family::default(),
             listeners: std::sync::Mutex::new(Vec::new()),
+            announced: std::sync::Mutex::new(None),
         }
     }
 }
@@ -68,6 +71,11 @@ impl Metrics {
 
     fn listeners(&self) -> std::sync::MutexGuard<'_, Vec<(&'static str, Arc<ServerStats>)>> {
         self.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records which VIPs are announced now (held only for the assignment).
+    pub fn set_announced(&self, vips: std::collections::BTreeSet<std::net::IpAddr>) {
+        *self.announced.lock().unwrap_or_else(|p| p.into_inner()) = Some(vips);
     }
 
     /// Records one health-check outcome.
@@ -242,6 +250,26 @@ impl Metrics {
             "1 while every backend of the service fails its checks (all used anyway)",
             panic,
         );
+
+        let announced = self
+            .announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(announced) = announced {
+            let vips = Family::<Labels, Gauge>::default();
+            let configured = lb.vip_readiness().into_keys();
+            for vip in configured.chain(announced.iter().copied()) {
+                let l = vec![("vip".to_string(), vip.to_string())];
+                vips.get_or_create(&l)
+                    .set(i64::from(announced.contains(&vip)));
+            }
+            reg.register(
+                "vip_announced",
+                "1 while the VIP's route is in announce_table (this node is ready to serve it)",
+                vips,
+            );
+        }
 
         let be_packets = Family::<Labels, Counter>::default();
         let be_bytes = Family::<Labels, Counter>::default();

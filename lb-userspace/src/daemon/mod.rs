@@ -8,8 +8,16 @@
 //! own task, so a busy listener never delays a signal. SIGTERM/SIGINT end
 //! the daemon and leave the dataplane attached (`xlb detach` is the
 //! explicit way to stop forwarding); SIGHUP reloads.
+//!
+//! With `announce_table` set, the VIPs this node is ready to serve are kept
+//! as routes there (`announcing.rs`). On SIGTERM/SIGINT the order is:
+//! withdraw every route (the BGP speaker withdraws them from the routers),
+//! then stop the tasks and the owner and exit. The dataplane stays attached
+//! throughout, so what the routers still send while they converge is
+//! forwarded as before.
 
 pub mod accept;
+pub mod announcing;
 pub mod checks;
 pub mod control;
 pub mod desired;
@@ -39,6 +47,9 @@ use crate::pins::PinnedMaps;
 use lb::Lb;
 use owner::Handle;
 use state::State;
+
+/// How long shutdown waits for the VIPs' routes to be withdrawn.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(3);
 
 /// What `xlb daemon` was asked to do.
 #[derive(Debug, Clone)]
@@ -72,6 +83,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let ingress = crate::hops::ifindex(&config.interface)?;
     warn_martian_tunnel_replies(&config);
     let metrics_address = config.metrics_address;
+    let announce_table = config.announce_table;
     let lb = Lb::new(
         opts.config.clone(),
         config,
@@ -86,7 +98,16 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     let (targets_tx, targets_rx) = tokio::sync::watch::channel(Vec::new());
     let (hop_targets_tx, hop_targets_rx) = tokio::sync::watch::channel(Vec::new());
-    let (owner, thread) = owner::spawn(lb, metrics.clone(), targets_tx, hop_targets_tx)?;
+    let (readiness_tx, readiness_rx) = tokio::sync::watch::channel(owner::VipReadiness::new());
+    let (owner, thread) = owner::spawn(
+        lb,
+        metrics.clone(),
+        owner::Outputs {
+            targets: targets_tx,
+            hop_targets: hop_targets_tx,
+            readiness: readiness_tx,
+        },
+    )?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -99,6 +120,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         targets_rx,
         metrics_address,
         (hop_targets_rx, ingress, initial_hops),
+        announce_table.map(|table| (readiness_rx, table)),
     ));
     // The owner re-pins the link if needed, so the dataplane outlives us.
     rt.block_on(owner.shutdown());
@@ -151,12 +173,24 @@ async fn serve_until_signal(
         u32,
         crate::dataplane::Hops,
     ),
+    announce: Option<(tokio::sync::watch::Receiver<owner::VipReadiness>, u32)>,
 ) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let mut tasks = Vec::new();
+    let announcer = announce.map(|(readiness, table)| {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(announcing::supervise(
+            readiness,
+            table,
+            ingress,
+            metrics.clone(),
+            stop_rx,
+        ));
+        (stop_tx, task)
+    });
     tasks.push(tokio::spawn(nexthops::supervise(
         hop_targets,
         ingress,
@@ -212,6 +246,17 @@ async fn serve_until_signal(
                 let owner = owner.clone();
                 tokio::spawn(async move { owner.request(Request::Reload).await });
             }
+        }
+    }
+    // Withdraw first: the routers stop sending new clients here before anything else stops.
+    if let Some((stop, task)) = announcer {
+        let _ = stop.send(());
+        match tokio::time::timeout(WITHDRAW_WAIT, task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("the announcer failed: {e}"),
+            Err(_) => tracing::error!(
+                "withdrawing the VIPs took longer than {WITHDRAW_WAIT:?}; exiting anyway"
+            ),
         }
     }
     for task in tasks {

@@ -14,8 +14,12 @@ use tokio::sync::{oneshot, watch};
 
 use super::lb::{BackendRef, CheckTarget, Lb};
 use super::metrics::Metrics;
+use crate::announce::Readiness;
 use crate::api::{Request, Response};
 use crate::hops::Target;
+
+/// Every VIP with whether this node is ready to serve it, and why.
+pub type VipReadiness = std::collections::BTreeMap<std::net::IpAddr, Readiness>;
 
 /// How often drain deadlines, idle orphans and panic grace periods are looked at.
 const TICK: Duration = Duration::from_secs(1);
@@ -83,29 +87,39 @@ impl Handle {
     }
 }
 
-/// Starts the owner thread with `lb`; check targets are published on
-/// `targets`, the backends whose next hops need resolving on `hop_targets`.
+/// The channels the owner publishes on.
+pub struct Outputs {
+    /// What the health checks check.
+    pub targets: watch::Sender<Vec<CheckTarget>>,
+    /// The backends whose next hops need resolving.
+    pub hop_targets: watch::Sender<Vec<Target>>,
+    /// Which VIPs are ready to be announced.
+    pub readiness: watch::Sender<VipReadiness>,
+}
+
+/// Starts the owner thread with `lb`, publishing on `outputs`.
 pub fn spawn(
     lb: Lb,
     metrics: Arc<Metrics>,
-    targets: watch::Sender<Vec<CheckTarget>>,
-    hop_targets: watch::Sender<Vec<Target>>,
+    outputs: Outputs,
 ) -> Result<(Handle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("xlb-owner".into())
-        .spawn(move || run(lb, rx, &metrics, &targets, &hop_targets))
+        .spawn(move || run(lb, rx, &metrics, &outputs))
         .context("starting the owner thread")?;
     Ok((Handle { tx }, thread))
 }
 
-fn run(
-    mut lb: Lb,
-    rx: Receiver<Msg>,
-    metrics: &Metrics,
-    targets: &watch::Sender<Vec<CheckTarget>>,
-    hop_targets: &watch::Sender<Vec<Target>>,
-) {
+fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs) {
+    let Outputs {
+        targets,
+        hop_targets,
+        readiness,
+    } = outputs;
+    // Lb::new applied the desired state: what is judged here is in the kernel.
+    let mut published_ready = lb.vip_readiness();
+    readiness.send_replace(published_ready.clone());
     let mut published = lb.check_targets();
     targets.send_replace(published.clone());
     let mut published_hops = lb.hop_targets();
@@ -173,6 +187,12 @@ fn run(
                     retry = (retry * 2).min(RECONCILE_EVERY);
                 }
             }
+        }
+        // Health results, ticks, reconciles and requests all can change it; it is cheap.
+        let now_ready = lb.vip_readiness();
+        if now_ready != published_ready {
+            readiness.send_replace(now_ready.clone());
+            published_ready = now_ready;
         }
         if targets_may_change {
             let now_targets = lb.check_targets();
