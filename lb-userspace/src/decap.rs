@@ -126,15 +126,7 @@ pub fn expected_specs() -> [MapSpec; 2] {
 
 /// Fails, naming the interface, unless it exists in this network namespace.
 pub fn check_interface(iface: &str) -> Result<u32> {
-    let name = std::ffi::CString::new(iface)
-        .with_context(|| format!("--interface {iface:?} contains a NUL byte"))?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string and nothing else.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("interface {iface} not found in this network namespace"));
-    }
-    Ok(index)
+    crate::dataplane::interface_index(iface)
 }
 
 /// A loaded (not necessarily attached) decapsulator with its pinned maps.

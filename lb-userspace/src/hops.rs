@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use crate::{
     config::{Config, ForwardMode},
@@ -58,17 +58,6 @@ pub fn targets(config: &Config) -> Vec<Target> {
     out
 }
 
-/// The interface index of `name` in this network namespace.
-pub fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name).context("interface name contains a NUL byte")?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if index == 0 {
-        bail!("interface {name} not found in this network namespace");
-    }
-    Ok(index)
-}
-
 /// What `apply` needs of a resolved next hop: the ingress interface is
 /// egress 0 (`XDP_TX`).
 pub fn to_hop(hop: &NextHop, ingress: u32) -> Hop {
@@ -93,7 +82,7 @@ pub fn resolve_now(config: &Config, wait: Duration) -> Result<Hops> {
     if targets.is_empty() {
         return Ok(Hops::new());
     }
-    let ingress = ifindex(&config.interface)?;
+    let ingress = crate::dataplane::interface_index(&config.interface)?;
     let asks: Vec<(IpAddr, Lookup)> = targets
         .iter()
         .map(|t| (t.addr, t.lookup(ingress)))

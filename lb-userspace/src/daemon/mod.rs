@@ -80,7 +80,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let lock = PinLock::acquire(&config.pin_path())?;
     let (dp, attachment) = dataplane::bring_up(&config, false)?;
     let maps = PinnedMaps::open(&config.pin_path())?;
-    let ingress = crate::hops::ifindex(&config.interface)?;
+    let ingress = dataplane::interface_index(&config.interface)?;
     warn_martian_tunnel_replies(&config);
     let metrics_address = config.metrics_address;
     let announce_table = config.announce_table;

@@ -11,10 +11,10 @@
 //! interface's addresses ([`default_sources`]) is the only part that asks the
 //! kernel.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use crate::config::Config;
 
@@ -119,12 +119,7 @@ pub fn default_sources(
 /// Every address of `interface`: IPv4 from getifaddrs (labels such as `eth0:1` count as
 /// the interface), IPv6 with its flags from `/proc/net/if_inet6`.
 pub fn interface_addrs(interface: &str) -> Result<Vec<IfAddr>> {
-    let name = CString::new(interface)
-        .with_context(|| format!("interface name {interface:?} contains a NUL byte"))?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
-    if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-        bail!("no interface {interface:?} in this network namespace");
-    }
+    crate::dataplane::interface_index(interface)?;
     let mut out: Vec<IfAddr> = ipv4_addrs(interface)?
         .into_iter()
         .map(|a| IfAddr::new(IpAddr::V4(a)))

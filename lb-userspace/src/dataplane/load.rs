@@ -206,6 +206,19 @@ pub fn bring_up(config: &Config, debug: bool) -> Result<(Dataplane, Attachment)>
     Ok((dp, attachment))
 }
 
+/// The index of interface `name` in the current network namespace.
+pub fn interface_index(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)
+        .with_context(|| format!("interface name {name:?} contains a NUL byte"))?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("interface {name} not found in this network namespace"));
+    }
+    Ok(index)
+}
+
 /// Reads the MAC of `iface` in the current network namespace (sysfs may
 /// show another namespace when run under `nsenter --net`).
 pub fn interface_mac(iface: &str) -> Result<[u8; 6]> {

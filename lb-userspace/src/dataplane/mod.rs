@@ -15,7 +15,7 @@ pub use egress::{Hop, Hops};
 pub use keys::{addr_words, family, service_key};
 pub use load::{
     Attachment, Dataplane, LoadOptions, PASS_OBJ, PROGRAM, XLB_OBJ, attach_and_pin, bring_up,
-    detach, interface_mac,
+    detach, interface_index, interface_mac,
 };
 pub use protect::{Protection, Sweep, sweep};
 pub use tables::{KnownTables, service_table};
