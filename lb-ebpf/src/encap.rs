@@ -13,8 +13,9 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::Xdp
 use lb_common::{Backend, Egress, FAMILY_V4, IPIP_V4_OVERHEAD, IPIP_V6_OVERHEAD, stat};
 
 use crate::{
+    forward::write_macs,
     maps::{DEVMAP, EGRESS},
-    parse::{Packet, ptr_at},
+    parse::{Packet, ptr_at, read_opt},
     verdict::Verdict,
 };
 
@@ -55,7 +56,7 @@ pub fn ipip(
     let tagged = pkt.l3 != 14;
     // The 802.1Q tag (TPID + TCI) stays; the inner DSCP/ECN goes outside.
     let vlan: [u8; 4] = if tagged {
-        read(ctx, 12).ok_or(Verdict::drop(stat::DROP_BAD_VLAN))?
+        read_opt(ctx, 12).ok_or(Verdict::drop(stat::DROP_BAD_VLAN))?
     } else {
         [0; 4]
     };
@@ -95,17 +96,10 @@ pub fn ipip(
     }
 }
 
-#[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
-    let p = ptr_at::<T>(ctx, offset)?;
-    // SAFETY: ptr_at checked the bytes are inside the frame.
-    Some(unsafe { p.read_unaligned() })
-}
-
 /// The inner packet's DSCP + ECN byte (IPv4 TOS, IPv6 traffic class).
 #[inline(always)]
 fn inner_tos(ctx: &XdpContext, l3: usize, v4: bool) -> Option<u8> {
-    let b: [u8; 2] = read(ctx, l3)?;
+    let b: [u8; 2] = read_opt(ctx, l3)?;
     Some(if v4 { b[1] } else { (b[0] << 4) | (b[1] >> 4) })
 }
 
@@ -122,19 +116,14 @@ fn write_headers<const L3: usize, const END: usize>(
     pkt: &Packet,
     tos: u8,
 ) -> bool {
-    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+    if !write_macs(ctx, backend, smac) {
         return false;
-    };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&backend.mac);
-    macs[6..].copy_from_slice(smac);
-    // SAFETY: ptr_at checked the 12 bytes are inside the frame.
-    unsafe { eth.write_unaligned(macs) };
+    }
     if let Some(tag) = vlan {
         let Some(p) = ptr_at::<[u8; 4]>(ctx, 12) else {
             return false;
         };
-        // SAFETY: as above.
+        // SAFETY: ptr_at checked the bytes are inside the frame.
         unsafe { p.write_unaligned(tag) };
     }
     let Some(ethertype) = ptr_at::<[u8; 2]>(ctx, L3 - 2) else {

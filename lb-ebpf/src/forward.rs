@@ -10,6 +10,13 @@ use crate::parse::ptr_at;
 /// source would poison the bridge's forwarding table.
 #[inline(always)]
 pub fn dsr_l2(ctx: &XdpContext, backend: &Backend, own_mac: &[u8; 6]) -> bool {
+    write_macs(ctx, backend, own_mac)
+}
+
+/// Writes the frame's destination MAC (`backend.mac`, its next hop) and
+/// source MAC (`src`) at the head of the frame.
+#[inline(always)]
+pub fn write_macs(ctx: &XdpContext, backend: &Backend, src: &[u8; 6]) -> bool {
     let Some(macs) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return false;
     };
@@ -20,7 +27,7 @@ pub fn dsr_l2(ctx: &XdpContext, backend: &Backend, own_mac: &[u8; 6]) -> bool {
     let dst = unsafe { core::ptr::read_volatile(&backend.mac) };
     let mut out = [0u8; 12];
     out[..6].copy_from_slice(&dst);
-    out[6..].copy_from_slice(own_mac);
+    out[6..].copy_from_slice(src);
     // SAFETY: ptr_at checked the 12 bytes are inside the frame.
     unsafe { macs.write_unaligned(out) };
     true

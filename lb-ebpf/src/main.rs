@@ -136,7 +136,8 @@ fn send(
 /// reply to the backend that sent it (with DSR the router returns it to the
 /// VIP, that is to us), so the backend learns the path MTU. The backend is
 /// the client's as the next packet would find it, but no session is created
-/// or refreshed: an ICMP error is not client traffic. Only the MACs change.
+/// or refreshed: an ICMP error is not client traffic. The frame is sent as
+/// the service sends client frames (MACs rewritten, or encapsulated).
 /// Not counted per service/backend, whose counters are the clients' traffic.
 /// Anything that cannot be forwarded passes as other ICMP does.
 #[inline(always)]

@@ -296,8 +296,9 @@ fn finish(
     })
 }
 
+/// The `T` at `offset` in the frame, or `None` if the frame is too short.
 #[inline(always)]
-fn read_opt<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+pub fn read_opt<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     let p = ptr_at::<T>(ctx, offset)?;
     // SAFETY: ptr_at checked that size_of::<T>() bytes at p are inside the frame.
     Some(unsafe { p.read_unaligned() })
