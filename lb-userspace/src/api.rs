@@ -104,6 +104,8 @@ pub enum Request {
     Stats,
     /// Re-reads the config file and applies the difference.
     Reload,
+    /// The cluster as this node sees it.
+    ClusterStatus,
 }
 
 /// Fields each op takes besides `op`, so unknown fields are refused for every
@@ -184,6 +186,84 @@ pub enum Response {
     Where(Vec<WhereInfo>),
     /// Answer to `Stats`.
     Stats(crate::stats::Snapshot),
+    /// Answer to `ClusterStatus`.
+    Cluster(ClusterInfo),
+}
+
+/// `xlb cluster status`: this node, its peers and the replication totals.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterInfo {
+    /// This node's id.
+    pub node_id: u32,
+    /// The node that makes new versions now (lowest live id).
+    pub coordinator: u32,
+    /// The document version this node runs ("counter.node").
+    pub version: String,
+    /// Fingerprint of this node's services, backends and tables.
+    pub fingerprint: String,
+    /// Whether this node has its peers' full sync (it announces only then).
+    pub synced: bool,
+    /// A prepare round in progress: its version and the peers it waits for.
+    pub round: Option<String>,
+    /// Every configured peer.
+    pub peers: Vec<PeerInfo>,
+    /// Peers whose fingerprint differs from this node's (config drift).
+    pub drift: Vec<u32>,
+    /// Versions made live here since start, and rounds that stopped waiting for a peer.
+    pub rounds: u64,
+    /// Rounds that swapped without some peer's Done (dead or too slow).
+    pub rounds_gave_up: u64,
+    /// Sessions sent to peers (entries, each peer counted).
+    pub sessions_sent: u64,
+    /// Sessions received from peers.
+    pub sessions_received: u64,
+    /// Sessions written into the protected map from peers.
+    pub sessions_imported: u64,
+    /// Received sessions that lost to this node's own fresher answer.
+    pub sessions_conflicts_lost: u64,
+    /// Received sessions naming what this node lacks.
+    pub sessions_unknown: u64,
+    /// Frames rejected: bad HMAC (wrong key, forged, corrupted).
+    pub rejected_auth: u64,
+    /// Frames rejected: replayed (old sequence or outside the time window).
+    pub rejected_replay: u64,
+    /// Frames rejected: for another node, from an unknown node, or malformed.
+    pub rejected_other: u64,
+    /// Replication bytes sent and received (frames, all peers).
+    pub bytes_sent: u64,
+    /// Replication bytes received.
+    pub bytes_received: u64,
+}
+
+/// One peer as this node sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Its node id.
+    pub id: u32,
+    /// Its replication address.
+    pub address: String,
+    /// "live" (Hello within 3 s), "connected" (link up, no Hello yet) or "down".
+    pub state: String,
+    /// Milliseconds since its last Hello.
+    pub last_hello_ms: Option<u64>,
+    /// The version it runs.
+    pub version: Option<String>,
+    /// Versions it is behind this node (negative: ahead).
+    pub lag: i64,
+    /// Its fingerprint.
+    pub fingerprint: Option<String>,
+    /// Whether it has its full sync.
+    pub synced: bool,
+    /// Whether it sent this node a complete full sync since its link came up.
+    pub sync_received: bool,
+    /// Frames and bytes this node sent it and received from it.
+    pub frames_sent: u64,
+    /// Bytes sent to it.
+    pub bytes_sent: u64,
+    /// Frames received from it.
+    pub frames_received: u64,
+    /// Bytes received from it.
+    pub bytes_received: u64,
 }
 
 /// Daemon summary.

@@ -30,6 +30,14 @@
 //!                                 # speaker (BIRD) to export; 1..=4294967295 except 253, 254, 255
 //!                                 # (the kernel's default, main and local tables); read at start
 //!
+//! [cluster]                       # optional; without it the node is alone (see README "Cluster")
+//! node_id = 1                     # required, 1..=65535, unique in the cluster
+//! listen = "10.0.0.2:7946"        # required: where peers' replication messages arrive (TCP)
+//! key_file = "/etc/xlb/cluster.key"  # required: the shared key (>= 32 bytes of text, mode 0600)
+//! peers = ["2@10.0.0.3:7946", "3@10.0.0.4:7946"]  # required: every other node as ID@ADDRESS:PORT
+//! sync_timeout = "3s"             # default "3s": how long a starting node waits for its peers'
+//!                                 # full sync before it serves alone; 100ms..=60s
+//!
 //! [[service]]
 //! name = "web"                    # required, unique, [A-Za-z0-9_.-]{1,64}
 //! vip = "10.0.0.10"               # required, IPv4 or IPv6
@@ -149,6 +157,23 @@ pub struct Config {
     pub encap_source_v6: Option<Ipv6Addr>,
     /// Kernel routing table the daemon announces ready VIPs in; default none (no announcing).
     pub announce_table: Option<u32>,
+    /// The cluster this node replicates with (`[cluster]`); default none (alone).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's identity and its peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This node's id, unique in the cluster (1..=65535).
+    pub node_id: u32,
+    /// Where this node accepts its peers' replication connections.
+    pub listen: SocketAddr,
+    /// The shared key's file (read at start; mode 0600).
+    pub key_file: PathBuf,
+    /// Every other node: id and replication address.
+    pub peers: std::collections::BTreeMap<u32, SocketAddr>,
+    /// How long a starting node waits for its peers' full sync.
+    pub sync_timeout: std::time::Duration,
 }
 
 /// How a service's frames reach its backends.
@@ -545,8 +570,19 @@ struct RawConfig {
     encap_source_v6: Option<String>,
     health_source_v6: Option<String>,
     announce_table: Option<i64>,
+    cluster: Option<RawCluster>,
     #[serde(default)]
     service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    node_id: Option<i64>,
+    listen: Option<String>,
+    key_file: Option<PathBuf>,
+    peers: Option<Vec<String>>,
+    sync_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -763,6 +799,7 @@ fn validate(raw: RawConfig) -> Result<Config> {
             Ok(table)
         })
         .transpose()?;
+    let cluster = raw.cluster.map(validate_cluster).transpose()?;
 
     Ok(Config {
         interface,
@@ -779,6 +816,81 @@ fn validate(raw: RawConfig) -> Result<Config> {
         encap_source_v4,
         encap_source_v6,
         announce_table,
+        cluster,
+    })
+}
+
+/// Checks `[cluster]`: every field present and sane, ids unique, no peer at our own address.
+fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig> {
+    let Some(id) = raw.node_id else {
+        bail!("cluster.node_id: missing (this node's id, 1..=65535, unique in the cluster)");
+    };
+    let node_id = int("cluster.node_id", Some(id), 0u32, 1, 65535)?;
+    let Some(listen) = raw.listen else {
+        bail!("cluster.listen: missing (the address:port peers connect to, e.g. \"10.0.0.2:7946\")");
+    };
+    let listen: SocketAddr = listen.parse().map_err(|_| {
+        anyhow::anyhow!("cluster.listen: {listen:?} is not an address:port (expected e.g. \"10.0.0.2:7946\")")
+    })?;
+    if listen.port() == 0 {
+        bail!("cluster.listen: {listen} has port 0; peers need a fixed port");
+    }
+    let Some(key_file) = raw.key_file else {
+        bail!("cluster.key_file: missing (a file holding the cluster's shared key, mode 0600)");
+    };
+    if !key_file.is_absolute() {
+        bail!("cluster.key_file: {} is not an absolute path", key_file.display());
+    }
+    let Some(list) = raw.peers else {
+        bail!("cluster.peers: missing (every other node as \"ID@ADDRESS:PORT\")");
+    };
+    let mut peers = std::collections::BTreeMap::new();
+    for (i, text) in list.iter().enumerate() {
+        let field = format!("cluster.peers[{i}]");
+        let Some((id, addr)) = text.split_once('@') else {
+            bail!("{field}: {text:?} is not ID@ADDRESS:PORT (e.g. \"2@10.0.0.3:7946\")");
+        };
+        let id: i64 = id
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{field}: {text:?}: {id:?} is not a node id"))?;
+        let id = int(&field, Some(id), 0u32, 1, 65535)?;
+        let addr: SocketAddr = addr.parse().map_err(|_| {
+            anyhow::anyhow!("{field}: {text:?}: {addr:?} is not an address:port")
+        })?;
+        if id == node_id {
+            bail!("{field}: {text:?} has this node's own id {node_id}");
+        }
+        if addr == listen {
+            bail!("{field}: {text:?} is this node's own listen address");
+        }
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            bail!("{field}: {text:?} is not an address a peer can be reached at");
+        }
+        if peers.insert(id, addr).is_some() {
+            bail!("{field}: node id {id} is listed twice");
+        }
+    }
+    if peers.is_empty() {
+        bail!("cluster.peers: empty; a cluster of one node needs no [cluster] section");
+    }
+    let sync_timeout = match raw.sync_timeout {
+        None => std::time::Duration::from_secs(3),
+        Some(text) => {
+            let d = humantime::parse_duration(&text).map_err(|e| {
+                anyhow::anyhow!("cluster.sync_timeout: {text:?} is not a duration ({e}; e.g. \"3s\")")
+            })?;
+            if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
+                bail!("cluster.sync_timeout: {text:?} is out of range 100ms..=60s");
+            }
+            d
+        }
+    };
+    Ok(ClusterConfig {
+        node_id,
+        listen,
+        key_file,
+        peers,
+        sync_timeout,
     })
 }
 
@@ -1998,5 +2110,49 @@ mod health_tests {
             )),
             "{e}"
         );
+    }
+
+    fn cluster(body: &str) -> Result<Config> {
+        Config::parse(&format!("{SVC}[cluster]\n{body}"))
+    }
+
+    const CLUSTER: &str = "node_id = 1\nlisten = \"10.0.0.2:7946\"\nkey_file = \"/etc/xlb/k\"\n";
+
+    #[test]
+    fn cluster_section_is_parsed_with_its_peers() {
+        let c = cluster(&format!("{CLUSTER}peers = [\"2@10.0.0.3:7946\", \"3@[fd00::4]:7946\"]\n"))
+            .expect("valid");
+        let cl = c.cluster.expect("cluster");
+        assert_eq!(cl.node_id, 1);
+        assert_eq!(cl.peers.len(), 2);
+        assert_eq!(cl.peers[&3], "[fd00::4]:7946".parse().expect("addr"));
+        assert_eq!(cl.sync_timeout, std::time::Duration::from_secs(3));
+        assert!(Config::parse(SVC).expect("valid").cluster.is_none());
+    }
+
+    #[test]
+    fn cluster_mistakes_are_named() {
+        let cases = [
+            ("peers = [\"1@10.0.0.3:7946\"]", "own id 1"),
+            ("peers = [\"2@10.0.0.3:7946\", \"2@10.0.0.4:7946\"]", "listed twice"),
+            ("peers = [\"10.0.0.3:7946\"]", "is not ID@ADDRESS:PORT"),
+            ("peers = [\"x@10.0.0.3:7946\"]", "is not a node id"),
+            ("peers = [\"2@10.0.0.2:7946\"]", "own listen address"),
+            ("peers = []", "empty"),
+            ("peers = [\"2@10.0.0.3:7946\"]\nsync_timeout = \"2h\"", "out of range"),
+            ("peers = [\"70000@10.0.0.3:7946\"]", "out of range 1..=65535"),
+        ];
+        for (body, want) in cases {
+            let err = format!("{:#}", cluster(&format!("{CLUSTER}{body}\n")).expect_err(body));
+            assert!(err.contains(want), "{body}: {err}");
+        }
+        let err = format!("{:#}", cluster("listen = \"10.0.0.2:7946\"\n").expect_err("no id"));
+        assert!(err.contains("cluster.node_id: missing"), "{err}");
+        let err = format!(
+            "{:#}",
+            cluster("node_id = 1\nlisten = \"10.0.0.2:7946\"\nkey_file = \"k\"\npeers = [\"2@10.0.0.3:1\"]\n")
+                .expect_err("relative")
+        );
+        assert!(err.contains("not an absolute path"), "{err}");
     }
 }

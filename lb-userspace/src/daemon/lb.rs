@@ -120,6 +120,8 @@ pub struct Lb {
     pub(super) protection: ProtectionStats,
     /// The backends' resolved next hops (MACs not in the config, egress).
     pub(super) hops: Hops,
+    /// This node's part of the cluster (`[cluster]`); inert when alone.
+    pub(super) cluster: super::lb_cluster::ClusterSide,
 }
 
 /// Totals of the protected-session bookkeeping, for metrics and status.
@@ -249,7 +251,9 @@ impl Lb {
             reconciles: 0,
             protection: ProtectionStats::default(),
             hops: Hops::new(),
+            cluster: super::lb_cluster::ClusterSide::default(),
         };
+        lb.cluster.enabled = lb.base.cluster.is_some();
         lb.sources = SourceDefaults::detect(&lb.base);
         // Backends of the state file count too: resolve what the whole
         // desired state needs before the first write.
@@ -267,7 +271,7 @@ impl Lb {
     }
 
     /// Backends in the kernel now: (service name, address) -> (record state, record).
-    fn kernel_backends(&self) -> Result<HashMap<(String, IpAddr), lb_common::Backend>> {
+    pub(super) fn kernel_backends(&self) -> Result<HashMap<(String, IpAddr), lb_common::Backend>> {
         let by_addr = self.maps.live_backends()?;
         let mut names: HashMap<u32, String> = HashMap::new();
         for entry in self.maps.services.iter() {
@@ -382,13 +386,18 @@ impl Lb {
             .unwrap_or_else(|| admin_of_config(be.state));
         Derived {
             admin,
-            health: self.health.get(&r).map(|h| h.up),
+            health: self.health_of(&r),
         }
     }
 
     /// The config as the kernel should see it at `now`: every backend's state
     /// derived from its admin state and health, panic mode decided, orphans
     /// added as draining. Returns the panic memory to keep with it.
+    /// The config the kernel should have at `now` (see [`Lb::desired`]).
+    pub(super) fn desired_config(&self, now: Instant) -> Result<Config> {
+        self.desired(now).map(|(cfg, _)| cfg)
+    }
+
     fn desired(&self, now: Instant) -> Result<(Config, BTreeMap<String, Panic>)> {
         let mut cfg = self.effective_config()?;
         let mut panics = BTreeMap::new();
@@ -434,14 +443,23 @@ impl Lb {
     /// [`crate::announce::readiness`]): judged on what the kernel was last
     /// given, so a VIP is announced only once its backends are written.
     pub fn vip_readiness(&self) -> BTreeMap<IpAddr, crate::announce::Readiness> {
-        crate::announce::readiness(&self.effective.services, |service, backend| {
-            self.health
-                .get(&BackendRef {
-                    service: service.to_string(),
-                    backend: backend.to_string(),
-                })
-                .is_some_and(|h| !h.up)
-        })
+        let mut ready = crate::announce::readiness(&self.effective.services, |service, backend| {
+            self.health_of(&BackendRef {
+                service: service.to_string(),
+                backend: backend.to_string(),
+            }) == Some(false)
+        });
+        if self.cluster.enabled && !self.cluster.synced {
+            // Announcing before the peers' sessions are here would send their
+            // clients with divergent entries to a node that does not know them.
+            for r in ready.values_mut() {
+                *r = crate::announce::Readiness {
+                    ready: false,
+                    reason: "waiting for the cluster's full sync".into(),
+                };
+            }
+        }
+        ready
     }
 
     /// Creates health records for checked backends, drops stale ones. A new
@@ -449,7 +467,7 @@ impl Lb {
     /// (a previous daemon marked it), up if it serves there, and down until
     /// it passes `rise` checks if the kernel does not know it yet but knows
     /// other backends of its service (added at runtime or by a reload).
-    fn sync_health(
+    pub(super) fn sync_health(
         &mut self,
         kernel: &HashMap<(String, IpAddr), lb_common::Backend>,
     ) -> Result<()> {
@@ -593,6 +611,7 @@ impl Lb {
         drop((was_panic, is_panic));
         self.panic = panic;
         let after = states(&cfg);
+        self.cluster.fingerprint = crate::cluster::fingerprint::of(&cfg);
         self.effective = cfg;
         let newly_down: HashSet<u32> = after
             .iter()
@@ -982,6 +1001,11 @@ impl Lb {
                 }
             }
         }
+        if self.cluster.enabled {
+            // Drains end cluster-wide, when no node has sessions left on the
+            // backend: the coordinator decides (`daemon/clustering.rs`).
+            draining.clear();
+        }
         let mut changed = false;
         if !draining.is_empty() || !self.orphans.is_empty() {
             let counts = self.session_counts()?;
@@ -1052,7 +1076,7 @@ impl Lb {
     }
 
     /// Writes `state` to the state file (pruned), atomically.
-    fn save(&self, state: &mut State) -> Result<()> {
+    pub(super) fn save(&self, state: &mut State) -> Result<()> {
         state.prune();
         state.save(&self.base.state_file)
     }
@@ -1109,6 +1133,11 @@ impl Lb {
     fn change(&mut self, change: impl FnOnce(&mut State)) -> Result<()> {
         let mut new = self.state.clone();
         change(&mut new);
+        if self.cluster.proposing {
+            // A cluster change: every node applies it after the prepare round.
+            self.cluster.proposal = Some(new);
+            return Ok(());
+        }
         self.save(&mut new)
             .context("the change was not applied: the state file could not be written")?;
         let old = std::mem::replace(&mut self.state, new);

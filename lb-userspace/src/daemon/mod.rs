@@ -24,6 +24,7 @@ pub mod desired;
 pub mod health;
 pub mod http;
 pub mod lb;
+mod lb_cluster;
 pub mod metrics;
 pub mod nexthops;
 pub mod owner;

@@ -40,6 +40,8 @@ pub enum Msg {
     Shutdown(oneshot::Sender<()>),
     /// The backends' next hops changed (resolved, or a MAC re-learned).
     Hops(crate::dataplane::Hops),
+    /// Work for the owner from the cluster task (`clustering.rs`).
+    Call(Box<dyn FnOnce(&mut Lb) + Send>),
 }
 
 /// A cheap, cloneable way to reach the owner thread.
@@ -76,6 +78,21 @@ impl Handle {
     /// Hands over a new set of resolved next hops; never waits.
     pub fn hops(&self, hops: crate::dataplane::Hops) {
         let _ = self.tx.send(Msg::Hops(hops));
+    }
+
+    /// Runs `f` on the owner thread and waits for its result.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Lb) -> T + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: Box<dyn FnOnce(&mut Lb) + Send> = Box::new(move |lb| {
+            let _ = tx.send(f(lb));
+        });
+        self.tx
+            .send(Msg::Call(job))
+            .map_err(|_| anyhow!("the daemon is shutting down"))?;
+        rx.await.context("the daemon is shutting down")
     }
 
     /// Asks the owner to stop, and waits until it has.
@@ -150,6 +167,11 @@ fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs) {
             }
             Ok(Msg::Metrics(reply)) => {
                 let _ = reply.send(metrics.render(&lb));
+            }
+            Ok(Msg::Call(job)) => {
+                // Cluster work can adopt a new state: targets may change.
+                targets_may_change = true;
+                job(&mut lb);
             }
             Ok(Msg::Hops(hops)) => {
                 if let Err(e) = lb.set_hops(hops) {
@@ -266,6 +288,9 @@ pub fn handle(lb: &mut Lb, req: Request) -> Response {
             }
             Request::Stats => Response::Stats(lb.stats()?),
             Request::Reload => Response::Done(lb.reload()?),
+            Request::ClusterStatus => anyhow::bail!(
+                "this node has no [cluster] section: it is not part of a cluster"
+            ),
         })
     })();
     match result {

@@ -73,7 +73,7 @@ fn keeps(backends: &[Backend], id: u32, service_id: u32) -> bool {
 }
 
 /// The table's answer for a masked client (`NO_BACKEND` for an empty table).
-fn answer(table: &[u32], addr: &[u32; 4]) -> u32 {
+pub fn answer(table: &[u32], addr: &[u32; 4]) -> u32 {
     let size = u32::try_from(table.len()).unwrap_or(u32::MAX);
     if size == 0 {
         return NO_BACKEND;
