@@ -127,6 +127,7 @@ const OP_FIELDS: &[(&str, &[&str])] = &[
     ("sessions_flush", &["service", "backend"]),
     ("stats", &[]),
     ("reload", &[]),
+    ("cluster_status", &[]),
 ];
 
 /// Decodes one request line (trailing newline allowed), refusing invalid
@@ -504,6 +505,7 @@ mod tests {
             },
             Request::Stats,
             Request::Reload,
+            Request::ClusterStatus,
         ];
         // Exhaustive: a new variant does not compile until it is listed above.
         for r in &all {
@@ -520,7 +522,8 @@ mod tests {
                 | Request::SessionsWhere { .. }
                 | Request::SessionsFlush { .. }
                 | Request::Stats
-                | Request::Reload => {}
+                | Request::Reload
+                | Request::ClusterStatus => {}
             }
         }
         all
