@@ -4,6 +4,7 @@ pub mod announce;
 pub mod api;
 pub mod bpf_batch;
 pub mod bpf_obj;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

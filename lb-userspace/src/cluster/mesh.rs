@@ -1,0 +1,1 @@
+//! The TCP mesh between cluster peers.
