@@ -306,6 +306,10 @@ pub struct StatusInfo {
     /// Differences between the kernel and the desired state repaired since start.
     #[serde(default)]
     pub reconcile_repairs: u64,
+    /// Fingerprint of the services, backends and tables the kernel was given
+    /// (equal on every node of a cluster that answers alike).
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 /// One service.

@@ -827,10 +827,14 @@ fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig> {
     };
     let node_id = int("cluster.node_id", Some(id), 0u32, 1, 65535)?;
     let Some(listen) = raw.listen else {
-        bail!("cluster.listen: missing (the address:port peers connect to, e.g. \"10.0.0.2:7946\")");
+        bail!(
+            "cluster.listen: missing (the address:port peers connect to, e.g. \"10.0.0.2:7946\")"
+        );
     };
     let listen: SocketAddr = listen.parse().map_err(|_| {
-        anyhow::anyhow!("cluster.listen: {listen:?} is not an address:port (expected e.g. \"10.0.0.2:7946\")")
+        anyhow::anyhow!(
+            "cluster.listen: {listen:?} is not an address:port (expected e.g. \"10.0.0.2:7946\")"
+        )
     })?;
     if listen.port() == 0 {
         bail!("cluster.listen: {listen} has port 0; peers need a fixed port");
@@ -839,7 +843,10 @@ fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig> {
         bail!("cluster.key_file: missing (a file holding the cluster's shared key, mode 0600)");
     };
     if !key_file.is_absolute() {
-        bail!("cluster.key_file: {} is not an absolute path", key_file.display());
+        bail!(
+            "cluster.key_file: {} is not an absolute path",
+            key_file.display()
+        );
     }
     let Some(list) = raw.peers else {
         bail!("cluster.peers: missing (every other node as \"ID@ADDRESS:PORT\")");
@@ -854,9 +861,9 @@ fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig> {
             .parse()
             .map_err(|_| anyhow::anyhow!("{field}: {text:?}: {id:?} is not a node id"))?;
         let id = int(&field, Some(id), 0u32, 1, 65535)?;
-        let addr: SocketAddr = addr.parse().map_err(|_| {
-            anyhow::anyhow!("{field}: {text:?}: {addr:?} is not an address:port")
-        })?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{field}: {text:?}: {addr:?} is not an address:port"))?;
         if id == node_id {
             bail!("{field}: {text:?} has this node's own id {node_id}");
         }
@@ -877,7 +884,9 @@ fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig> {
         None => std::time::Duration::from_secs(3),
         Some(text) => {
             let d = humantime::parse_duration(&text).map_err(|e| {
-                anyhow::anyhow!("cluster.sync_timeout: {text:?} is not a duration ({e}; e.g. \"3s\")")
+                anyhow::anyhow!(
+                    "cluster.sync_timeout: {text:?} is not a duration ({e}; e.g. \"3s\")"
+                )
             })?;
             if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
                 bail!("cluster.sync_timeout: {text:?} is out of range 100ms..=60s");
@@ -2120,8 +2129,10 @@ mod health_tests {
 
     #[test]
     fn cluster_section_is_parsed_with_its_peers() {
-        let c = cluster(&format!("{CLUSTER}peers = [\"2@10.0.0.3:7946\", \"3@[fd00::4]:7946\"]\n"))
-            .expect("valid");
+        let c = cluster(&format!(
+            "{CLUSTER}peers = [\"2@10.0.0.3:7946\", \"3@[fd00::4]:7946\"]\n"
+        ))
+        .expect("valid");
         let cl = c.cluster.expect("cluster");
         assert_eq!(cl.node_id, 1);
         assert_eq!(cl.peers.len(), 2);
@@ -2134,19 +2145,34 @@ mod health_tests {
     fn cluster_mistakes_are_named() {
         let cases = [
             ("peers = [\"1@10.0.0.3:7946\"]", "own id 1"),
-            ("peers = [\"2@10.0.0.3:7946\", \"2@10.0.0.4:7946\"]", "listed twice"),
+            (
+                "peers = [\"2@10.0.0.3:7946\", \"2@10.0.0.4:7946\"]",
+                "listed twice",
+            ),
             ("peers = [\"10.0.0.3:7946\"]", "is not ID@ADDRESS:PORT"),
             ("peers = [\"x@10.0.0.3:7946\"]", "is not a node id"),
             ("peers = [\"2@10.0.0.2:7946\"]", "own listen address"),
             ("peers = []", "empty"),
-            ("peers = [\"2@10.0.0.3:7946\"]\nsync_timeout = \"2h\"", "out of range"),
-            ("peers = [\"70000@10.0.0.3:7946\"]", "out of range 1..=65535"),
+            (
+                "peers = [\"2@10.0.0.3:7946\"]\nsync_timeout = \"2h\"",
+                "out of range",
+            ),
+            (
+                "peers = [\"70000@10.0.0.3:7946\"]",
+                "out of range 1..=65535",
+            ),
         ];
         for (body, want) in cases {
-            let err = format!("{:#}", cluster(&format!("{CLUSTER}{body}\n")).expect_err(body));
+            let err = format!(
+                "{:#}",
+                cluster(&format!("{CLUSTER}{body}\n")).expect_err(body)
+            );
             assert!(err.contains(want), "{body}: {err}");
         }
-        let err = format!("{:#}", cluster("listen = \"10.0.0.2:7946\"\n").expect_err("no id"));
+        let err = format!(
+            "{:#}",
+            cluster("listen = \"10.0.0.2:7946\"\n").expect_err("no id")
+        );
         assert!(err.contains("cluster.node_id: missing"), "{err}");
         let err = format!(
             "{:#}",

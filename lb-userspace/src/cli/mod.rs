@@ -13,6 +13,7 @@ macro_rules! outln {
 }
 
 pub mod backend;
+pub mod cluster;
 pub mod daemon;
 pub mod decap;
 pub mod detach;
@@ -71,6 +72,9 @@ pub enum Command {
     Stats(stats::StatsArgs),
     /// Make the daemon re-read its config file and apply the difference.
     Reload,
+    /// The cluster: `xlb cluster status` (peers, their state, last sync, lag, fingerprints).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// On a backend: strip the outer header of IP-in-IP packets to the given VIPs
     /// (for kernels without ipip/ip6tnl); `--detach` removes it, `--stats` shows counters.
     Decap(decap::DecapArgs),
@@ -128,6 +132,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Sessions(args) => sessions::run(args, &ctx),
         Command::Stats(args) => stats::run(args, &ctx),
         Command::Reload => reload::run(&ctx),
+        Command::Cluster(cmd) => cluster::run(cmd, &ctx),
         Command::Decap(args) => decap::run(args, &ctx),
     }
 }

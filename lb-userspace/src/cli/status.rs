@@ -33,6 +33,9 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         s.backends,
         s.backends_up
     )?;
+    if !s.fingerprint.is_empty() {
+        outln!("fingerprint {} (services, backends, tables)", s.fingerprint)?;
+    }
     if s.protected_sessions > 0 {
         outln!(
             "sessions    {} ({} protected: their backend differs from the Maglev answer)",

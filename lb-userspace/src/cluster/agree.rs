@@ -32,7 +32,9 @@ pub fn coordinator(me: u32, live: impl IntoIterator<Item = u32>) -> u32 {
 /// The cluster's verdict: the backends that more than half of the nodes
 /// reporting on them see down. `views` holds every live node's own checks
 /// ("service/backend" → up), this node's included.
-pub fn verdict<'a>(views: impl IntoIterator<Item = &'a BTreeMap<String, bool>>) -> BTreeSet<String> {
+pub fn verdict<'a>(
+    views: impl IntoIterator<Item = &'a BTreeMap<String, bool>>,
+) -> BTreeSet<String> {
     let mut tally: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
     for view in views {
         for (backend, up) in view {
@@ -61,6 +63,8 @@ pub struct Round {
     pub started: Instant,
     /// The runtime change it carries, if one (request id, local asker or node).
     pub origin: Option<Origin>,
+    /// What the asker is told once it is live.
+    pub text: String,
 }
 
 /// Who asked for the change a round carries.
@@ -90,6 +94,7 @@ impl Round {
             waiting: live.difference(early).copied().collect(),
             started: now,
             origin: None,
+            text: String::new(),
         }
     }
 
@@ -113,7 +118,10 @@ impl Round {
 
 /// Whether a draining backend may become maint: no live node (this one
 /// included, in `counts`) still has sessions on it.
-pub fn drain_finished<'a>(backend: &str, counts: impl IntoIterator<Item = &'a BTreeMap<String, u64>>) -> bool {
+pub fn drain_finished<'a>(
+    backend: &str,
+    counts: impl IntoIterator<Item = &'a BTreeMap<String, u64>>,
+) -> bool {
     counts
         .into_iter()
         .all(|c| c.get(backend).copied().unwrap_or(0) == 0)
@@ -148,34 +156,58 @@ mod tests {
         let a = view(&[("web/b1", false), ("web/b2", true)]);
         let b = view(&[("web/b1", true), ("web/b2", true)]);
         let c = view(&[("web/b1", true), ("web/b2", false)]);
-        assert!(verdict([&a, &b, &c]).is_empty(), "one of three never decides");
+        assert!(
+            verdict([&a, &b, &c]).is_empty(),
+            "one of three never decides"
+        );
         let c2 = view(&[("web/b1", false), ("web/b2", true)]);
-        assert_eq!(verdict([&a, &b, &c2]), BTreeSet::from(["web/b1".to_string()]));
+        assert_eq!(
+            verdict([&a, &b, &c2]),
+            BTreeSet::from(["web/b1".to_string()])
+        );
         // Alone, a node's own view rules; of two, both must agree.
         assert_eq!(verdict([&a]), BTreeSet::from(["web/b1".to_string()]));
         assert!(verdict([&a, &b]).is_empty());
         // A node that does not check a backend has no say on it.
         let quiet = view(&[]);
-        assert_eq!(verdict([&a, &quiet]), BTreeSet::from(["web/b1".to_string()]));
+        assert_eq!(
+            verdict([&a, &quiet]),
+            BTreeSet::from(["web/b1".to_string()])
+        );
     }
 
     #[test]
     fn a_round_completes_on_every_done_and_gives_up_on_the_dead() {
         let now = Instant::now();
         let doc = Doc {
-            version: Version { counter: 4, node: 1 },
+            version: Version {
+                counter: 4,
+                node: 1,
+            },
             ..Doc::default()
         };
         let live = BTreeSet::from([2, 3]);
         let mut r = Round::new(doc.clone(), &live, &BTreeSet::from([3]), now);
         assert_eq!(r.end(&live, now), None);
-        assert!(!r.done(2, Version { counter: 3, node: 1 }), "another version's Done");
+        assert!(
+            !r.done(
+                2,
+                Version {
+                    counter: 3,
+                    node: 1
+                }
+            ),
+            "another version's Done"
+        );
         assert!(r.done(2, doc.version));
         assert_eq!(r.end(&live, now), Some(RoundEnd::Complete));
 
         let mut r = Round::new(doc.clone(), &live, &BTreeSet::new(), now);
         assert!(r.done(3, doc.version));
-        assert_eq!(r.end(&BTreeSet::from([3]), now), Some(RoundEnd::GaveUp(BTreeSet::from([2]))));
+        assert_eq!(
+            r.end(&BTreeSet::from([3]), now),
+            Some(RoundEnd::GaveUp(BTreeSet::from([2])))
+        );
         assert_eq!(r.end(&live, now + Duration::from_millis(100)), None);
         assert_eq!(
             r.end(&live, now + ROUND_TIMEOUT),
@@ -193,8 +225,32 @@ mod tests {
 
     #[test]
     fn next_versions_rise_above_all_seen() {
-        let v = next_version(2, [Version { counter: 7, node: 3 }, Version { counter: 5, node: 1 }]);
-        assert_eq!(v, Version { counter: 8, node: 2 });
-        assert_eq!(next_version(1, []), Version { counter: 1, node: 1 });
+        let v = next_version(
+            2,
+            [
+                Version {
+                    counter: 7,
+                    node: 3,
+                },
+                Version {
+                    counter: 5,
+                    node: 1,
+                },
+            ],
+        );
+        assert_eq!(
+            v,
+            Version {
+                counter: 8,
+                node: 2
+            }
+        );
+        assert_eq!(
+            next_version(1, []),
+            Version {
+                counter: 1,
+                node: 1
+            }
+        );
     }
 }

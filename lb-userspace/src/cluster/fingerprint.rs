@@ -14,7 +14,11 @@ use crate::config::Config;
 pub fn of(config: &Config) -> String {
     let mut services: Vec<_> = config.services.iter().collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut text = format!("xlb {} table {}\n", env!("CARGO_PKG_VERSION"), config.maglev_table_size);
+    let mut text = format!(
+        "xlb {} table {}\n",
+        env!("CARGO_PKG_VERSION"),
+        config.maglev_table_size
+    );
     for s in services {
         let _ = writeln!(
             text,
@@ -31,7 +35,11 @@ pub fn of(config: &Config) -> String {
         let mut backends: Vec<_> = s.backends.iter().collect();
         backends.sort_by(|a, b| a.name.cmp(&b.name));
         for b in backends {
-            let _ = writeln!(text, " backend {} {} {} {:?}", b.name, b.address, b.weight, b.state);
+            let _ = writeln!(
+                text,
+                " backend {} {} {} {:?}",
+                b.name, b.address, b.weight, b.state
+            );
         }
     }
     let digest = Sha256::digest(text.as_bytes());

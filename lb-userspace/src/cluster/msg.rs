@@ -168,8 +168,19 @@ mod tests {
         assert!(Message::decode(br#"{"type":"done","version":{"counter":1,"node":2}}"#).is_ok());
         assert!(Message::decode(b"not json").is_err());
         assert!(
-            Version { counter: 2, node: 1 } > Version { counter: 1, node: 3 }
-                && Version { counter: 2, node: 3 } > Version { counter: 2, node: 1 }
+            Version {
+                counter: 2,
+                node: 1
+            } > Version {
+                counter: 1,
+                node: 3
+            } && Version {
+                counter: 2,
+                node: 3
+            } > Version {
+                counter: 2,
+                node: 1
+            }
         );
     }
 }

@@ -342,7 +342,8 @@ impl Lb {
                 continue;
             };
             let age_ns = e.age_ms.saturating_mul(1_000_000);
-            if !matches!(state, BackendState::Active | BackendState::Draining) || age_ns >= timeout {
+            if !matches!(state, BackendState::Active | BackendState::Draining) || age_ns >= timeout
+            {
                 t.unknown += 1;
                 continue;
             }
@@ -395,7 +396,9 @@ impl Lb {
                     Ok(()) => {}
                     Err(MapError::SyscallError(e))
                         if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(e).context("removing the LRU copy of a replicated session"),
+                    Err(e) => {
+                        return Err(e).context("removing the LRU copy of a replicated session");
+                    }
                 }
             }
         }

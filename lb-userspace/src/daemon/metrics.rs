@@ -42,6 +42,8 @@ pub struct Metrics {
     checks_not_run: Family<Labels, Counter>,
     /// VIPs announced in `announce_table` (set by the announcer); `None`: not announcing.
     announced: std::sync::Mutex<Option<std::collections::BTreeSet<std::net::IpAddr>>>,
+    /// The cluster as last seen by the cluster task; `None`: no `[cluster]`.
+    cluster: std::sync::Mutex<Option<crate::api::ClusterInfo>>,
 }
 
 impl Default for Metrics {
@@ -52,6 +54,7 @@ impl Default for Metrics {
             checks_not_run: Family::default(),
             listeners: std::sync::Mutex::new(Vec::new()),
             announced: std::sync::Mutex::new(None),
+            cluster: std::sync::Mutex::new(None),
         }
     }
 }
@@ -76,6 +79,11 @@ impl Metrics {
     /// Records which VIPs are announced now (held only for the assignment).
     pub fn set_announced(&self, vips: std::collections::BTreeSet<std::net::IpAddr>) {
         *self.announced.lock().unwrap_or_else(|p| p.into_inner()) = Some(vips);
+    }
+
+    /// Records the cluster's state (once a second, from the cluster task).
+    pub fn set_cluster(&self, info: crate::api::ClusterInfo) {
+        *self.cluster.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
     }
 
     /// Records one health-check outcome.
@@ -269,6 +277,15 @@ impl Metrics {
                 "1 while the VIP's route is in announce_table (this node is ready to serve it)",
                 vips,
             );
+        }
+
+        let cluster = self
+            .cluster
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(info) = cluster {
+            register_cluster(&mut reg, &info);
         }
 
         let be_packets = Family::<Labels, Counter>::default();
@@ -466,4 +483,121 @@ mod tests {
             "{out}"
         );
     }
+}
+
+/// The `xlb_cluster_*` metrics: this node, each peer, the replication totals.
+fn register_cluster(reg: &mut Registry, info: &crate::api::ClusterInfo) {
+    let gauge = |v: i64| {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        g
+    };
+    let counter = |v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        c
+    };
+    reg.register(
+        "cluster_synced",
+        "1 once this node has its peers' full sync (it announces only then)",
+        gauge(i64::from(info.synced)),
+    );
+    reg.register(
+        "cluster_coordinator",
+        "Node id of the cluster's coordinator as this node sees it",
+        gauge(i64::from(info.coordinator)),
+    );
+    let version = info
+        .version
+        .split('.')
+        .next()
+        .and_then(|c| c.parse::<i64>().ok())
+        .unwrap_or(0);
+    reg.register(
+        "cluster_version",
+        "Counter of the cluster document version this node runs",
+        gauge(version),
+    );
+    reg.register(
+        "cluster_rounds",
+        "Cluster versions made live on this node",
+        counter(info.rounds),
+    );
+    reg.register(
+        "cluster_rounds_gave_up",
+        "Versions swapped in without some live peer's Done (timeout or death)",
+        counter(info.rounds_gave_up),
+    );
+    reg.register(
+        "cluster_sessions_sent",
+        "Sessions sent to peers (each peer counted)",
+        counter(info.sessions_sent),
+    );
+    reg.register(
+        "cluster_sessions_received",
+        "Sessions received from peers",
+        counter(info.sessions_received),
+    );
+    reg.register(
+        "cluster_sessions_imported",
+        "Received sessions written into the protected map",
+        counter(info.sessions_imported),
+    );
+    let rejected = Family::<Labels, Counter>::default();
+    for (reason, n) in [
+        ("auth", info.rejected_auth),
+        ("replay", info.rejected_replay),
+        ("other", info.rejected_other),
+    ] {
+        rejected
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc_by(n);
+    }
+    reg.register("cluster_rejected", "Replication frames refused: bad HMAC (auth), replayed or stale (replay), misdirected or malformed (other)", rejected);
+    let bytes = Family::<Labels, Counter>::default();
+    for (dir, n) in [("sent", info.bytes_sent), ("received", info.bytes_received)] {
+        bytes
+            .get_or_create(&vec![("direction".to_string(), dir.to_string())])
+            .inc_by(n);
+    }
+    reg.register(
+        "cluster_bytes",
+        "Replication bytes (frames) to and from all peers",
+        bytes,
+    );
+    let up = Family::<Labels, Gauge>::default();
+    let lag = Family::<Labels, Gauge>::default();
+    let drift = Family::<Labels, Gauge>::default();
+    let hello = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for p in &info.peers {
+        let l = vec![("peer".to_string(), p.id.to_string())];
+        up.get_or_create(&l).set(i64::from(p.state == "live"));
+        lag.get_or_create(&l).set(p.lag);
+        drift
+            .get_or_create(&l)
+            .set(i64::from(info.drift.contains(&p.id)));
+        if let Some(ms) = p.last_hello_ms {
+            hello.get_or_create(&l).set(ms as f64 / 1000.0);
+        }
+    }
+    reg.register(
+        "cluster_peer_up",
+        "1 while the peer's Hello arrives (within 3 s)",
+        up,
+    );
+    reg.register(
+        "cluster_peer_lag_versions",
+        "Versions the peer is behind this node",
+        lag,
+    );
+    reg.register(
+        "cluster_peer_fingerprint_mismatch",
+        "1 while the peer's services, backends or tables differ (config drift)",
+        drift,
+    );
+    reg.register(
+        "cluster_peer_last_hello_seconds",
+        "Seconds since the peer's last Hello",
+        hello,
+    );
 }

@@ -19,6 +19,7 @@
 pub mod accept;
 pub mod announcing;
 pub mod checks;
+pub mod clustering;
 pub mod control;
 pub mod desired;
 pub mod health;
@@ -85,6 +86,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     warn_martian_tunnel_replies(&config);
     let metrics_address = config.metrics_address;
     let announce_table = config.announce_table;
+    let cluster = config.cluster.clone();
     let lb = Lb::new(
         opts.config.clone(),
         config,
@@ -122,6 +124,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         metrics_address,
         (hop_targets_rx, ingress, initial_hops),
         announce_table.map(|table| (readiness_rx, table)),
+        cluster,
     ));
     // The owner re-pins the link if needed, so the dataplane outlives us.
     rt.block_on(owner.shutdown());
@@ -175,6 +178,7 @@ async fn serve_until_signal(
         crate::dataplane::Hops,
     ),
     announce: Option<(tokio::sync::watch::Receiver<owner::VipReadiness>, u32)>,
+    cluster: Option<crate::config::ClusterConfig>,
 ) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -225,11 +229,40 @@ async fn serve_until_signal(
         ..control::ControlLimits::default()
     };
     metrics.add_listener("control", limits.stats.clone());
+    // With [cluster], runtime changes, flushes and cluster status go through
+    // the cluster task (the coordinator makes changes, in a prepare round).
+    let mut cluster_task = None;
+    let to_cluster = match cluster {
+        Some(cfg) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+            let owner = owner.clone();
+            let metrics = metrics.clone();
+            cluster_task = Some((
+                stop_tx,
+                tokio::spawn(async move {
+                    if let Err(e) = clustering::run(cfg, owner, metrics, rx, stop_rx).await {
+                        tracing::error!("the cluster task stopped: {e:#}");
+                    }
+                }),
+            ));
+            Some(tx)
+        }
+        None => None,
+    };
     let handler = {
         let owner = owner.clone();
         move |req: Request| {
             let owner = owner.clone();
-            async move { owner.request(req).await }
+            let to_cluster = to_cluster.clone();
+            async move {
+                match to_cluster {
+                    Some(tx) if clustering::is_cluster_request(&req) => {
+                        clustering::ask(&tx, req).await
+                    }
+                    _ => owner.request(req).await,
+                }
+            }
         }
     };
     // Its own task: accepting control connections never delays the signals below.
@@ -259,6 +292,10 @@ async fn serve_until_signal(
                 "withdrawing the VIPs took longer than {WITHDRAW_WAIT:?}; exiting anyway"
             ),
         }
+    }
+    if let Some((stop, task)) = cluster_task {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
     }
     for task in tasks {
         task.abort();

@@ -288,9 +288,9 @@ pub fn handle(lb: &mut Lb, req: Request) -> Response {
             }
             Request::Stats => Response::Stats(lb.stats()?),
             Request::Reload => Response::Done(lb.reload()?),
-            Request::ClusterStatus => anyhow::bail!(
-                "this node has no [cluster] section: it is not part of a cluster"
-            ),
+            Request::ClusterStatus => {
+                anyhow::bail!("this node has no [cluster] section: it is not part of a cluster")
+            }
         })
     })();
     match result {

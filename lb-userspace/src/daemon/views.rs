@@ -61,6 +61,7 @@ impl Lb {
             in_sync: self.dirty.is_none(),
             last_write_error: self.dirty.clone(),
             reconcile_repairs: self.repairs.values().sum(),
+            fingerprint: self.cluster.fingerprint.clone(),
         })
     }
 
