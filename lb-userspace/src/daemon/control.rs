@@ -224,6 +224,7 @@ mod tests {
             in_sync: true,
             last_write_error: None,
             reconcile_repairs: 0,
+            fingerprint: String::new(),
         }
     }
 
