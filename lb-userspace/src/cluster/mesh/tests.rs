@@ -449,3 +449,39 @@ async fn slow_consumer_loses_nothing_and_large_bodies_pass() {
     a.shutdown();
     b.shutdown();
 }
+
+#[tokio::test]
+async fn peer_that_stops_reading_is_disconnected() {
+    let la = bind();
+    let a_addr = la.local_addr().unwrap();
+    // "Node 2" accepts A's link and never reads it.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a, mut a_rx) =
+        start_with_listener(config(1, a_addr, &[(2, sink.local_addr().unwrap())]), la)
+            .await
+            .unwrap();
+    let (_held, _) = tokio::time::timeout(WAIT, sink.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_for(&mut a_rx, "A→2 up", |e| *e == Event::Connected(2)).await;
+    // Far more than loopback socket buffers hold, far less than the queue limit.
+    let mb = Bytes::from(vec![7u8; 1024 * 1024]);
+    for _ in 0..48 {
+        a.send(2, mb.clone()).unwrap();
+    }
+    let t = Instant::now();
+    wait_for(&mut a_rx, "write timeout", |e| *e == Event::Disconnected(2)).await;
+    assert!(
+        t.elapsed() >= WRITE_TIMEOUT - Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // And it redials.
+    let (_again, _) = tokio::time::timeout(WAIT, sink.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_for(&mut a_rx, "A→2 up again", |e| *e == Event::Connected(2)).await;
+    a.shutdown();
+}
