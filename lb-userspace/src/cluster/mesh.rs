@@ -77,7 +77,7 @@ impl fmt::Debug for MeshConfig {
 pub enum Event {
     /// The outbound link to this peer just came up: send it a full sync.
     Connected(u32),
-    /// The outbound link to this peer went down; sends fail until `Connected` again.
+    /// The outbound link to this peer went down; sends fail until `Connected` again (not sent on shutdown).
     Disconnected(u32),
     /// An authenticated, accepted frame from a peer.
     Message {

@@ -73,7 +73,8 @@ async fn closed_by_server(s: &mut TcpStream) {
     }
 }
 
-#[tokio::test]
+// The daemon runs a multi-threaded runtime; the other tests run on one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_exchange_and_broadcast() {
     let ls = [bind(), bind(), bind()];
     let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
@@ -91,8 +92,15 @@ async fn three_nodes_exchange_and_broadcast() {
         );
     }
     for (i, (_, rx)) in nodes.iter_mut().enumerate() {
-        for p in (1..=3).filter(|&p| p != i as u32 + 1) {
-            wait_for(rx, "Connected", |e| *e == Event::Connected(p)).await;
+        // Links come up in any order.
+        let mut up = std::collections::BTreeSet::new();
+        while up.len() < 2 {
+            if let Event::Connected(p) =
+                wait_for(rx, "Connected", |e| matches!(e, Event::Connected(_))).await
+            {
+                assert_ne!(p, i as u32 + 1);
+                up.insert(p);
+            }
         }
     }
     // Every ordered pair, both ways.
@@ -394,4 +402,86 @@ async fn connections_over_the_limit_are_refused() {
     closed_by_server(&mut extra).await;
     assert_eq!(h.stats().connections_refused, 1);
     h.shutdown();
+}
+
+#[tokio::test]
+async fn slow_consumer_loses_nothing_and_large_bodies_pass() {
+    let (la, lb) = (bind(), bind());
+    let (a_addr, b_addr) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+    let (a, mut a_rx) = start_with_listener(config(1, a_addr, &[(2, b_addr)]), la)
+        .await
+        .unwrap();
+    let (b, mut b_rx) = start_with_listener(config(2, b_addr, &[(1, a_addr)]), lb)
+        .await
+        .unwrap();
+    wait_for(&mut a_rx, "A→B up", |e| *e == Event::Connected(2)).await;
+    // More than the event channel holds, while B's consumer is not reading.
+    let n = 3 * EVENT_QUEUE as u32;
+    for i in 0..n {
+        a.send(2, Bytes::from(i.to_be_bytes().to_vec())).unwrap();
+    }
+    // Above the size that is HMAC-checked on the blocking pool.
+    let big = Bytes::from(
+        (0..2 * 1024 * 1024)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    a.send(2, big.clone()).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..n {
+        let got = wait_for(&mut b_rx, "Message", |e| matches!(e, Event::Message { .. })).await;
+        assert_eq!(
+            got,
+            Event::Message {
+                from: 1,
+                body: Bytes::from(i.to_be_bytes().to_vec())
+            }
+        );
+    }
+    let got = wait_for(&mut b_rx, "big Message", |e| {
+        matches!(e, Event::Message { .. })
+    })
+    .await;
+    assert_eq!(got, Event::Message { from: 1, body: big });
+    let too_big = Bytes::from(vec![0u8; wire::MAX_BODY + 1]);
+    assert_eq!(a.send(2, too_big), Err(SendError::TooLarge));
+    assert_eq!(b.stats().rejected_replay + b.stats().rejected_other, 0);
+    a.shutdown();
+    b.shutdown();
+}
+
+#[tokio::test]
+async fn peer_that_stops_reading_is_disconnected() {
+    let la = bind();
+    let a_addr = la.local_addr().unwrap();
+    // "Node 2" accepts A's link and never reads it.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a, mut a_rx) =
+        start_with_listener(config(1, a_addr, &[(2, sink.local_addr().unwrap())]), la)
+            .await
+            .unwrap();
+    let (_held, _) = tokio::time::timeout(WAIT, sink.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_for(&mut a_rx, "A→2 up", |e| *e == Event::Connected(2)).await;
+    // Far more than loopback socket buffers hold, far less than the queue limit.
+    let mb = Bytes::from(vec![7u8; 1024 * 1024]);
+    for _ in 0..48 {
+        a.send(2, mb.clone()).unwrap();
+    }
+    let t = Instant::now();
+    wait_for(&mut a_rx, "write timeout", |e| *e == Event::Disconnected(2)).await;
+    assert!(
+        t.elapsed() >= WRITE_TIMEOUT - Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // And it redials.
+    let (_again, _) = tokio::time::timeout(WAIT, sink.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_for(&mut a_rx, "A→2 up again", |e| *e == Event::Connected(2)).await;
+    a.shutdown();
 }
