@@ -57,6 +57,8 @@ pub const ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1);
 pub const ROUTER_CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 /// The router's IPv6 address towards the client.
 pub const ROUTER_CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, 1);
+/// The MAC of the router's bridge (the gateway of nodes and backends).
+pub const ROUTER_MAC: &str = "02:00:00:77:00:fe";
 /// The kernel table the daemons announce into and their BIRDs learn from.
 pub const ANNOUNCE_TABLE: u32 = 100;
 /// Every node's interface on the LB segment.
@@ -746,9 +748,12 @@ fn build(id: String, opts: ClusterOptions) -> Result<ClusterLab> {
     client.sysctls(lab::COMMON_SYSCTLS)?;
     client.sysctls(&[("net.ipv4.tcp_tw_reuse", "1")])?;
 
-    // The router: bridge (LB segment) and the client link.
+    // The router: bridge (LB segment) and the client link. The bridge's MAC is set: by
+    // default it takes the lowest of its ports', so plugging or removing a node would
+    // change the gateway's MAC under every backend's and node's neighbour cache.
     router.ip_batch(&format!(
-        "link add {BRIDGE} type bridge stp_state 0 mcast_snooping 0\nlink set {BRIDGE} up\n\
+        "link add {BRIDGE} address {ROUTER_MAC} type bridge stp_state 0 mcast_snooping 0\n\
+         link set {BRIDGE} up\n\
          addr add {ROUTER_V4}/24 dev {BRIDGE}\naddr add {ROUTER_V6}/64 dev {BRIDGE} nodad\n\
          link add {ROUTER_CLIENT_IF} type veth peer name {HOST_IF} netns {cl}\n\
          addr add {ROUTER_CLIENT_V4}/24 dev {ROUTER_CLIENT_IF}\n\

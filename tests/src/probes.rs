@@ -62,7 +62,8 @@ impl Default for ProbeOptions {
 /// One failed question.
 #[derive(Clone, Debug)]
 pub struct Failure {
-    /// When, from the start of the probers.
+    /// When the failed question was sent (a broken connection: when it was seen), from
+    /// the start of the probers.
     pub at: Duration,
     /// What happened.
     pub what: String,
@@ -341,6 +342,8 @@ struct TcpProbe {
 struct UdpProbe {
     sock: UdpSocket,
     record: ProbeRecord,
+    /// When the last question was sent.
+    sent: Instant,
 }
 
 impl Job {
@@ -423,6 +426,7 @@ impl Job {
             udp.push(UdpProbe {
                 sock,
                 record: ProbeRecord::new(self.client, local, Proto::Udp),
+                sent: Instant::now(),
             });
         }
         Ok(())
@@ -448,17 +452,19 @@ impl Job {
                 }
             }
             let _ = u.sock.set_nonblocking(false);
+            u.sent = Instant::now();
             if let Err(e) = u.sock.send(b"who are you?") {
                 u.record.errors += 1;
                 u.record.fail(at(), format!("send: {e}"));
             }
         }
         for t in tcp.iter_mut().filter(|t| !t.dead && t.in_flight.is_some()) {
-            t.read_answer(self.opts.timeout, at());
+            t.read_answer(self.opts.timeout, self.started);
         }
-        let sent = Instant::now();
         for u in udp.iter_mut() {
-            let left = (sent + self.opts.timeout)
+            // Failures are dated by when the question left.
+            let asked = u.sent.saturating_duration_since(self.started);
+            let left = (u.sent + self.opts.timeout)
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
             let _ = u.sock.set_read_timeout(Some(left));
@@ -477,7 +483,7 @@ impl Job {
                 }
                 Err(e) => {
                     u.record.errors += 1;
-                    u.record.fail(at(), format!("recv: {e}"));
+                    u.record.fail(asked, format!("recv: {e}"));
                 }
             }
         }
@@ -507,11 +513,13 @@ impl TcpProbe {
     }
 
     /// Reads the answer in flight until it is complete or its time is up. A late answer
-    /// stays in flight (it is read next round) and is counted as one timeout.
-    fn read_answer(&mut self, timeout: Duration, at: Duration) {
+    /// stays in flight (it is read next round) and is counted as one timeout. Failures
+    /// are dated by when the question was sent, from `started`.
+    fn read_answer(&mut self, timeout: Duration, started: Instant) {
         let Some((sent, late)) = self.in_flight else {
             return;
         };
+        let at = sent.saturating_duration_since(started);
         let deadline = sent + timeout;
         let mut buf = [0u8; 2048];
         loop {
