@@ -194,6 +194,7 @@ fn a_silent_node_death_is_detected_by_bfd_and_breaks_no_connection() {
     }
     // TCP retransmits what the dead node swallowed (RTO ≥ 200 ms, doubling).
     std::thread::sleep(Duration::from_secs(3));
+    eprintln!("probes stopped at {:?} on the probers' clock", p.elapsed());
     let records = p.stop();
     let s = report("node death", &records);
     assert!(
