@@ -58,7 +58,7 @@ pub fn http_get_within(src: IpAddr, dst: SocketAddr, limit: Duration) -> Result<
 }
 
 /// Opens a TCP connection bound to `src`, waiting at most `timeout` for the handshake.
-fn connect(src: SocketAddr, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+pub(crate) fn connect(src: SocketAddr, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
     if src.is_ipv4() != dst.is_ipv4() {
         bail!("source and destination are of different families");
     }
@@ -142,7 +142,7 @@ fn exchange(
 }
 
 /// Checks the status line and Content-Length and returns the body.
-fn parse_response(response: &[u8]) -> Result<String> {
+pub(crate) fn parse_response(response: &[u8]) -> Result<String> {
     let text = String::from_utf8_lossy(response);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         bail!("incomplete answer: {text:?}");

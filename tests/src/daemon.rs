@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    Lab, LabOptions, NsChild, Proto, Servers,
+    Lab, LabOptions, NetNs, NsChild, Proto, Servers,
     driver::{self, Mapping, Mode},
     who_serves,
 };
@@ -183,51 +183,13 @@ impl Daemon {
     /// Starts `xlb daemon --config CONFIG --socket <work dir>/xlb.sock` under `opts`
     /// without waiting for anything: for daemons expected to fail.
     pub fn spawn(lab: &Lab, config: &Path, opts: &StartOptions) -> Result<NsChild> {
-        let socket = socket_path(lab);
-        let bin = driver::xlb_bin()?;
-        let nofile = opts.nofile.map(|n| format!("--nofile={n}:{n}"));
-        let mut argv = Vec::new();
-        if let Some(limit) = &nofile {
-            // prlimit execs the daemon, so the child's pid stays the daemon's.
-            argv.extend(["prlimit", limit.as_str(), "--"]);
-        }
-        argv.extend([
-            bin.to_str().context("xlb path is not UTF-8")?,
-            "--socket",
-            socket.to_str().context("socket path is not UTF-8")?,
-            "daemon",
-            "--config",
-            config.to_str().context("config path is not UTF-8")?,
-        ]);
-        lab.spawn_in_lb(&argv)
+        spawn_in(&lab.lb, &socket_path(lab), config, opts)
     }
 
     /// [`Daemon::start`] under `opts`.
     pub fn start_with(lab: &Lab, config: &Path, opts: &StartOptions) -> Result<Self> {
         let socket = socket_path(lab);
-        let mut child = Self::spawn(lab, config, opts)?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "xlb daemon exited ({status}) while starting:\n{}",
-                    child.log()
-                );
-            }
-            if socket.exists() {
-                let out = ctl_output(lab, &socket, &["status"])?;
-                if out.status.success() {
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "xlb daemon did not answer within {START_TIMEOUT:?}:\n{}",
-                    child.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let child = start_in(&lab.lb, &socket, config, opts)?;
         Ok(Self {
             child,
             socket,
@@ -313,6 +275,11 @@ pub fn socket_path(lab: &Lab) -> PathBuf {
 
 /// Runs `xlb --socket S --json ARGS` in the LB namespace; the status is not checked.
 pub fn ctl_output(lab: &Lab, socket: &Path, args: &[&str]) -> Result<Output> {
+    ctl_output_in(&lab.lb, socket, args)
+}
+
+/// Runs `xlb --socket S --json ARGS` in `ns`; the status is not checked.
+pub fn ctl_output_in(ns: &NetNs, socket: &Path, args: &[&str]) -> Result<Output> {
     let bin = driver::xlb_bin()?;
     let mut argv = vec![
         bin.to_str().context("xlb path is not UTF-8")?,
@@ -321,7 +288,69 @@ pub fn ctl_output(lab: &Lab, socket: &Path, args: &[&str]) -> Result<Output> {
         "--json",
     ];
     argv.extend_from_slice(args);
-    lab.run_in_lb(&argv)
+    ns.exec(&argv)
+}
+
+/// Runs `xlb --socket S --json ARGS` in `ns` and parses its JSON; fails with its output.
+pub fn ctl_in(ns: &NetNs, socket: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let out = ctl_output_in(ns, socket, args)?;
+    if !out.status.success() {
+        bail!(
+            "xlb {} in {} failed ({}): {}{}",
+            args.join(" "),
+            ns.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("xlb {} --json printed no JSON", args.join(" ")))
+}
+
+/// Starts `xlb --socket SOCKET daemon --config CONFIG` in `ns` under `opts` without
+/// waiting for anything.
+pub fn spawn_in(ns: &NetNs, socket: &Path, config: &Path, opts: &StartOptions) -> Result<NsChild> {
+    let bin = driver::xlb_bin()?;
+    let nofile = opts.nofile.map(|n| format!("--nofile={n}:{n}"));
+    let mut argv = Vec::new();
+    if let Some(limit) = &nofile {
+        // prlimit execs the daemon, so the child's pid stays the daemon's.
+        argv.extend(["prlimit", limit.as_str(), "--"]);
+    }
+    argv.extend([
+        bin.to_str().context("xlb path is not UTF-8")?,
+        "--socket",
+        socket.to_str().context("socket path is not UTF-8")?,
+        "daemon",
+        "--config",
+        config.to_str().context("config path is not UTF-8")?,
+    ]);
+    ns.spawn(&argv)
+}
+
+/// [`spawn_in`], then waits until the daemon answers `status` on `socket`.
+pub fn start_in(ns: &NetNs, socket: &Path, config: &Path, opts: &StartOptions) -> Result<NsChild> {
+    let mut child = spawn_in(ns, socket, config, opts)?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "xlb daemon exited ({status}) while starting:\n{}",
+                child.log()
+            );
+        }
+        if socket.exists() && ctl_output_in(ns, socket, &["status"])?.status.success() {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "xlb daemon did not answer within {START_TIMEOUT:?}:\n{}",
+                child.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Address of the metrics endpoint the daemon tests configure: the LB's own

@@ -185,11 +185,13 @@ impl Lab {
         build(id, &opts).with_context(|| format!("building lab {tag}"))
     }
 
-    /// Removes namespaces and bpffs directories left by dead processes that used `tag`.
+    /// Removes namespaces (with the processes still running in them, such as daemons and
+    /// BIRD instances), bpffs and work directories left by dead processes that used `tag`.
     pub fn cleanup_stale(tag: &str) -> Result<usize> {
         let prefix = format!("xlb-{tag}-");
         let mut removed = 0;
         for name in stale_entries(Path::new(NETNS_RUN_DIR), &prefix)? {
+            crate::netns::kill_processes_in(&Path::new(NETNS_RUN_DIR).join(&name))?;
             cmd::ip(&["netns", "del", &name])?;
             removed += 1;
         }

@@ -18,8 +18,10 @@
 //! ```
 
 pub mod bench;
+pub mod bird;
 pub mod cleanup;
 pub mod client;
+pub mod cluster_lab;
 pub mod cmd;
 pub mod daemon;
 pub mod driver;
@@ -27,6 +29,7 @@ pub mod flood;
 pub mod frames;
 pub mod lab;
 pub mod netns;
+pub mod probes;
 pub mod routed_lab;
 pub mod servers;
 pub mod tmpfs;

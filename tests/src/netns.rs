@@ -144,6 +144,37 @@ impl Drop for NetNs {
     }
 }
 
+/// SIGKILLs every process whose network namespace is the one bound at `path` (what a
+/// crashed test run left running in it: deleting the name would not end them, and they
+/// would keep the namespace alive); returns how many.
+pub fn kill_processes_in(path: &Path) -> Result<usize> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    let me = std::process::id();
+    let mut killed = 0;
+    for entry in fs::read_dir("/proc").context("listing /proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process that exits meanwhile has no ns link any more: skip it.
+        let Ok(meta) = fs::metadata(entry.path().join("ns/net")) else {
+            continue;
+        };
+        if pid != me && meta.ino() == ns.ino() && meta.dev() == ns.dev() {
+            // SAFETY: kill(2) has no memory effects; the pid was just seen in that namespace.
+            if unsafe { libc::kill(pid as i32, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+    }
+    Ok(killed)
+}
+
 /// Moves the calling thread into the network namespace bound at `path`.
 pub fn enter(path: &Path) -> Result<()> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -228,6 +259,20 @@ impl NsChild {
     /// Path of the log file (removed when the child is dropped).
     pub fn log_path(&self) -> &Path {
         &self.log
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) without waiting; [`NsChild::wait_timeout`] reaps.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("`{}` was already reaped", self.describe))?;
+        // SAFETY: kill(2) on our own unreaped child (its pid cannot be reused yet).
+        if unsafe { libc::kill(child.id() as i32, signal) } != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("signalling `{}`", self.describe));
+        }
+        Ok(())
     }
 
     /// Returns the exit status if the child has exited, `None` while it runs.

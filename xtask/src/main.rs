@@ -29,7 +29,8 @@ struct Cli {
 /// The tasks.
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing prerequisites: apt packages, nightly + rust-src, bpf-linker, bpffs.
+    /// Install missing prerequisites: apt packages (BIRD 2 included, its own service kept off),
+    /// nightly + rust-src, bpf-linker, bpffs.
     Setup,
     /// Set up, build the xlb binary, run every test tier (`cargo xtask test -- FILTER` filters).
     Test {

@@ -2,14 +2,15 @@
 
 use std::ffi::CString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
 use crate::exec;
 
-/// Debian packages: LLVM 22 for bpf-linker, ip/bridge, ethtool, nsenter, a C toolchain for linking.
+/// Debian packages: LLVM 22 for bpf-linker, ip/bridge, ethtool, nsenter, a C toolchain for
+/// linking, and BIRD 2 (BGP + BFD) for the cluster lab's routers and node speakers.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -17,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "util-linux",
     "gcc",
+    "bird2",
 ];
 /// The bpf-linker release that matches LLVM 22 and the aya 0.14 line.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -27,7 +29,11 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Number of setup steps, for the `[i/N]` progress lines.
-const STEPS: usize = 4;
+const STEPS: usize = 5;
+/// The service unit / init script Debian's `bird2` installs (and may start on the host).
+const BIRD_SERVICE: &str = "bird";
+/// Control socket of the packaged BIRD instance (the tests' instances use their own).
+const BIRD_PACKAGE_SOCKET: &str = "/run/bird/bird.ctl";
 
 /// Installs every prerequisite that is missing.
 pub fn setup() -> Result<()> {
@@ -36,6 +42,7 @@ pub fn setup() -> Result<()> {
     toolchains(2)?;
     bpf_linker(3)?;
     bpffs(4)?;
+    bird_service_off(5)?;
     Ok(())
 }
 
@@ -276,6 +283,79 @@ fn bpffs_mounted() -> bool {
     }
 }
 
+/// Step 5: the `bird` service of Debian's package stopped and disabled. The cluster lab
+/// starts its own BIRD instances inside namespaces; one on the host would only add
+/// routes and sessions nobody asked for. Idempotent, and it touches only the packaged
+/// instance: never `/etc/init.d/bird stop`, which stops every process named bird
+/// (the tests' own included).
+fn bird_service_off(n: usize) -> Result<()> {
+    begin(n, "packaged bird service stopped and disabled");
+    let mut actions = Vec::new();
+    if Path::new("/run/systemd/system").is_dir() {
+        // systemd is the init: it knows the unit's state and stops only its own cgroup.
+        let state = |what: &str| {
+            exec::probe(Command::new("systemctl").args([what, BIRD_SERVICE]))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        if state("is-enabled") == "enabled" {
+            exec::capture(Command::new("systemctl").args(["disable", BIRD_SERVICE]))?;
+            actions.push("disabled the systemd unit");
+        }
+        if state("is-active") == "active" {
+            exec::capture(Command::new("systemctl").args(["stop", BIRD_SERVICE]))?;
+            actions.push("stopped the systemd unit");
+        }
+    } else {
+        if sysv_start_links()? {
+            exec::capture(Command::new("update-rc.d").args([BIRD_SERVICE, "disable"]))?;
+            actions.push("disabled the init script");
+        }
+        // Started by the init script, it answers on the package's default socket.
+        if Path::new(BIRD_PACKAGE_SOCKET).exists()
+            && exec::probe(Command::new("birdc").args(["-s", BIRD_PACKAGE_SOCKET, "down"]))
+                .is_some()
+        {
+            actions.push("stopped the running instance");
+        }
+    }
+    if actions.is_empty() {
+        done("already");
+    } else {
+        done(&actions.join(", "));
+    }
+    Ok(())
+}
+
+/// Whether a SysV runlevel directory still starts the bird init script.
+fn sysv_start_links() -> Result<bool> {
+    for level in 2..=5 {
+        let dir = PathBuf::from(format!("/etc/rc{level}.d"));
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        for entry in entries {
+            let name = entry
+                .with_context(|| format!("listing {}", dir.display()))?
+                .file_name();
+            if is_start_link(&name.to_string_lossy()) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a runlevel entry name (`S01bird`) starts the bird service.
+fn is_start_link(name: &str) -> bool {
+    name.strip_prefix('S')
+        .map(|rest| rest.trim_start_matches(|c: char| c.is_ascii_digit()))
+        == Some(BIRD_SERVICE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +365,14 @@ mod tests {
         let listed = "ethtool installed\nllvm-22-dev not-installed\nlibllvm22:amd64 installed\n";
         let wanted = &["ethtool", "llvm-22-dev", "libllvm22", "gcc"];
         assert_eq!(not_installed(listed, wanted), vec!["llvm-22-dev", "gcc"]);
+    }
+
+    #[test]
+    fn only_the_bird_start_links_count() {
+        assert!(is_start_link("S01bird"));
+        assert!(!is_start_link("K01bird"));
+        assert!(!is_start_link("S01bird6"));
+        assert!(!is_start_link("S02ssh"));
     }
 
     #[test]
