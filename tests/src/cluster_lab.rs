@@ -61,6 +61,10 @@ pub const ROUTER_CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, 1
 pub const ROUTER_MAC: &str = "02:00:00:77:00:fe";
 /// The kernel table the daemons announce into and their BIRDs learn from.
 pub const ANNOUNCE_TABLE: u32 = 100;
+/// The nodes' replication port (`[cluster] listen`).
+pub const CLUSTER_PORT: u16 = 7946;
+/// The lab's shared cluster key (tests forge frames with it and with others).
+pub const CLUSTER_KEY: &str = "xlb-lab-cluster-key-0123456789abcdef";
 /// Every node's interface on the LB segment.
 pub const NODE_IF: &str = "lb0";
 /// The client's and every backend's interface.
@@ -104,6 +108,10 @@ pub struct ClusterOptions {
     pub health: HealthOptions,
     /// Edits each node's daemon config before it is written (and again on restart).
     pub edit: Option<ConfigEdit>,
+    /// Backends be1..beK in the nodes' configs (default all); the rest run, to be added.
+    pub configured: Option<usize>,
+    /// Gives each node a `[cluster]` section naming the others (replication on).
+    pub cluster: bool,
 }
 
 impl Default for ClusterOptions {
@@ -116,6 +124,8 @@ impl Default for ClusterOptions {
             mode: Mode::Native,
             health: HealthOptions::default(),
             edit: None,
+            configured: None,
+            cluster: false,
         }
     }
 }
@@ -130,6 +140,8 @@ impl fmt::Debug for ClusterOptions {
             .field("mode", &self.mode)
             .field("health", &self.health)
             .field("edit", &self.edit.is_some())
+            .field("configured", &self.configured)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -637,7 +649,7 @@ fn node_config(node: &Node, opts: &ClusterOptions) -> String {
             text.push_str(&format!(
                 "\n[[service]]\nname = \"{name}-{fam}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"{proto}\"\n"
             ));
-            for b in 1..=opts.backends {
+            for b in 1..=opts.configured.unwrap_or(opts.backends).min(opts.backends) {
                 let addr = match vip {
                     IpAddr::V4(_) => IpAddr::V4(backend_v4(b)),
                     IpAddr::V6(_) => IpAddr::V6(backend_v6(b)),
@@ -652,14 +664,52 @@ fn node_config(node: &Node, opts: &ClusterOptions) -> String {
             ));
         }
     }
+    if opts.cluster {
+        let peers: Vec<String> = (1..=opts.nodes)
+            .filter(|j| *j != node.index)
+            .map(|j| format!("\"{j}@{}:{CLUSTER_PORT}\"", node_v4(j)))
+            .collect();
+        text.push_str(&format!(
+            "\n[cluster]\nnode_id = {}\nlisten = \"{}:{CLUSTER_PORT}\"\nkey_file = \"{}\"\npeers = [{}]\n",
+            node.index,
+            node.ipv4,
+            cluster_key_path(node).display(),
+            peers.join(", ")
+        ));
+    }
     match &opts.edit {
         Some(edit) => edit(node.index, text),
         None => text,
     }
 }
 
+/// The lab's shared cluster key file (beside the nodes' directories).
+fn cluster_key_path(node: &Node) -> PathBuf {
+    node.dir.parent().unwrap_or(&node.dir).join("cluster.key")
+}
+
+/// Writes the lab's cluster key (mode 0600, as the daemon demands) if it is not there.
+fn write_cluster_key(node: &Node) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = cluster_key_path(node);
+    if path.exists() {
+        return Ok(());
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, CLUSTER_KEY.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Writes node `node`'s config and starts its daemon, then its BIRD.
 fn start_node(node: &mut Node, opts: &ClusterOptions) -> Result<()> {
+    if opts.cluster {
+        write_cluster_key(node)?;
+    }
     let config = node.config();
     fs::write(&config, node_config(node, opts))
         .with_context(|| format!("writing {}", config.display()))?;

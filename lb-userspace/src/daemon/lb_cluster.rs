@@ -91,10 +91,11 @@ impl Lb {
     /// verdict once a document is adopted, else this node's own checks.
     /// `None` for an unchecked backend.
     pub(super) fn health_of(&self, r: &BackendRef) -> Option<bool> {
-        let own = self.health.get(r).map(|h| h.up)?;
         match &self.cluster.down {
-            Some(down) => Some(!down.contains(&backend_key(r))),
-            None => Some(own),
+            // Down by the cluster even before this node has a record (just added).
+            Some(down) if down.contains(&backend_key(r)) => Some(false),
+            Some(_) => self.health.get(r).map(|_| true),
+            None => self.health.get(r).map(|h| h.up),
         }
     }
 
