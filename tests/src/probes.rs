@@ -45,6 +45,9 @@ pub struct ProbeOptions {
     pub timeout: Duration,
     /// The probers stop by themselves after this long.
     pub max_duration: Duration,
+    /// First source port of each client's UDP flows (two probers running at once
+    /// need ranges of their own).
+    pub udp_base_port: u16,
 }
 
 impl Default for ProbeOptions {
@@ -55,6 +58,7 @@ impl Default for ProbeOptions {
             every: Duration::from_millis(200),
             timeout: Duration::from_secs(3),
             max_duration: Duration::from_secs(60),
+            udp_base_port: UDP_BASE_PORT,
         }
     }
 }
@@ -419,7 +423,7 @@ impl Job {
         }
         let echo = SocketAddr::new(self.vip, UDP_PORT);
         for k in 0..self.opts.udp_per_client {
-            let local = SocketAddr::new(self.client, UDP_BASE_PORT + k as u16);
+            let local = SocketAddr::new(self.client, self.opts.udp_base_port + k as u16);
             let sock = UdpSocket::bind(local).with_context(|| format!("binding UDP {local}"))?;
             sock.connect(echo)
                 .with_context(|| format!("UDP {local} -> {echo}"))?;

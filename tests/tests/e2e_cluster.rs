@@ -159,6 +159,7 @@ fn event_probe_options() -> ProbeOptions {
         every: Duration::from_millis(200),
         timeout: Duration::from_secs(3),
         max_duration: Duration::from_secs(40),
+        ..ProbeOptions::default()
     }
 }
 
