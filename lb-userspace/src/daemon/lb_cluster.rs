@@ -203,7 +203,7 @@ impl Lb {
     /// The desired config under `doc`, as this node would write it.
     fn desired_under(&mut self, doc: &Doc) -> Result<crate::config::Config> {
         let state = std::mem::replace(&mut self.state, doc.state.clone());
-        let down = std::mem::replace(&mut self.cluster.down, Some(doc.down.clone()));
+        let down = self.cluster.down.replace(doc.down.clone());
         let result = self.desired_config(Instant::now());
         self.state = state;
         self.cluster.down = down;
@@ -278,7 +278,7 @@ impl Lb {
         self.save(&mut new)
             .context("adopting the cluster's version: the state file could not be written")?;
         let old_state = std::mem::replace(&mut self.state, new);
-        let old_down = std::mem::replace(&mut self.cluster.down, Some(doc.down.clone()));
+        let old_down = self.cluster.down.replace(doc.down.clone());
         let result = self
             .kernel_backends()
             .and_then(|k| self.sync_health(&k))

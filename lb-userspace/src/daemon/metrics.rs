@@ -455,36 +455,6 @@ pub async fn serve(listener: TcpListener, owner: Handle, limits: HttpLimits) {
     http::serve_metrics(listener, render, limits).await;
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each outcome lands in its own family: a check not run is never a failure.
-    #[test]
-    fn outcomes_are_counted_apart() {
-        let m = Metrics::default();
-        let r = BackendRef {
-            service: "web".into(),
-            backend: "b1".into(),
-        };
-        m.observe_check(&r, &CheckOutcome::NotRun("Too many open files".into()));
-        m.observe_check(&r, &CheckOutcome::NotRun("No buffer space".into()));
-        m.observe_check(&r, &CheckOutcome::Fail("refused".into()));
-        m.observe_check(&r, &CheckOutcome::Pass(std::time::Duration::from_millis(1)));
-        let l = labels(&r);
-        assert_eq!(m.checks_not_run.get_or_create(&l).get(), 2);
-        assert_eq!(m.check_failures.get_or_create(&l).get(), 1);
-        let mut kept = Registry::with_prefix("xlb");
-        kept.register("health_checks_not_run", "x", m.checks_not_run.clone());
-        let mut out = String::new();
-        encode_registry(&mut out, &kept).expect("encode");
-        assert!(
-            out.contains("xlb_health_checks_not_run_total{service=\"web\",backend=\"b1\"} 2"),
-            "{out}"
-        );
-    }
-}
-
 /// The `xlb_cluster_*` metrics: this node, each peer, the replication totals.
 fn register_cluster(reg: &mut Registry, info: &crate::api::ClusterInfo) {
     let gauge = |v: i64| {
@@ -601,3 +571,34 @@ fn register_cluster(reg: &mut Registry, info: &crate::api::ClusterInfo) {
         hello,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each outcome lands in its own family: a check not run is never a failure.
+    #[test]
+    fn outcomes_are_counted_apart() {
+        let m = Metrics::default();
+        let r = BackendRef {
+            service: "web".into(),
+            backend: "b1".into(),
+        };
+        m.observe_check(&r, &CheckOutcome::NotRun("Too many open files".into()));
+        m.observe_check(&r, &CheckOutcome::NotRun("No buffer space".into()));
+        m.observe_check(&r, &CheckOutcome::Fail("refused".into()));
+        m.observe_check(&r, &CheckOutcome::Pass(std::time::Duration::from_millis(1)));
+        let l = labels(&r);
+        assert_eq!(m.checks_not_run.get_or_create(&l).get(), 2);
+        assert_eq!(m.check_failures.get_or_create(&l).get(), 1);
+        let mut kept = Registry::with_prefix("xlb");
+        kept.register("health_checks_not_run", "x", m.checks_not_run.clone());
+        let mut out = String::new();
+        encode_registry(&mut out, &kept).expect("encode");
+        assert!(
+            out.contains("xlb_health_checks_not_run_total{service=\"web\",backend=\"b1\"} 2"),
+            "{out}"
+        );
+    }
+}
+

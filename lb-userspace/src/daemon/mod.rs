@@ -123,8 +123,10 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
         targets_rx,
         metrics_address,
         (hop_targets_rx, ingress, initial_hops),
-        announce_table.map(|table| (readiness_rx, table)),
-        cluster,
+        Peering {
+            announce: announce_table.map(|table| (readiness_rx, table)),
+            cluster,
+        },
     ));
     // The owner re-pins the link if needed, so the dataplane outlives us.
     rt.block_on(owner.shutdown());
@@ -166,6 +168,14 @@ fn warn_martian_tunnel_replies(config: &Config) {
     }
 }
 
+/// How this node talks to routers and to other nodes.
+struct Peering {
+    /// VIP readiness and the table to announce them in (`announce_table`).
+    announce: Option<(tokio::sync::watch::Receiver<owner::VipReadiness>, u32)>,
+    /// `[cluster]`.
+    cluster: Option<crate::config::ClusterConfig>,
+}
+
 async fn serve_until_signal(
     opts: &DaemonOptions,
     owner: Handle,
@@ -177,8 +187,7 @@ async fn serve_until_signal(
         u32,
         crate::dataplane::Hops,
     ),
-    announce: Option<(tokio::sync::watch::Receiver<owner::VipReadiness>, u32)>,
-    cluster: Option<crate::config::ClusterConfig>,
+    Peering { announce, cluster }: Peering,
 ) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
