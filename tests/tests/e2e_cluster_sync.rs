@@ -581,3 +581,46 @@ fn forged_and_replayed_frames_change_nothing_and_are_counted() {
     wait_cluster(&lab, Duration::from_secs(5));
     assert_eq!(agreed_answers(&lab).0, answers_before);
 }
+
+#[test]
+fn config_drift_is_reported_by_every_node() {
+    assert_root();
+    // lb3's config gives be1 of http-v4 another weight: its table differs.
+    let edit: xlb_tests::cluster_lab::ConfigEdit = std::sync::Arc::new(|i, text: String| {
+        if i != 3 {
+            return text;
+        }
+        text.replacen(
+            "name = \"be1\"\naddress = \"10.77.0.21\"\n",
+            "name = \"be1\"\naddress = \"10.77.0.21\"\nweight = 3\n",
+            1,
+        )
+    });
+    let lab = ClusterLab::new(
+        TAG,
+        ClusterOptions {
+            cluster: true,
+            edit: Some(edit),
+            ..ClusterOptions::default()
+        },
+    )
+    .expect("cluster lab");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s1 = status(&lab, 1);
+        let s3 = status(&lab, 3);
+        if s1["drift"] == serde_json::json!([3]) && s3["drift"] == serde_json::json!([1, 2]) {
+            eprintln!(
+                "drift: lb1 reports {}, lb3 reports {}",
+                s1["drift"], s3["drift"]
+            );
+            assert_ne!(s1["fingerprint"], s3["fingerprint"]);
+            assert_eq!(status(&lab, 2)["drift"], serde_json::json!([3]));
+            let log = lab.nodes[0].daemon_log();
+            assert!(log.contains("CONFIG DRIFT: node 3"), "{log}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "no drift reported: {s1}\n{s3}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -594,6 +594,18 @@ impl Node {
                     );
                 }
                 let text = self.adopt(round.doc.clone()).await;
+                if text.is_ok() {
+                    // Sessions that became divergent between the prepare walk and the
+                    // swap (new clients meanwhile): the swap protected them here.
+                    let late = self.owner.call(|lb| lb.replicable(true)).await??;
+                    if !late.is_empty() {
+                        tracing::info!(
+                            sessions = late.len(),
+                            "cluster: sending the sessions that became divergent during the round"
+                        );
+                        self.send_sessions(None, late);
+                    }
+                }
                 let result = text.map(|()| {
                     format!(
                         "{} (cluster version {}, live on this node)",

@@ -248,6 +248,7 @@ impl Lb {
             .collect();
         let now = monotonic_ns();
         let mut out = Vec::new();
+        let mut sent = Vec::new();
         self.maps.visit_sessions(|key, value, _| {
             let Some((table, timeout, service)) = tables.get(&key.service_id) else {
                 return Ok(());
@@ -264,9 +265,12 @@ impl Lb {
                     backend: (*backend).to_string(),
                     age_ms: age / 1_000_000,
                 });
+                sent.push((key, value.last_seen_ns));
             }
             Ok(())
         })?;
+        // Sent now: the refresh after the swap only sends what changed since.
+        self.cluster.refreshed.extend(sent);
         Ok(out)
     }
 
@@ -274,6 +278,9 @@ impl Lb {
     /// its state and health verdict to the kernel. On failure nothing changes
     /// (reconcile retries the write if the kernel was half written).
     pub fn adopt(&mut self, doc: &Doc) -> Result<()> {
+        doc.state
+            .validate(&self.base)
+            .with_context(|| format!("cluster version {} is not valid here", doc.version))?;
         let mut new = doc.state.clone();
         self.save(&mut new)
             .context("adopting the cluster's version: the state file could not be written")?;
