@@ -22,6 +22,7 @@ pub mod bird;
 pub mod cleanup;
 pub mod client;
 pub mod cluster_lab;
+pub mod cluster_ops;
 pub mod cmd;
 pub mod daemon;
 pub mod driver;

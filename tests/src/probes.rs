@@ -11,9 +11,8 @@ use std::fmt;
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -236,10 +235,34 @@ pub fn failure_lines(records: &[ProbeRecord]) -> Vec<String> {
         .collect()
 }
 
+/// The backend each client's connections and flows reached; fails if a client reached
+/// two (one client, one backend is what sticky sessions promise).
+pub fn backend_per_client(records: &[ProbeRecord]) -> Result<BTreeMap<IpAddr, String>> {
+    let mut out: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for r in records {
+        for b in &r.backends {
+            let first = out.entry(r.client).or_insert_with(|| b.clone());
+            if first != b {
+                bail!("client {} reached two backends: {first} and {b}", r.client);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One prober thread's records as of its last finished round (read while it runs).
+type LiveSlot = Arc<Mutex<Vec<ProbeRecord>>>;
+
+/// Locks a slot; a prober that panicked must not hide what the others saw.
+fn lock(slot: &LiveSlot) -> MutexGuard<'_, Vec<ProbeRecord>> {
+    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Probers running in a namespace; stopped (and joined) by [`Probers::stop`] or on drop.
 pub struct Probers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Vec<ProbeRecord>>>,
+    live: Vec<LiveSlot>,
     started: Instant,
 }
 
@@ -259,10 +282,14 @@ impl Probers {
         let mut probers = Self {
             stop: stop.clone(),
             threads: Vec::new(),
+            live: Vec::new(),
             started,
         };
         for &client in clients {
+            let live = LiveSlot::default();
+            probers.live.push(live.clone());
             let job = Job {
+                live,
                 netns: ns.path().to_owned(),
                 client,
                 vip: vip_for(client),
@@ -297,6 +324,15 @@ impl Probers {
         self.started.elapsed()
     }
 
+    /// What each connection and flow saw up to its prober's last finished round, while
+    /// the probers keep running (a round lasts at most one probe timeout).
+    pub fn snapshot(&self) -> Vec<ProbeRecord> {
+        self.live
+            .iter()
+            .flat_map(|slot| lock(slot).clone())
+            .collect()
+    }
+
     /// Stops every prober and returns what each connection and flow saw.
     pub fn stop(mut self) -> Vec<ProbeRecord> {
         self.finish()
@@ -323,6 +359,8 @@ impl Drop for Probers {
 
 /// One client's connections and flows.
 struct Job {
+    /// Where the records are published after every round.
+    live: LiveSlot,
     netns: PathBuf,
     client: IpAddr,
     vip: IpAddr,
@@ -371,6 +409,7 @@ impl Job {
             }
         });
         let ok = first.is_ok();
+        self.publish(&tcp, &udp);
         let _ = ready.send(first);
         if ok {
             let max_rounds = (self.opts.max_duration.as_millis()
@@ -392,12 +431,23 @@ impl Job {
                 }
                 next += self.opts.every;
                 self.round(&mut tcp, &mut udp);
+                self.publish(&tcp, &udp);
             }
         }
         tcp.into_iter()
             .map(|t| t.record)
             .chain(udp.into_iter().map(|u| u.record))
             .collect()
+    }
+
+    /// Publishes a copy of the records for [`Probers::snapshot`].
+    fn publish(&self, tcp: &[TcpProbe], udp: &[UdpProbe]) {
+        let records = tcp
+            .iter()
+            .map(|t| t.record.clone())
+            .chain(udp.iter().map(|u| u.record.clone()))
+            .collect();
+        *lock(&self.live) = records;
     }
 
     /// Joins the namespace and opens every connection and flow.

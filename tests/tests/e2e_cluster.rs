@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use xlb_tests::cluster_lab::{ClusterLab, ClusterOptions};
 use xlb_tests::daemon::assert_root;
-use xlb_tests::probes::{ProbeOptions, ProbeRecord, Probers, Summary, failure_lines};
+use xlb_tests::probes::{self, ProbeOptions, ProbeRecord, Probers, Summary, failure_lines};
 
 /// The lab tag of this tier (namespaces `xlb-cluster-*`).
 const TAG: &str = "cluster";
@@ -43,33 +43,12 @@ fn report(what: &str, records: &[ProbeRecord]) -> Summary {
 
 /// The backend each client's connections and flows reached (one per client, asserted).
 fn backend_per_client(records: &[ProbeRecord]) -> BTreeMap<IpAddr, String> {
-    let mut out: BTreeMap<IpAddr, String> = BTreeMap::new();
-    for r in records {
-        for b in &r.backends {
-            let first = out.entry(r.client).or_insert_with(|| b.clone());
-            assert_eq!(first, b, "client {} reached two backends", r.client);
-        }
-    }
-    out
+    probes::backend_per_client(records).expect("one backend per client")
 }
 
-/// Node index -> clients with a session in `service` on that node (`xlb sessions list`).
+/// Node index -> clients with a session in `services` on that node (`xlb sessions list`).
 fn sessions_by_node(lab: &ClusterLab, services: &[&str]) -> BTreeMap<usize, BTreeSet<IpAddr>> {
-    let mut out = BTreeMap::new();
-    for n in lab.nodes.iter().filter(|n| n.alive()) {
-        let mut clients = BTreeSet::new();
-        for svc in services {
-            let list = lab
-                .node_cli(n.index, &["sessions", "list", "--service", svc])
-                .expect("sessions list");
-            for s in list.as_array().into_iter().flatten() {
-                let c: IpAddr = s["client"].as_str().expect("client").parse().expect("ip");
-                clients.insert(c);
-            }
-        }
-        out.insert(n.index, clients);
-    }
-    out
+    lab.sessions_by_node(services).expect("sessions list")
 }
 
 #[test]

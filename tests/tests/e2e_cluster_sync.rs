@@ -13,11 +13,11 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use xlb_tests::cluster_lab::{
-    CLUSTER_KEY, CLUSTER_PORT, ClusterLab, ClusterOptions, SERVICES, backend_v4, backend_v6,
-    node_v4,
+    CLUSTER_KEY, CLUSTER_PORT, ClusterLab, ClusterOptions, SERVICES, backend_v6, node_v4,
 };
+use xlb_tests::cluster_ops::Answer;
 use xlb_tests::daemon::assert_root;
-use xlb_tests::probes::{ProbeOptions, ProbeRecord, Probers, Summary, failure_lines};
+use xlb_tests::probes::{self, ProbeOptions, ProbeRecord, Probers, Summary, failure_lines};
 
 /// The lab tag of this tier (namespaces `xlb-csync-*`).
 const TAG: &str = "csync";
@@ -40,43 +40,14 @@ fn lab() -> ClusterLab {
 
 /// `xlb cluster status --json` of node `i`.
 fn status(lab: &ClusterLab, i: usize) -> serde_json::Value {
-    lab.node_cli(i, &["cluster", "status"])
-        .expect("cluster status")
+    lab.cluster_status(i).expect("cluster status")
 }
 
-/// Waits until every live node is synced, sees every other live node live, and all run
-/// one version with one fingerprint.
+/// Waits until every live node is synced, sees the others live, and all run one
+/// version with one fingerprint.
 fn wait_cluster(lab: &ClusterLab, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    let alive: Vec<usize> = lab
-        .nodes
-        .iter()
-        .filter(|n| n.alive())
-        .map(|n| n.index)
-        .collect();
-    loop {
-        let all: Vec<serde_json::Value> = alive.iter().map(|i| status(lab, *i)).collect();
-        let agreed = all.iter().all(|s| {
-            s["synced"] == true
-                && s["version"] == all[0]["version"]
-                && s["fingerprint"] == all[0]["fingerprint"]
-                && s["round"].is_null()
-                && s["peers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|p| alive.contains(&(p["id"].as_u64().unwrap_or(0) as usize)))
-                    .all(|p| p["state"] == "live")
-        });
-        if agreed {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the cluster did not agree within {timeout:?}: {all:#?}\n{}",
-            lab.debug_dump()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    if let Err(e) = lab.wait_cluster(timeout) {
+        panic!("{e:#}\n{}", lab.debug_dump());
     }
 }
 
@@ -95,58 +66,17 @@ fn report(what: &str, records: &[ProbeRecord]) -> Summary {
 
 /// The backend each client reached (one per client, asserted).
 fn backend_per_client(records: &[ProbeRecord]) -> BTreeMap<IpAddr, String> {
-    let mut out: BTreeMap<IpAddr, String> = BTreeMap::new();
-    for r in records {
-        for b in &r.backends {
-            let first = out.entry(r.client).or_insert_with(|| b.clone());
-            assert_eq!(first, b, "client {} reached two backends", r.client);
-        }
-    }
-    out
+    probes::backend_per_client(records).expect("one backend per client")
 }
 
-fn http_service(client: IpAddr) -> &'static str {
-    if client.is_ipv4() {
-        "http-v4"
-    } else {
-        "http-v6"
-    }
-}
-
-/// What node `i` answers each client of the http services (`xlb sessions where`):
-/// backend, whether a session decides, and the live Maglev answer.
-fn answers(lab: &ClusterLab, i: usize, clients: &[IpAddr]) -> BTreeMap<IpAddr, (String, String)> {
-    clients
-        .iter()
-        .map(|c| {
-            let cs = c.to_string();
-            let w = lab
-                .node_cli(
-                    i,
-                    &["sessions", "where", &cs, "--service", http_service(*c)],
-                )
-                .expect("sessions where");
-            let row = &w[0];
-            (
-                *c,
-                (
-                    row["backend"].as_str().unwrap_or("-").to_string(),
-                    row["maglev_backend"].as_str().unwrap_or("-").to_string(),
-                ),
-            )
-        })
-        .collect()
+/// What node `i` answers each client of the http services (`xlb sessions where`).
+fn answers(lab: &ClusterLab, i: usize, clients: &[IpAddr]) -> BTreeMap<IpAddr, Answer> {
+    lab.answers(i, clients).expect("sessions where")
 }
 
 fn add_everywhere(lab: &ClusterLab, node: usize, name: &str, b: usize) {
-    for svc in SERVICES {
-        let addr: IpAddr = if svc.ends_with("v4") {
-            backend_v4(b).into()
-        } else {
-            backend_v6(b).into()
-        };
-        lab.add_backend(node, svc, name, addr).expect("backend add");
-    }
+    lab.add_backend_everywhere(node, name, b)
+        .expect("backend add");
 }
 
 /// `state` of backend `name` of `service` on node `i` ("active", "down", ...).
@@ -189,16 +119,16 @@ fn wait_backend(lab: &ClusterLab, name: &str, state: &str, timeout: Duration) ->
 /// and returns it with the number of clients whose backend differs from the Maglev answer.
 fn agreed_answers(lab: &ClusterLab) -> (BTreeMap<IpAddr, String>, usize) {
     let clients = lab.client_addrs();
-    let mut agreed: Option<BTreeMap<IpAddr, (String, String)>> = None;
+    let mut agreed: Option<BTreeMap<IpAddr, Answer>> = None;
     for n in lab.nodes.iter().filter(|n| n.alive()) {
         let a = answers(lab, n.index, &clients);
         match &agreed {
             None => agreed = Some(a),
             Some(first) => {
-                for (c, (b, _)) in &a {
+                for (c, x) in &a {
                     assert_eq!(
-                        Some(b),
-                        first.get(c).map(|x| &x.0),
+                        Some(&x.backend),
+                        first.get(c).map(|f| &f.backend),
                         "node lb{} answers {c} otherwise than the first node",
                         n.index
                     );
@@ -207,9 +137,9 @@ fn agreed_answers(lab: &ClusterLab) -> (BTreeMap<IpAddr, String>, usize) {
         }
     }
     let agreed = agreed.expect("a live node");
-    let divergent = agreed.values().filter(|(b, m)| b != m).count();
+    let divergent = agreed.values().filter(|a| a.divergent()).count();
     (
-        agreed.into_iter().map(|(c, (b, _))| (c, b)).collect(),
+        agreed.into_iter().map(|(c, a)| (c, a.backend)).collect(),
         divergent,
     )
 }

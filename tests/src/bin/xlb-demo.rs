@@ -4,6 +4,11 @@
 //! times, prints who went where; then runs `xlb daemon` with health checks,
 //! stops one backend's servers and drains another, printing which clients
 //! moved; and cleans everything up.
+//!
+//! `xlb-demo cluster` shows the replicated cluster instead (see `cluster.rs`).
+
+#[path = "xlb-demo/cluster.rs"]
+mod cluster;
 
 use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
@@ -15,6 +20,9 @@ use xlb_tests::{
 };
 
 const ROUNDS: usize = 5;
+
+/// What the demo accepts.
+const USAGE: &str = "usage: xlb-demo [native|generic|cluster]";
 
 /// The config the demo runs, checked in as the project's full example.
 const DEMO_CONFIG: &str = include_str!("../../demo.toml");
@@ -61,7 +69,17 @@ fn demo_config(lab: &Lab, mode: Mode) -> Result<std::path::PathBuf> {
 }
 
 fn main() -> ExitCode {
-    match demo() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] | ["native"] => demo(Mode::Native),
+        ["generic"] => demo(Mode::Generic),
+        ["cluster"] => as_root().and_then(|()| cluster::run()),
+        [..] => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e:#}");
@@ -74,16 +92,17 @@ fn step(n: usize, what: &str) {
     println!("[{n}/8] {what}");
 }
 
-fn demo() -> Result<()> {
+/// Fails unless the process runs as root.
+fn as_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads XDP: run it as root");
     }
-    let mode = match std::env::args().nth(1).as_deref() {
-        None | Some("native") => Mode::Native,
-        Some("generic") => Mode::Generic,
-        Some(other) => bail!("unknown mode {other:?}: use native or generic"),
-    };
+    Ok(())
+}
+
+fn demo(mode: Mode) -> Result<()> {
+    as_root()?;
 
     step(
         1,
