@@ -31,6 +31,10 @@ use crate::sessions::monotonic_ns;
 /// no session can hold them, so every session answered by one is divergent.
 const PROVISIONAL_ID: u32 = 0x4000_0000;
 
+/// A received copy of a session this node holds with the same backend is
+/// written only if it was seen this much later (a refresh, not rounding).
+const SAME_SLACK_NS: u64 = 1_000_000_000;
+
 /// This node's cluster bookkeeping inside [`Lb`].
 #[derive(Debug, Default)]
 pub struct ClusterSide {
@@ -249,7 +253,12 @@ impl Lb {
         let now = monotonic_ns();
         let mut out = Vec::new();
         let mut sent = Vec::new();
-        self.maps.visit_sessions(|key, value, _| {
+        self.maps.visit_sessions(|key, value, protected| {
+            // Protected sessions were replicated when they became divergent
+            // (or in a full sync): only the LRU holds news.
+            if protected {
+                return Ok(());
+            }
             let Some((table, timeout, service)) = tables.get(&key.service_id) else {
                 return Ok(());
             };
@@ -367,7 +376,11 @@ impl Lb {
             match self.maps.session(&key) {
                 Some((mine, protected)) if mine.backend_id == bid => {
                     t.same += 1;
-                    if protected && mine.last_seen_ns >= theirs.last_seen_ns {
+                    // Ages travel in whole milliseconds and take time to arrive, so a
+                    // copy always looks a little fresher: only a real refresh counts.
+                    if protected
+                        && theirs.last_seen_ns < mine.last_seen_ns.saturating_add(SAME_SLACK_NS)
+                    {
                         continue;
                     }
                     let fresher = Affinity {
@@ -390,7 +403,11 @@ impl Lb {
         }
         for (key, value, drop_lru) in writes {
             match self.maps.protected.insert(key, value, 0) {
-                Ok(()) => t.imported += 1,
+                Ok(()) => {
+                    t.imported += 1;
+                    // Written by a peer, not seen here: not this node's to refresh.
+                    self.cluster.refreshed.insert(key, value.last_seen_ns);
+                }
                 Err(MapError::SyscallError(e))
                     if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) =>
                 {
