@@ -108,6 +108,8 @@ pub struct ClusterTable {
     pub about: String,
     /// The runs, in order.
     pub runs: Vec<ClusterRun>,
+    /// Per node, over one more [`REFRESH_WATCH`] after the last run's, nothing changing.
+    pub idle: Vec<NodeDelta>,
 }
 
 /// Part 7: replication volume and time of a backend add with many sessions.
@@ -147,9 +149,21 @@ pub fn part_cluster(budget: Budget) -> Result<ClusterTable> {
             .collect();
         runs.push(measure_add(&lab, &name, added, b, &loaded, n)?);
     }
+    // Nothing changes from here on and no client sends: whatever the nodes send now is
+    // background traffic.
+    progress("cluster: watching an idle cluster for one more refresh");
+    let before = (1..=NODES)
+        .map(|i| status(&lab, i))
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::sleep(REFRESH_WATCH);
+    let after = (1..=NODES)
+        .map(|i| status(&lab, i))
+        .collect::<Result<Vec<_>>>()?;
+    let idle = deltas(&lab, &before, &after)?;
     Ok(ClusterTable {
         about: about(n),
         runs,
+        idle,
     })
 }
 
@@ -210,11 +224,11 @@ fn wait_agreed(lab: &ClusterLab, active: Option<&str>) -> Result<Vec<serde_json:
 /// Writes `n` sessions into node `i`'s affinity map, each on its client's current Maglev
 /// answer (so none is divergent before the add), stamped now; checks the daemon counts them.
 fn load_sessions(lab: &ClusterLab, i: usize, n: u32) -> Result<()> {
-    let node = lab.node(i)?;
-    let before = lab.node_cli(i, &["status"])?["sessions"]
-        .as_u64()
-        .unwrap_or(0);
-    let maps = PinnedMaps::open(&node.pins)?;
+    let st = lab.node_cli(i, &["status"])?;
+    let before = st["sessions"].as_u64().unwrap_or(0);
+    // The daemon pins below its `pin_dir`; its status names the directory.
+    let pins = st["pins"].as_str().context("status without pins")?;
+    let maps = PinnedMaps::open(std::path::Path::new(pins))?;
     let record = http_v4_record(&maps)?;
     let size = record.table_size as usize;
     let mut table = vec![0u32; size];
@@ -537,6 +551,59 @@ fn about(n: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_runs_with_the_rounds_own_volume() {
+        let node = |i, divergent, sent| NodeDelta {
+            node: i,
+            loaded: if i == 1 { 100_000 } else { 0 },
+            divergent: Some(divergent),
+            sessions_sent: sent,
+            bytes_sent: sent * 58,
+            ..NodeDelta::default()
+        };
+        let run = ClusterRun {
+            name: "be4 added".into(),
+            sessions_per_node: 100_000,
+            cli_ms: 50.0,
+            live_everywhere_ms: 1600.0,
+            rounds: 2,
+            up_round: Some(RoundLog {
+                version: "2.1".into(),
+                duration_ms: 500.0,
+            }),
+            nodes: vec![node(1, 25_000, 50_000), node(2, 0, 0), node(3, 0, 0)],
+            refresh: vec![NodeDelta::default(); 3],
+        };
+        let report = crate::bench::Report {
+            cluster: Some(ClusterTable {
+                about: about(100_000),
+                runs: vec![run],
+                idle: vec![node(1, 0, 7)],
+            }),
+            ..Default::default()
+        };
+        let md = crate::bench::report::markdown(&report);
+        assert!(
+            md.contains("### Cluster: replication of a backend add"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Divergent: 25,000 of 100,000 sessions (25.0%)"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "its 50,000 entries (divergent × 2 peers) make 100,000 entries/s, 5.8 MB/s"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| lb1 | 100,000 | 25,000 | 50,000 |"), "{md}");
+        assert!(
+            md.contains("one more refresh period: lb1 7 entries (406 bytes)"),
+            "{md}"
+        );
+    }
 
     #[test]
     fn reads_rfc3339_timestamps() {

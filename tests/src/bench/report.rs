@@ -156,7 +156,7 @@ fn grouped(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -192,15 +192,21 @@ fn cluster_md(t: &ClusterTable) -> String {
             bytes as f64 / sent.max(1) as f64,
         );
         if let Some(r) = &run.up_round {
-            let secs = r.duration_ms / 1000.0;
+            // The round's own volume: each node's divergent sessions to each peer (the
+            // status deltas may include a periodic refresh that fell into the run).
+            let peers = run.nodes.len().saturating_sub(1) as u64;
+            let entries = divergent * peers;
+            let per_entry = bytes as f64 / sent.max(1) as f64;
+            let secs = (r.duration_ms / 1000.0).max(1e-9);
             let _ = write!(
                 s,
-                " Up-round (version {}): {:.0} ms from the first prepare to the last swap, \
-                 {} entries/s and {:.1} MB/s sent over the cluster.",
+                " Up-round (version {}): {:.0} ms from the first prepare to the last swap; its \
+                 {} entries (divergent × {peers} peers) make {} entries/s, {:.1} MB/s over the cluster.",
                 r.version,
                 r.duration_ms,
-                grouped((sent as f64 / secs.max(1e-9)) as u64),
-                bytes as f64 / secs.max(1e-9) / 1e6,
+                grouped(entries),
+                grouped((entries as f64 / secs) as u64),
+                entries as f64 * per_entry / secs / 1e6,
             );
         }
         s.push_str("\n\n");
@@ -229,6 +235,25 @@ fn cluster_md(t: &ClusterTable) -> String {
             );
         }
         s.push('\n');
+    }
+    if !t.idle.is_empty() {
+        let line: Vec<String> = t
+            .idle
+            .iter()
+            .map(|n| {
+                format!(
+                    "lb{} {} entries ({} bytes)",
+                    n.node,
+                    grouped(n.sessions_sent),
+                    grouped(n.bytes_sent)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "Idle afterwards (nothing changed, no client sent), one more refresh period: {}.\n",
+            line.join(", ")
+        );
     }
     s
 }
