@@ -222,6 +222,11 @@ impl Node {
         self.daemon.as_ref().map(NsChild::log).unwrap_or_default()
     }
 
+    /// The daemon's process id (while it runs), e.g. to read its memory in `/proc`.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(NsChild::pid)
+    }
+
     /// The node's BIRD (while it runs).
     pub fn bird(&self) -> Option<&Bird> {
         self.bird.as_ref()

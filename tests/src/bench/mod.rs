@@ -3,6 +3,7 @@
 //! and noisy; every figure is a median with its min–max and a ratio to a
 //! baseline measured in the same run.
 
+pub mod cluster;
 mod contenders;
 pub mod failover;
 pub mod machine;
@@ -40,6 +41,8 @@ pub struct Budget {
     pub failover_down_ms: u64,
     /// Rounds of the transition-to-kernel part.
     pub transition_rounds: usize,
+    /// Sessions per loaded node in the cluster part.
+    pub cluster_sessions: u32,
 }
 
 impl Budget {
@@ -56,6 +59,7 @@ impl Budget {
         failover_probes: 120,
         failover_down_ms: 2_750,
         transition_rounds: 5,
+        cluster_sessions: 100_000,
     };
     /// The full run.
     pub const FULL: Budget = Budget {
@@ -70,6 +74,7 @@ impl Budget {
         failover_probes: 300,
         failover_down_ms: 6_000,
         transition_rounds: 11,
+        cluster_sessions: 100_000,
     };
     /// The smallest configuration, for the test that keeps the bench from rotting.
     pub const SMOKE: Budget = Budget {
@@ -86,6 +91,7 @@ impl Budget {
         // watched until the clients are asked, and DOWN may land at up to 1.6 s.
         failover_down_ms: 2_500,
         transition_rounds: 2,
+        cluster_sessions: 2_000,
     };
 }
 
@@ -171,6 +177,8 @@ pub struct Report {
     pub failover: Option<failover::FailoverTable>,
     /// Every failover run, raw (with every probe).
     pub failover_runs: Vec<failover::FailoverRun>,
+    /// The cluster replication part, if it ran.
+    pub cluster: Option<cluster::ClusterTable>,
 }
 
 /// Cost and memory at one affinity map size.

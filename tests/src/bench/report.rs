@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
-use super::{Report, Series, Table, failover::FailoverTable};
+use super::{Report, Series, Table, cluster::ClusterTable, failover::FailoverTable};
 
 fn fmt_num(v: f64) -> String {
     if v >= 100.0 {
@@ -151,6 +151,113 @@ fn failover_md(t: &FailoverTable) -> String {
     s
 }
 
+/// Thousands separated by commas (`1234567` -> `1,234,567`).
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The cluster replication part.
+fn cluster_md(t: &ClusterTable) -> String {
+    let mut s = format!(
+        "### Cluster: replication of a backend add\n\n{}\n\n",
+        t.about
+    );
+    for run in &t.runs {
+        let sent: u64 = run.nodes.iter().map(|n| n.sessions_sent).sum();
+        let bytes: u64 = run.nodes.iter().map(|n| n.bytes_sent).sum();
+        let divergent: u64 = run.nodes.iter().filter_map(|n| n.divergent).sum();
+        let loaded: u64 = run.nodes.iter().map(|n| n.loaded).sum();
+        let _ = write!(
+            s,
+            "**{}.** `xlb backend add` returned after {:.0} ms (the DOWN join live); the backend \
+             was active on every node {:.0} ms after the call, {} round(s). Divergent: {} of {} \
+             sessions ({:.1}%), {} entries sent in all ({} bytes, {:.0} bytes per entry).",
+            run.name,
+            run.cli_ms,
+            run.live_everywhere_ms,
+            run.rounds,
+            grouped(divergent),
+            grouped(loaded),
+            100.0 * divergent as f64 / loaded.max(1) as f64,
+            grouped(sent),
+            grouped(bytes),
+            bytes as f64 / sent.max(1) as f64,
+        );
+        if let Some(r) = &run.up_round {
+            // The round's own volume: each node's divergent sessions to each peer (the
+            // status deltas may include a periodic refresh that fell into the run).
+            let peers = run.nodes.len().saturating_sub(1) as u64;
+            let entries = divergent * peers;
+            let per_entry = bytes as f64 / sent.max(1) as f64;
+            let secs = (r.duration_ms / 1000.0).max(1e-9);
+            let _ = write!(
+                s,
+                " Up-round (version {}): {:.0} ms from the first prepare to the last swap; its \
+                 {} entries (divergent × {peers} peers) make {} entries/s, {:.1} MB/s over the cluster.",
+                r.version,
+                r.duration_ms,
+                grouped(entries),
+                grouped((entries as f64 / secs) as u64),
+                entries as f64 * per_entry / secs / 1e6,
+            );
+        }
+        s.push_str("\n\n");
+        let _ = writeln!(
+            s,
+            "| node | sessions loaded | divergent (sent to each peer) | entries sent | entries received \
+             | imported | bytes sent | bytes received | sessions after | peak RSS MiB | refresh: entries sent |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (n, r) in run.nodes.iter().zip(&run.refresh) {
+            let _ = writeln!(
+                s,
+                "| lb{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                n.node,
+                grouped(n.loaded),
+                n.divergent.map_or_else(|| "–".into(), grouped),
+                grouped(n.sessions_sent),
+                grouped(n.sessions_received),
+                grouped(n.sessions_imported),
+                grouped(n.bytes_sent),
+                grouped(n.bytes_received),
+                grouped(n.sessions_after),
+                n.vmhwm_kib
+                    .map_or_else(|| "–".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+                grouped(r.sessions_sent),
+            );
+        }
+        s.push('\n');
+    }
+    if !t.idle.is_empty() {
+        let line: Vec<String> = t
+            .idle
+            .iter()
+            .map(|n| {
+                format!(
+                    "lb{} {} entries ({} bytes)",
+                    n.node,
+                    grouped(n.sessions_sent),
+                    grouped(n.bytes_sent)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "Idle afterwards (nothing changed, no client sent), one more refresh period: {}.\n",
+            line.join(", ")
+        );
+    }
+    s
+}
+
 /// Renders the Markdown report.
 pub fn markdown(report: &Report) -> String {
     let mut s = String::from("# xlb benchmark report\n\n");
@@ -190,6 +297,9 @@ pub fn markdown(report: &Report) -> String {
     }
     if let Some(f) = &report.failover {
         s.push_str(&failover_md(f));
+    }
+    if let Some(c) = &report.cluster {
+        s.push_str(&cluster_md(c));
     }
     if !report.skipped.is_empty() {
         s.push_str("### Not measured\n\n");

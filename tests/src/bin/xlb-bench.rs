@@ -5,8 +5,8 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use xlb_tests::bench::{
-    Budget, Report, failover, machine, peers, prog_cost, progress, report, scaling, traffic,
-    transition,
+    Budget, Report, cluster, failover, machine, peers, prog_cost, progress, report, scaling,
+    traffic, transition,
 };
 
 fn main() -> ExitCode {
@@ -36,7 +36,7 @@ fn machine() -> String {
 }
 
 /// Part names for `--only` (repeatable), in run order.
-const PARTS: [&str; 7] = [
+const PARTS: [&str; 8] = [
     "cost",
     "scale",
     "rate",
@@ -44,6 +44,7 @@ const PARTS: [&str; 7] = [
     "peers",
     "failover",
     "transition",
+    "cluster",
 ];
 
 fn run() -> Result<()> {
@@ -117,6 +118,15 @@ fn run() -> Result<()> {
             Err(e) => report
                 .skipped
                 .push(("transition to kernel".into(), format!("{e:#}"))),
+        }
+    }
+    if want("cluster") {
+        progress("part 7: cluster replication of a backend add with many sessions");
+        match cluster::part_cluster(budget) {
+            Ok(c) => report.cluster = Some(c),
+            Err(e) => report
+                .skipped
+                .push(("cluster replication".into(), format!("{e:#}"))),
         }
     }
     report::write(&report, &out)?;
