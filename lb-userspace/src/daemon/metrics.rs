@@ -600,4 +600,52 @@ mod tests {
             "{out}"
         );
     }
+
+    /// The cluster's figures reach the exposition under their documented names.
+    #[test]
+    fn cluster_metrics_are_rendered_per_peer_and_reason() {
+        let info = crate::api::ClusterInfo {
+            node_id: 1,
+            coordinator: 1,
+            version: "7.2".into(),
+            synced: true,
+            rejected_auth: 3,
+            rejected_replay: 2,
+            bytes_sent: 100,
+            drift: vec![3],
+            peers: vec![
+                crate::api::PeerInfo {
+                    id: 2,
+                    state: "live".into(),
+                    lag: 1,
+                    last_hello_ms: Some(500),
+                    ..Default::default()
+                },
+                crate::api::PeerInfo {
+                    id: 3,
+                    state: "down".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let mut reg = Registry::with_prefix("xlb");
+        register_cluster(&mut reg, &info);
+        let mut out = String::new();
+        encode_registry(&mut out, &reg).expect("encode");
+        for line in [
+            "xlb_cluster_synced 1",
+            "xlb_cluster_version 7",
+            "xlb_cluster_rejected_total{reason=\"auth\"} 3",
+            "xlb_cluster_rejected_total{reason=\"replay\"} 2",
+            "xlb_cluster_bytes_total{direction=\"sent\"} 100",
+            "xlb_cluster_peer_up{peer=\"2\"} 1",
+            "xlb_cluster_peer_up{peer=\"3\"} 0",
+            "xlb_cluster_peer_lag_versions{peer=\"2\"} 1",
+            "xlb_cluster_peer_fingerprint_mismatch{peer=\"3\"} 1",
+            "xlb_cluster_peer_last_hello_seconds{peer=\"2\"} 0.5",
+        ] {
+            assert!(out.contains(line), "{line} missing:\n{out}");
+        }
+    }
 }
