@@ -130,6 +130,18 @@ impl Default for ClusterOptions {
     }
 }
 
+impl ClusterOptions {
+    /// Three nodes with `[cluster]`, backends be1..be3 configured and be4 running spare.
+    pub fn replicated() -> Self {
+        Self {
+            backends: 4,
+            configured: Some(3),
+            cluster: true,
+            ..Self::default()
+        }
+    }
+}
+
 impl fmt::Debug for ClusterOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClusterOptions")

@@ -220,6 +220,26 @@ impl fmt::Display for Summary {
     }
 }
 
+/// Prints `what`'s summary and its failures (at most 40 lines); returns the summary.
+pub fn report(what: &str, records: &[ProbeRecord]) -> Summary {
+    let s = Summary::of(records);
+    eprintln!("{what}: {s}");
+    for line in failure_lines(records).into_iter().take(40) {
+        eprintln!("  failed probe: {line}");
+    }
+    s
+}
+
+impl Summary {
+    /// Asserts no connection was reset or closed, none changed backend, and no
+    /// client reached two backends.
+    pub fn assert_unbroken(&self) {
+        assert_eq!(self.resets + self.eofs + self.errors, 0, "{self}");
+        assert_eq!(self.changed_backend, 0, "{self}");
+        assert_eq!(self.split_clients, 0, "{self}");
+    }
+}
+
 /// The failures of `records`, one line each (for test output).
 pub fn failure_lines(records: &[ProbeRecord]) -> Vec<String> {
     records

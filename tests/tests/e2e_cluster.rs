@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use xlb_tests::cluster_lab::{ClusterLab, ClusterOptions};
 use xlb_tests::daemon::assert_root;
-use xlb_tests::probes::{self, ProbeOptions, ProbeRecord, Probers, Summary, failure_lines};
+use xlb_tests::probes::{self, ProbeOptions, ProbeRecord, Probers, report};
 
 /// The lab tag of this tier (namespaces `xlb-cluster-*`).
 const TAG: &str = "cluster";
@@ -29,16 +29,6 @@ fn lab() -> ClusterLab {
 
 fn probers(lab: &ClusterLab, opts: &ProbeOptions) -> Probers {
     Probers::start(&lab.client, &lab.client_addrs(), ClusterLab::vip_for, opts).expect("probers")
-}
-
-/// Prints the summary and the failures (one line each), returns the summary.
-fn report(what: &str, records: &[ProbeRecord]) -> Summary {
-    let s = Summary::of(records);
-    eprintln!("{what}: {s}");
-    for line in failure_lines(records) {
-        eprintln!("  failed probe: {line}");
-    }
-    s
 }
 
 /// The backend each client's connections and flows reached (one per client, asserted).

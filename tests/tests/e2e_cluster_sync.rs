@@ -17,23 +17,14 @@ use xlb_tests::cluster_lab::{
 };
 use xlb_tests::cluster_ops::Answer;
 use xlb_tests::daemon::assert_root;
-use xlb_tests::probes::{self, ProbeOptions, ProbeRecord, Probers, Summary, failure_lines};
+use xlb_tests::probes::{self, ProbeOptions, ProbeRecord, Probers, report};
 
 /// The lab tag of this tier (namespaces `xlb-csync-*`).
 const TAG: &str = "csync";
 
 fn lab() -> ClusterLab {
     assert_root();
-    let lab = ClusterLab::new(
-        TAG,
-        ClusterOptions {
-            backends: 4,
-            configured: Some(3),
-            cluster: true,
-            ..ClusterOptions::default()
-        },
-    )
-    .expect("cluster lab");
+    let lab = ClusterLab::new(TAG, ClusterOptions::replicated()).expect("cluster lab");
     wait_cluster(&lab, Duration::from_secs(15));
     lab
 }
@@ -53,15 +44,6 @@ fn wait_cluster(lab: &ClusterLab, timeout: Duration) {
 
 fn probers(lab: &ClusterLab, opts: &ProbeOptions) -> Probers {
     Probers::start(&lab.client, &lab.client_addrs(), ClusterLab::vip_for, opts).expect("probers")
-}
-
-fn report(what: &str, records: &[ProbeRecord]) -> Summary {
-    let s = Summary::of(records);
-    eprintln!("{what}: {s}");
-    for line in failure_lines(records).into_iter().take(20) {
-        eprintln!("  failed probe: {line}");
-    }
-    s
 }
 
 /// The backend each client reached (one per client, asserted).
@@ -144,13 +126,6 @@ fn agreed_answers(lab: &ClusterLab) -> (BTreeMap<IpAddr, String>, usize) {
     )
 }
 
-/// Asserts the probes saw no reset, no backend change, no client on two backends.
-fn assert_unbroken(s: &Summary) {
-    assert_eq!(s.resets + s.eofs + s.errors, 0, "{s}");
-    assert_eq!(s.changed_backend, 0, "{s}");
-    assert_eq!(s.split_clients, 0, "{s}");
-}
-
 /// New connections (new source ports, so new ECMP hashes) from every client for a
 /// moment: the backend each reached.
 fn fresh_connections(lab: &ClusterLab) -> BTreeMap<IpAddr, String> {
@@ -172,7 +147,7 @@ fn fresh_connections(lab: &ClusterLab) -> BTreeMap<IpAddr, String> {
     let records = p.stop();
     let s = report("fresh connections", &records);
     assert_eq!(s.tcp_timeouts, 0, "{s}");
-    assert_unbroken(&s);
+    s.assert_unbroken();
     backend_per_client(&records)
 }
 
@@ -241,7 +216,7 @@ fn a_backend_added_on_one_node_reaches_every_node_and_moves_no_client() {
     let records = p.stop();
     let s = report("backend add", &records);
     assert_eq!(s.failed(), 0, "{s}");
-    assert_unbroken(&s);
+    s.assert_unbroken();
     assert_eq!(backend_per_client(&records), before);
     // New connections hash to nodes that may never have seen the client.
     assert_eq!(fresh_connections(&lab), before);
@@ -275,7 +250,7 @@ fn a_node_dies_and_no_rerouted_connection_breaks_or_moves_even_divergent_ones() 
     std::thread::sleep(Duration::from_secs(4));
     let records = p.stop();
     let s = report("node death", &records);
-    assert_unbroken(&s);
+    s.assert_unbroken();
     eprintln!(
         "failed probes during the death: {} tcp timeouts, {} udp timeouts ({divergent} divergent clients)",
         s.tcp_timeouts, s.udp_timeouts
@@ -328,7 +303,7 @@ fn a_rejoining_node_syncs_before_it_announces_and_moves_no_client() {
     std::thread::sleep(Duration::from_secs(2));
     let records = p.stop();
     let s = report("rejoin", &records);
-    assert_unbroken(&s);
+    s.assert_unbroken();
     assert_eq!(backend_per_client(&records), before);
     assert_eq!(agreed_answers(&lab).0, before);
     assert_eq!(fresh_connections(&lab), before);
@@ -361,7 +336,7 @@ fn sigterm_withdraws_first_and_no_probe_fails() {
         0,
         "no probe may fail when a node leaves in order: {s}"
     );
-    assert_unbroken(&s);
+    s.assert_unbroken();
     assert_eq!(backend_per_client(&records), before);
 }
 
@@ -438,7 +413,7 @@ fn forged_and_replayed_frames_change_nothing_and_are_counted() {
     let p = probers(&lab, &ProbeOptions::default());
     std::thread::sleep(Duration::from_secs(1));
     let records = p.stop();
-    assert_unbroken(&report("before", &records));
+    report("before", &records).assert_unbroken();
     let sessions =
         |lab: &ClusterLab| lab.node_cli(1, &["status"]).expect("status")["sessions"].clone();
     let had = sessions(&lab);

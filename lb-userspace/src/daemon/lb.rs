@@ -1157,6 +1157,36 @@ impl Lb {
         Ok(())
     }
 
+    /// One runtime change request (`xlb backend add|remove|drain|undrain|weight`);
+    /// what the CLI prints.
+    pub fn runtime_change(&mut self, req: crate::api::Request) -> Result<String> {
+        use crate::api::Request;
+        match req {
+            Request::BackendAdd {
+                service,
+                name,
+                address,
+                mac,
+                weight,
+            } => self.backend_add(&service, name, address, &mac, weight),
+            Request::BackendRemove { service, backend } => self.backend_remove(&service, &backend),
+            Request::BackendDrain {
+                service,
+                backend,
+                deadline_ms,
+            } => self.backend_drain(&service, &backend, deadline_ms.map(Duration::from_millis)),
+            Request::BackendUndrain { service, backend } => {
+                self.backend_undrain(&service, &backend)
+            }
+            Request::BackendWeight {
+                service,
+                backend,
+                weight,
+            } => self.backend_weight(&service, &backend, weight),
+            other => bail!("{other:?} is not a runtime change"),
+        }
+    }
+
     /// `xlb backend add`.
     pub fn backend_add(
         &mut self,

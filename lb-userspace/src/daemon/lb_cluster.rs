@@ -149,48 +149,20 @@ impl Lb {
         self.cluster.proposing = true;
         self.cluster.proposal = None;
         let mut start_down = Vec::new();
-        let result = (|| -> Result<String> {
-            Ok(match req {
-                Request::BackendAdd {
-                    service,
-                    name,
-                    address,
-                    mac,
-                    weight,
-                } => {
-                    let checked = self
-                        .effective_service(&service)
-                        .is_some_and(|s| s.health.is_some());
-                    let shown = name.clone().unwrap_or_else(|| address.to_string());
-                    let text = self.backend_add(&service, name, address, &mac, weight)?;
-                    if checked {
-                        start_down.push(format!("{service}/{shown}"));
-                    }
-                    text
-                }
-                Request::BackendRemove { service, backend } => {
-                    self.backend_remove(&service, &backend)?
-                }
-                Request::BackendDrain {
-                    service,
-                    backend,
-                    deadline_ms,
-                } => self.backend_drain(
-                    &service,
-                    &backend,
-                    deadline_ms.map(std::time::Duration::from_millis),
-                )?,
-                Request::BackendUndrain { service, backend } => {
-                    self.backend_undrain(&service, &backend)?
-                }
-                Request::BackendWeight {
-                    service,
-                    backend,
-                    weight,
-                } => self.backend_weight(&service, &backend, weight)?,
-                other => bail!("{other:?} is not a change the cluster replicates"),
-            })
-        })();
+        if let Request::BackendAdd {
+            service,
+            name,
+            address,
+            ..
+        } = &req
+            && self
+                .effective_service(service)
+                .is_some_and(|s| s.health.is_some())
+        {
+            let shown = name.clone().unwrap_or_else(|| address.to_string());
+            start_down.push(format!("{service}/{shown}"));
+        }
+        let result = self.runtime_change(req);
         self.cluster.proposing = false;
         let text = result?;
         let Some(state) = self.cluster.proposal.take() else {

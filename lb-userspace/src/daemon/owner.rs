@@ -250,33 +250,11 @@ pub fn handle(lb: &mut Lb, req: Request) -> Response {
             Request::BackendList { service } => {
                 Response::Backends(lb.backends(service.as_deref())?)
             }
-            Request::BackendAdd {
-                service,
-                name,
-                address,
-                mac,
-                weight,
-            } => Response::Done(lb.backend_add(&service, name, address, &mac, weight)?),
-            Request::BackendRemove { service, backend } => {
-                Response::Done(lb.backend_remove(&service, &backend)?)
-            }
-            Request::BackendDrain {
-                service,
-                backend,
-                deadline_ms,
-            } => Response::Done(lb.backend_drain(
-                &service,
-                &backend,
-                deadline_ms.map(Duration::from_millis),
-            )?),
-            Request::BackendUndrain { service, backend } => {
-                Response::Done(lb.backend_undrain(&service, &backend)?)
-            }
-            Request::BackendWeight {
-                service,
-                backend,
-                weight,
-            } => Response::Done(lb.backend_weight(&service, &backend, weight)?),
+            req @ (Request::BackendAdd { .. }
+            | Request::BackendRemove { .. }
+            | Request::BackendDrain { .. }
+            | Request::BackendUndrain { .. }
+            | Request::BackendWeight { .. }) => Response::Done(lb.runtime_change(req)?),
             Request::SessionsList { service, backend } => {
                 Response::Sessions(lb.sessions(service.as_deref(), backend.as_deref())?)
             }

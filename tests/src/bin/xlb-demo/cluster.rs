@@ -45,16 +45,8 @@ pub fn run() -> Result<()> {
         1,
         "building the lab: a router (BIRD: BGP, BFD, ECMP), 3 xlb nodes, 4 backends, 64 clients",
     );
-    let mut lab = ClusterLab::new(
-        TAG,
-        ClusterOptions {
-            backends: 4,
-            configured: Some(3),
-            cluster: true,
-            ..ClusterOptions::default()
-        },
-    )
-    .context("building the cluster lab")?;
+    let mut lab =
+        ClusterLab::new(TAG, ClusterOptions::replicated()).context("building the cluster lab")?;
     let converged = started.elapsed();
     say(&format!(
         "The nodes announce both VIPs over BGP; the router spreads connections over them \
