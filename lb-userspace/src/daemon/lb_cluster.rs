@@ -103,6 +103,14 @@ impl Lb {
         }
     }
 
+    /// Backend names by this node's ids.
+    fn backend_names(&self) -> HashMap<u32, &str> {
+        self.backend_ids
+            .iter()
+            .map(|(r, id)| (*id, r.backend.as_str()))
+            .collect()
+    }
+
     /// This node's heartbeat contents (the version is the task's).
     pub fn cluster_hello(&self) -> Result<Hello> {
         let health = self
@@ -217,11 +225,7 @@ impl Lb {
             let timeout = u64::try_from(svc.affinity_timeout.as_nanos()).unwrap_or(u64::MAX);
             tables.insert(sid, (table, timeout, svc.name.clone()));
         }
-        let names: HashMap<u32, &str> = self
-            .backend_ids
-            .iter()
-            .map(|(r, id)| (*id, r.backend.as_str()))
-            .collect();
+        let names = self.backend_names();
         let now = monotonic_ns();
         let mut out = Vec::new();
         let mut sent = Vec::new();
@@ -459,11 +463,7 @@ impl Lb {
                 ))
             })
             .collect();
-        let names: HashMap<u32, &str> = self
-            .backend_ids
-            .iter()
-            .map(|(r, id)| (*id, r.backend.as_str()))
-            .collect();
+        let names = self.backend_names();
         let now = monotonic_ns();
         let mut out = Vec::new();
         let mut seen = HashMap::with_capacity(entries.len());
