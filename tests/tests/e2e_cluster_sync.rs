@@ -529,3 +529,81 @@ fn config_drift_is_reported_by_every_node() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Field `field` of backend `name` in `service` on node `i` (`xlb backend list`).
+fn backend_field(lab: &ClusterLab, i: usize, service: &str, name: &str, field: &str) -> String {
+    let list = lab
+        .node_cli(i, &["backend", "list", service])
+        .expect("backend list");
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["name"] == name)
+        .map(|b| b[field].to_string().trim_matches('"').to_string())
+        .unwrap_or_else(|| "absent".into())
+}
+
+/// Waits until every live node shows `want` as `field` of `name` in http-v4.
+fn wait_field(lab: &ClusterLab, name: &str, field: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got: Vec<String> = (1..=3)
+            .map(|i| backend_field(lab, i, "http-v4", name, field))
+            .collect();
+        if got.iter().all(|g| g == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}.{field}: want {want} on every node, got {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn runtime_changes_made_on_any_node_reach_every_node() {
+    let lab = lab();
+    let served = fresh_connections(&lab);
+    let cli = |i: usize, args: &[&str]| {
+        lab.node_cli(i, args).expect("change");
+    };
+    cli(3, &["backend", "weight", "http-v4", "be1", "3"]);
+    wait_field(&lab, "be1", "weight", "3");
+    cli(2, &["backend", "drain", "http-v4", "be2"]);
+    wait_field(&lab, "be2", "admin", "draining");
+    cli(1, &["backend", "undrain", "http-v4", "be2"]);
+    wait_field(&lab, "be2", "admin", "active");
+    cli(3, &["backend", "remove", "http-v4", "be3"]);
+    wait_field(&lab, "be3", "name", "absent");
+    wait_cluster(&lab, Duration::from_secs(10));
+    // Through all of it, the clients of the backends that stayed kept them.
+    let (after, _) = agreed_answers(&lab);
+    for (c, b) in &served {
+        if c.is_ipv4() && b != "be3" {
+            assert_eq!(after.get(c), Some(b), "{c} moved");
+        }
+    }
+    let before: u64 = (1..=3)
+        .map(|i| {
+            lab.node_cli(i, &["status"]).expect("status")["sessions"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    cli(2, &["sessions", "flush", "--service", "http-v4"]);
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 1..=3 {
+        let left = lab
+            .node_cli(i, &["sessions", "list", "--service", "http-v4"])
+            .expect("sessions list");
+        assert_eq!(
+            left.as_array().map_or(0, Vec::len),
+            0,
+            "lb{i} kept http-v4 sessions"
+        );
+    }
+    eprintln!(
+        "runtime changes through lb1..lb3 reached every node; a flush through lb2 emptied http-v4 on all ({before} sessions before)"
+    );
+}
