@@ -607,3 +607,92 @@ fn runtime_changes_made_on_any_node_reach_every_node() {
         "runtime changes through lb1..lb3 reached every node; a flush through lb2 emptied http-v4 on all ({before} sessions before)"
     );
 }
+
+#[test]
+fn generic_xdp_nodes_keep_divergent_clients_through_a_node_death() {
+    assert_root();
+    let mut lab = ClusterLab::new(
+        TAG,
+        ClusterOptions {
+            mode: xlb_tests::driver::Mode::Generic,
+            ..ClusterOptions::replicated()
+        },
+    )
+    .expect("cluster lab");
+    wait_cluster(&lab, Duration::from_secs(15));
+    // The operator's table, not only the JSON the other tests read.
+    let node = lab.node(2).expect("lb2");
+    let bin = xlb_tests::driver::xlb_bin().expect("xlb binary");
+    let bin = bin.to_str().expect("utf-8 path");
+    let socket = node.socket();
+    let socket = socket.to_str().expect("utf-8 path");
+    let out = node
+        .ns()
+        .expect("lb2 namespace")
+        .exec_ok(&[bin, "--socket", socket, "cluster", "status"])
+        .expect("xlb cluster status");
+    eprintln!("{out}");
+    assert!(out.starts_with("node 2  version "), "{out}");
+    assert_eq!(out.matches(" live ").count(), 2, "{out}");
+    assert!(
+        out.contains("rejected frames: 0 bad HMAC, 0 replayed"),
+        "{out}"
+    );
+
+    let (before, divergent) = add_be4(&lab, 3);
+    let p = probers(&lab, &ProbeOptions::default());
+    std::thread::sleep(Duration::from_secs(1));
+    let cut = lab.kill_node(3).expect("kill lb3");
+    for vip in lab.vips() {
+        lab.wait_next_hops(vip, 2, Duration::from_secs(10))
+            .expect("router converges");
+    }
+    eprintln!(
+        "generic XDP: router converged {:?} after lb3's links were removed",
+        cut.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let records = p.stop();
+    let s = report("generic XDP node death", &records);
+    s.assert_unbroken();
+    eprintln!(
+        "generic XDP: {divergent} divergent clients, {} udp timeouts",
+        s.udp_timeouts
+    );
+    assert_eq!(backend_per_client(&records), before);
+    assert_eq!(fresh_connections(&lab), before);
+}
+
+#[test]
+fn one_nodes_failing_checks_do_not_take_a_backend_from_the_cluster() {
+    let lab = lab();
+    let served = fresh_connections(&lab);
+    let (before, _) = agreed_answers(&lab);
+    assert_eq!(served, before);
+    // lb1 alone loses its own path to be2 (its checks fail); lb2 and lb3 still reach it.
+    let lb1 = lab.node(1).expect("lb1").ns().expect("lb1 namespace");
+    lb1.ip(&["route", "add", "blackhole", "10.77.0.22/32"])
+        .expect("blackhole v4");
+    lb1.ip(&["-6", "route", "add", "blackhole", "fd77::22/128"])
+        .expect("blackhole v6");
+    // Long enough for lb1's checks to fall (3 × 500 ms) and the verdict to be taken.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend_field(&lab, 1, "http-v4", "be2", "health") != "down" {
+        assert!(Instant::now() < deadline, "lb1's own checks never failed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 1..=3 {
+        for svc in SERVICES {
+            assert_eq!(
+                backend_state(&lab, i, svc, "be2"),
+                "active",
+                "lb{i} {svc}: one node of three must not take be2 away"
+            );
+        }
+    }
+    assert_eq!(agreed_answers(&lab).0, before, "a client moved");
+    let log = lab.nodes[0].daemon_log();
+    assert!(!log.contains("changed the cluster's verdict"), "{log}");
+    eprintln!("lb1 sees be2 down by its own checks; the cluster keeps it up on all three nodes");
+}

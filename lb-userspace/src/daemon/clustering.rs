@@ -164,7 +164,8 @@ pub async fn run(
         owner,
         metrics,
         doc: Doc {
-            version: Version::default(),
+            // The version this node last made live, if its state file says.
+            version: state.cluster_version.unwrap_or_default(),
             state,
             down: BTreeSet::new(),
         },

@@ -267,6 +267,7 @@ impl Lb {
             .validate(&self.base)
             .with_context(|| format!("cluster version {} is not valid here", doc.version))?;
         let mut new = doc.state.clone();
+        new.cluster_version = Some(doc.version);
         self.save(&mut new)
             .context("adopting the cluster's version: the state file could not be written")?;
         let old_state = std::mem::replace(&mut self.state, new);

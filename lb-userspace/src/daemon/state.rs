@@ -39,6 +39,10 @@ pub struct State {
     pub version: u32,
     /// Per service name.
     pub services: BTreeMap<String, ServiceState>,
+    /// The cluster version these changes are (`[cluster]` only): a node
+    /// restarted with an older file adopts its peers' newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_version: Option<crate::cluster::msg::Version>,
 }
 
 /// Runtime changes to one service.
@@ -627,6 +631,21 @@ mac = "02:00:00:00:00:31"
         s.save(&path).expect("save");
         assert_eq!(State::load(&path).expect("load"), s);
         assert!(!dir.join(".s.json.tmp").exists());
+        // Without [cluster] the file has no cluster version; with one it keeps it.
+        assert!(
+            !std::fs::read_to_string(&path)
+                .expect("read")
+                .contains("cluster_version")
+        );
+        s.cluster_version = Some(crate::cluster::msg::Version {
+            counter: 7,
+            node: 2,
+        });
+        s.save(&path).expect("save");
+        assert_eq!(
+            State::load(&path).expect("load").cluster_version,
+            s.cluster_version
+        );
         std::fs::write(&path, "{\"version\": 9, \"services\": {}}").expect("write");
         let e = format!("{:#}", State::load(&path).expect_err("version"));
         assert!(e.contains("version 9"), "{e}");
