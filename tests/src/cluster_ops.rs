@@ -53,8 +53,9 @@ impl ClusterLab {
     }
 
     /// Waits until every live node is synced, has no round in progress, sees every other
-    /// live node live, and all run one version with one fingerprint; returns the time it
-    /// took.
+    /// live node live, and all run one version (not the "0.0" of a cluster whose first
+    /// coordinator has not made its first version yet) with one fingerprint; returns the
+    /// time it took.
     pub fn wait_cluster(&self, timeout: Duration) -> Result<Duration> {
         let start = Instant::now();
         let alive = self.alive_nodes();
@@ -66,6 +67,7 @@ impl ClusterLab {
                 .collect::<Result<Vec<_>>>()?;
             let agreed = all.iter().all(|s| {
                 s["synced"] == true
+                    && s["version"] != "0.0"
                     && s["version"] == all[0]["version"]
                     && s["fingerprint"] == all[0]["fingerprint"]
                     && s["round"].is_null()

@@ -128,6 +128,9 @@ struct Node {
     seen: Version,
     /// Peers reported as drifted (same version, other fingerprint).
     drifted: BTreeSet<u32>,
+    /// Whether this process has made a document live (until then the
+    /// node's own checks rule, and a peer's equal version is still taken).
+    adopted: bool,
 }
 
 /// Runs the cluster task until `stop`.
@@ -192,6 +195,7 @@ pub async fn run(
         totals: Totals::default(),
         seen: Version::default(),
         drifted: BTreeSet::new(),
+        adopted: false,
     };
     let mut hello = tokio::time::interval(HELLO_EVERY);
     let mut refresh = tokio::time::interval(REFRESH_EVERY);
@@ -332,7 +336,13 @@ impl Node {
                 }
             }
             Message::Doc { doc, prepare } => {
-                if doc.version <= self.doc.version
+                // A restarted node's file may hold the cluster's version: it still
+                // needs the document once, for the health verdict it does not keep.
+                let first = !self.adopted
+                    && !prepare
+                    && doc.version == self.doc.version
+                    && doc.version != Version::default();
+                if (doc.version <= self.doc.version && !first)
                     || self
                         .round
                         .as_ref()
@@ -523,7 +533,13 @@ impl Node {
                 }
             }
         }
-        if down != self.doc.down || !finished.is_empty() {
+        // The first coordinator of a fresh cluster makes version 1 even if nothing
+        // changed, so every node answers by the cluster's verdict, not its own checks.
+        if down != self.doc.down
+            || !finished.is_empty()
+            || !self.adopted
+            || self.doc.version == Version::default()
+        {
             let version = agree::next_version(self.me, [self.doc.version, self.seen]);
             let gone: Vec<_> = down.difference(&self.doc.down).collect();
             let back: Vec<_> = self.doc.down.difference(&down).collect();
@@ -683,6 +699,7 @@ impl Node {
         tracing::info!(version = %doc.version, "cluster: version {} is live on this node", doc.version);
         self.totals.rounds += 1;
         self.doc = doc;
+        self.adopted = true;
         Ok(())
     }
 

@@ -205,7 +205,10 @@ fn wait_agreed(lab: &ClusterLab, active: Option<&str>) -> Result<Vec<serde_json:
                 .map(|i| status(lab, i))
                 .collect::<Result<Vec<_>>>()?;
             let agreed = last.iter().all(|s| {
-                s["synced"] == true && s["round"].is_null() && s["version"] == last[0]["version"]
+                s["synced"] == true
+                    && s["version"] != "0.0"
+                    && s["round"].is_null()
+                    && s["version"] == last[0]["version"]
             });
             if agreed {
                 return Ok(last);
