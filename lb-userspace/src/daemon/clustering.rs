@@ -543,13 +543,22 @@ impl Node {
             let version = agree::next_version(self.me, [self.doc.version, self.seen]);
             let gone: Vec<_> = down.difference(&self.doc.down).collect();
             let back: Vec<_> = self.doc.down.difference(&down).collect();
-            tracing::info!(
-                version = %version,
-                down = ?gone,
-                up = ?back,
-                drains_finished = ?finished,
-                "cluster: the nodes' health checks (or drains) changed the cluster's verdict; preparing version {version}"
-            );
+            if down == self.doc.down && finished.is_empty() {
+                tracing::info!(
+                    version = %version,
+                    down = ?down,
+                    "cluster: this node coordinates and no version is live here yet; preparing version \
+                     {version} with the nodes' health verdict"
+                );
+            } else {
+                tracing::info!(
+                    version = %version,
+                    down = ?gone,
+                    up = ?back,
+                    drains_finished = ?finished,
+                    "cluster: the nodes' health checks (or drains) changed the cluster's verdict; preparing version {version}"
+                );
+            }
             let doc = Doc {
                 version,
                 state,
