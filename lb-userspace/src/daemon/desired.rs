@@ -77,6 +77,11 @@ impl Health {
                     self.reason = Some(why.clone());
                     return Some(Transition::Down(why));
                 }
+                if !self.up {
+                    // Still down: say why now (a timeout at start may turn into a reset).
+                    self.reason =
+                        Some(format!("{} consecutive failures, last: {e}", self.failures));
+                }
             }
         }
         None
@@ -217,5 +222,17 @@ mod tests {
                 first_up: None
             }
         );
+    }
+
+    #[test]
+    fn a_down_backend_says_why_it_fails_now() {
+        let mut h = Health::up();
+        for _ in 0..3 {
+            h.feed(&Err("timeout after 150ms".into()), 2, 3, "tcp");
+        }
+        assert!(!h.up);
+        assert_eq!(h.feed(&Err("refused: reset".into()), 2, 3, "tcp"), None);
+        let reason = h.reason.clone().unwrap_or_default();
+        assert_eq!(reason, "4 consecutive failures, last: refused: reset");
     }
 }
