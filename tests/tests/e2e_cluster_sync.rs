@@ -17,7 +17,7 @@ use xlb_tests::cluster_lab::{
 };
 use xlb_tests::cluster_ops::Answer;
 use xlb_tests::daemon::assert_root;
-use xlb_tests::probes::{self, ProbeOptions, ProbeRecord, Probers, report};
+use xlb_tests::probes::{self, ProbeOptions, ProbeRecord, Probers, Summary, report};
 
 /// The lab tag of this tier (namespaces `xlb-csync-*`).
 const TAG: &str = "csync";
@@ -223,39 +223,53 @@ fn a_backend_added_on_one_node_reaches_every_node_and_moves_no_client() {
     eprintln!("replication:\n{}", totals(&lab));
 }
 
-#[test]
-fn a_node_dies_and_no_rerouted_connection_breaks_or_moves_even_divergent_ones() {
-    let mut lab = lab();
-    // Through lb2: a change asked of a node that is not the coordinator (lb1).
-    let (before, divergent) = add_be4(&lab, 2);
-    let p = probers(
-        &lab,
-        &ProbeOptions {
-            timeout: Duration::from_secs(3),
-            max_duration: Duration::from_secs(40),
-            ..ProbeOptions::default()
-        },
-    );
+/// Probes every client through `event` (which returns when it happened): waits for
+/// the router to drop to 2 next hops of both VIPs, lets TCP retransmit for `settle`,
+/// then asserts no connection was reset or moved and every client kept `before`.
+/// Returns the probe summary and the time from the event to the router's convergence.
+fn through_event(
+    lab: &mut ClusterLab,
+    what: &str,
+    before: &BTreeMap<IpAddr, String>,
+    settle: Duration,
+    event: impl FnOnce(&mut ClusterLab) -> Instant,
+) -> (Summary, Duration) {
+    let p = probers(lab, &ProbeOptions::default());
     std::thread::sleep(Duration::from_secs(1));
-    // The coordinator dies: lb2 takes over.
-    let cut = lab.kill_node(1).expect("kill lb1");
+    let at = event(lab);
     for vip in lab.vips() {
         lab.wait_next_hops(vip, 2, Duration::from_secs(10))
             .expect("router converges");
     }
     // wait_next_hops polls every few ms: this is the convergence time within that.
-    let took = cut.elapsed();
-    eprintln!("router converged {took:?} after lb1's links were removed");
-    assert!(took < Duration::from_secs(2), "convergence took {took:?}");
-    std::thread::sleep(Duration::from_secs(4));
+    let took = at.elapsed();
+    eprintln!("{what}: the router has 2 next hops {took:?} after the event");
+    std::thread::sleep(settle);
     let records = p.stop();
-    let s = report("node death", &records);
+    let s = report(what, &records);
     s.assert_unbroken();
+    assert_eq!(&backend_per_client(&records), before);
+    (s, took)
+}
+
+#[test]
+fn a_node_dies_and_no_rerouted_connection_breaks_or_moves_even_divergent_ones() {
+    let mut lab = lab();
+    // Through lb2: a change asked of a node that is not the coordinator (lb1).
+    let (before, divergent) = add_be4(&lab, 2);
+    // The coordinator dies: lb2 takes over.
+    let (s, took) = through_event(
+        &mut lab,
+        "node death",
+        &before,
+        Duration::from_secs(4),
+        |lab| lab.kill_node(1).expect("kill lb1"),
+    );
+    assert!(took < Duration::from_secs(2), "convergence took {took:?}");
     eprintln!(
         "failed probes during the death: {} tcp timeouts, {} udp timeouts ({divergent} divergent clients)",
         s.tcp_timeouts, s.udp_timeouts
     );
-    assert_eq!(backend_per_client(&records), before);
     for i in 2..=3 {
         assert_eq!(status(&lab, i)["coordinator"], 2, "lb{i}");
     }
@@ -313,31 +327,22 @@ fn a_rejoining_node_syncs_before_it_announces_and_moves_no_client() {
 fn sigterm_withdraws_first_and_no_probe_fails() {
     let mut lab = lab();
     let (before, _) = add_be4(&lab, 3);
-    let p = probers(&lab, &ProbeOptions::default());
-    std::thread::sleep(Duration::from_secs(1));
-    let sent = lab.sigterm_daemon(2).expect("SIGTERM lb2");
-    for vip in lab.vips() {
-        lab.wait_next_hops(vip, 2, Duration::from_secs(10))
-            .expect("lb2 withdrawn");
-    }
-    eprintln!(
-        "lb2 withdrawn from the router {:?} after SIGTERM",
-        sent.elapsed()
+    let (s, _) = through_event(
+        &mut lab,
+        "SIGTERM",
+        &before,
+        Duration::from_secs(2),
+        |lab| lab.sigterm_daemon(2).expect("SIGTERM lb2"),
     );
-    let (status, log) = lab
-        .wait_daemon_exit(2, Duration::from_secs(5))
-        .expect("lb2 exits");
-    assert!(status.success(), "{status}\n{log}");
-    std::thread::sleep(Duration::from_secs(2));
-    let records = p.stop();
-    let s = report("SIGTERM", &records);
     assert_eq!(
         s.failed(),
         0,
         "no probe may fail when a node leaves in order: {s}"
     );
-    s.assert_unbroken();
-    assert_eq!(backend_per_client(&records), before);
+    let (status, log) = lab
+        .wait_daemon_exit(2, Duration::from_secs(5))
+        .expect("lb2 exits");
+    assert!(status.success(), "{status}\n{log}");
 }
 
 #[test]
@@ -640,26 +645,17 @@ fn generic_xdp_nodes_keep_divergent_clients_through_a_node_death() {
     );
 
     let (before, divergent) = add_be4(&lab, 3);
-    let p = probers(&lab, &ProbeOptions::default());
-    std::thread::sleep(Duration::from_secs(1));
-    let cut = lab.kill_node(3).expect("kill lb3");
-    for vip in lab.vips() {
-        lab.wait_next_hops(vip, 2, Duration::from_secs(10))
-            .expect("router converges");
-    }
-    eprintln!(
-        "generic XDP: router converged {:?} after lb3's links were removed",
-        cut.elapsed()
+    let (s, _) = through_event(
+        &mut lab,
+        "generic XDP node death",
+        &before,
+        Duration::from_secs(4),
+        |lab| lab.kill_node(3).expect("kill lb3"),
     );
-    std::thread::sleep(Duration::from_secs(4));
-    let records = p.stop();
-    let s = report("generic XDP node death", &records);
-    s.assert_unbroken();
     eprintln!(
         "generic XDP: {divergent} divergent clients, {} udp timeouts",
         s.udp_timeouts
     );
-    assert_eq!(backend_per_client(&records), before);
     assert_eq!(fresh_connections(&lab), before);
 }
 
