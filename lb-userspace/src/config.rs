@@ -224,6 +224,13 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
 }
 
+impl ServiceConfig {
+    /// `affinity_timeout` in nanoseconds, as the kernel compares it (saturating).
+    pub fn affinity_timeout_ns(&self) -> u64 {
+        u64::try_from(self.affinity_timeout.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
 /// Health checks of a service's backends (`[service.health]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {

@@ -390,14 +390,14 @@ impl Lb {
         }
     }
 
-    /// The config as the kernel should see it at `now`: every backend's state
-    /// derived from its admin state and health, panic mode decided, orphans
-    /// added as draining. Returns the panic memory to keep with it.
     /// The config the kernel should have at `now` (see [`Lb::desired`]).
     pub(super) fn desired_config(&self, now: Instant) -> Result<Config> {
         self.desired(now).map(|(cfg, _)| cfg)
     }
 
+    /// The config as the kernel should see it at `now`: every backend's state
+    /// derived from its admin state and health, panic mode decided, orphans
+    /// added as draining. Returns the panic memory to keep with it.
     fn desired(&self, now: Instant) -> Result<(Config, BTreeMap<String, Panic>)> {
         let mut cfg = self.effective_config()?;
         let mut panics = BTreeMap::new();

@@ -222,7 +222,7 @@ impl Lb {
                 }
             }
             let table = dataplane::service_table(svc, &ids, size)?;
-            let timeout = u64::try_from(svc.affinity_timeout.as_nanos()).unwrap_or(u64::MAX);
+            let timeout = svc.affinity_timeout_ns();
             tables.insert(sid, (table, timeout, svc.name.clone()));
         }
         let names = self.backend_names();
@@ -309,12 +309,7 @@ impl Lb {
             .effective
             .services
             .iter()
-            .map(|s| {
-                (
-                    s.name.as_str(),
-                    u64::try_from(s.affinity_timeout.as_nanos()).unwrap_or(u64::MAX),
-                )
-            })
+            .map(|s| (s.name.as_str(), s.affinity_timeout_ns()))
             .collect();
         let mut flagged: BTreeSet<u32> = BTreeSet::new();
         let mut writes: Vec<(AffinityKey, Affinity, bool)> = Vec::new();
@@ -455,13 +450,7 @@ impl Lb {
             .iter()
             .filter_map(|(name, id)| {
                 let svc = self.effective.services.iter().find(|s| s.name == *name)?;
-                Some((
-                    *id,
-                    (
-                        name.as_str(),
-                        u64::try_from(svc.affinity_timeout.as_nanos()).unwrap_or(u64::MAX),
-                    ),
-                ))
+                Some((*id, (name.as_str(), svc.affinity_timeout_ns())))
             })
             .collect();
         let names = self.backend_names();

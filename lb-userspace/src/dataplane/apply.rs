@@ -331,8 +331,7 @@ pub fn apply_with(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result
                 report.tables_written.push(svc.name.clone());
                 live_slot.push(slot);
                 if old.is_some() {
-                    let timeout =
-                        u64::try_from(svc.affinity_timeout.as_nanos()).unwrap_or(u64::MAX);
+                    let timeout = svc.affinity_timeout_ns();
                     new_tables.push((id, table, timeout));
                 }
             }
@@ -522,7 +521,7 @@ fn service_record(svc: &ServiceConfig, id: u32, table_size: u32, slot: u32) -> S
     } else {
         svc.affinity_prefix_v6
     };
-    let timeout_ns = u64::try_from(svc.affinity_timeout.as_nanos()).unwrap_or(u64::MAX);
+    let timeout_ns = svc.affinity_timeout_ns();
     Service {
         id,
         flags: 0,
