@@ -470,9 +470,14 @@ fn forged_and_replayed_frames_change_nothing_and_are_counted() {
     let mut frame = old.seal(1, &doc, now_ms());
     frame.extend(old.seal(1, &flush, now_ms()));
     send_frame(&lab, frame);
-    // Authentic and fresh but sent ten minutes ago: outside the window.
+    // Authentic and fresh but sent ten minutes ago: outside the window (30 s
+    // either way, so ten minutes ahead where the wall clock is too close to
+    // 1970 to go back).
     let mut stale = Sealer::new(CLUSTER_KEY.as_bytes(), 2, now_ns);
-    send_frame(&lab, stale.seal(1, &flush, now_ms() - 600_000));
+    let outside = now_ms()
+        .checked_sub(600_000)
+        .unwrap_or_else(|| now_ms() + 600_000);
+    send_frame(&lab, stale.seal(1, &flush, outside));
     std::thread::sleep(Duration::from_millis(500));
     let s1 = status(&lab, 1);
     let delta = |k: &str| s1[k].as_u64().unwrap_or(0) - s0[k].as_u64().unwrap_or(0);

@@ -9,6 +9,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -303,6 +304,89 @@ fn mac_of(out: &[u8]) -> [u8; 6] {
     out[..6].try_into().expect("6 bytes")
 }
 
+// ---- aging entries -------------------------------------------------------
+
+/// The affinity timeout an aged-entry fixture gives its service: short, as
+/// the fixture waits it out.
+const SHORT_TIMEOUT: Duration = Duration::from_millis(200);
+/// How much longer than the timeout it waits: more than a tick, the step of
+/// the program's coarse clock.
+const PAST_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The clock the program stamps and ages entries with
+/// (`bpf_ktime_get_coarse_ns` is CLOCK_MONOTONIC_COARSE), in ns.
+fn program_clock_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE)");
+    let secs = u64::try_from(ts.tv_sec).expect("a monotonic clock is not negative");
+    let nanos = u64::try_from(ts.tv_nsec).expect("a monotonic clock is not negative");
+    secs * 1_000_000_000 + nanos
+}
+
+/// `text` with service `service`'s `affinity_timeout` set to `timeout` (any
+/// earlier setting of that service removed; other services untouched).
+fn with_timeout(text: &str, service: &str, timeout: Duration) -> String {
+    let name = format!("name = \"{service}\"");
+    let mut blocks: Vec<Vec<&str>> = vec![Vec::new()];
+    for line in text.lines() {
+        if line.trim_start().starts_with('[') {
+            blocks.push(Vec::new());
+        }
+        blocks.last_mut().expect("a block").push(line);
+    }
+    let setting = format!("affinity_timeout = \"{}ms\"", timeout.as_millis());
+    let mut found = 0;
+    let mut out = String::new();
+    for block in &blocks {
+        let target = block.first().is_some_and(|l| l.trim() == "[[service]]")
+            && block.iter().any(|l| l.trim() == name);
+        for line in block {
+            if !(target && line.trim_start().starts_with("affinity_timeout")) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        if target {
+            found += 1;
+            out.push_str(&setting);
+            out.push('\n');
+        }
+    }
+    assert_eq!(found, 1, "one service {service} in the config");
+    out
+}
+
+impl Fixture {
+    /// Expires the affinity entry at `key` of `service` whatever the clock
+    /// reads, and returns the entry as it left it. Every aged-entry fixture
+    /// ages this way: "now minus an hour" cannot, since on a machine up less
+    /// than an hour it saturates at 0, and an entry stamped at boot is rightly
+    /// fresh to the program (no entry is older than the clock). A wait past
+    /// the timeout ages an entry stamped with the program's own clock by more
+    /// than the timeout, whatever the clock read when it was stamped.
+    fn expire(&mut self, service: &str, key: AffinityKey) -> Affinity {
+        self.reapply(&with_timeout(&self.text, service, SHORT_TIMEOUT));
+        assert_eq!(
+            self.record(service).timeout_ns,
+            SHORT_TIMEOUT.as_nanos() as u64,
+            "the kernel has the short timeout"
+        );
+        let mut entry = self.maps.affinity.get(&key, 0).expect("an entry to age");
+        entry.last_seen_ns = program_clock_ns();
+        self.maps
+            .affinity
+            .insert(key, entry, 0)
+            .expect("stamping the entry");
+        std::thread::sleep(SHORT_TIMEOUT + PAST_TIMEOUT);
+        entry
+    }
+}
+
 // ---- pass-through --------------------------------------------------------
 
 #[test]
@@ -361,15 +445,22 @@ fn new_client_goes_to_maglev_choice_and_is_recorded() {
     assert!(fx.affinity("web", client, 32).is_none());
     let frame = Frame::tcp("10.0.0.100", "10.0.0.10", 80).build();
     let want = fx.maglev_mac("web", client);
+    let before = program_clock_ns();
     let (verdict, out) = fx.run_counted(&frame, stat::NEW_SESSION);
+    let after = program_clock_ns();
     assert_eq!(verdict, XDP_TX);
     assert_forwarded(&frame, &out, want);
     let entry = fx
         .affinity("web", client, 32)
         .expect("affinity entry created");
     assert_eq!(entry.backend_id, fx.backend_id_by_mac(want, "web"));
-    let age = monotonic_ns().saturating_sub(entry.last_seen_ns);
-    assert!(age < 5_000_000_000, "last_seen is now (age {age} ns)");
+    // Bounds from the program's clock, not an age: an age bound cannot fail
+    // on a machine up for less than the bound.
+    assert!(
+        (before..=after).contains(&entry.last_seen_ns),
+        "last_seen {} is the run's time ({before}..={after})",
+        entry.last_seen_ns
+    );
 
     let sid = fx.service_id("web");
     let snap = stats::snapshot(&fx.maps).expect("stats");
@@ -464,8 +555,6 @@ fn clients_in_one_prefix_share_a_backend() {
 #[test]
 fn expired_entry_is_reselected_and_rewritten() {
     let mut fx = Fixture::new();
-    // A short timeout: the VM's monotonic clock may be younger than an hour.
-    fx.reapply(&CONFIG.replacen("affinity_timeout = \"1h\"", "affinity_timeout = \"2s\"", 1));
     let client = ip("10.0.0.103");
     let maglev = fx.maglev_mac("web", client);
     let other = *BACKEND_MACS
@@ -476,21 +565,68 @@ fn expired_entry_is_reselected_and_rewritten() {
         service_id: fx.service_id("web"),
         addr: addr_words(client),
     };
-    // Idle for 10 s; the timeout is 2 s.
-    let stale = monotonic_ns().saturating_sub(10_000_000_000);
     let value = Affinity {
         backend_id: fx.backend_id_by_mac(other, "web"),
         _pad: 0,
-        last_seen_ns: stale,
+        last_seen_ns: monotonic_ns(),
     };
     fx.maps.affinity.insert(key, value, 0).expect("insert");
+    let stale = fx.expire("web", key);
     let frame = Frame::tcp("10.0.0.103", "10.0.0.10", 80).build();
     let (verdict, out) = fx.run_counted(&frame, stat::RESELECT_EXPIRED);
     assert_eq!(verdict, XDP_TX);
     assert_forwarded(&frame, &out, maglev);
     let entry = fx.affinity("web", client, 32).expect("entry kept");
     assert_eq!(entry.backend_id, fx.backend_id_by_mac(maglev, "web"));
-    assert!(entry.last_seen_ns > stale, "last_seen refreshed");
+    assert!(
+        entry.last_seen_ns > stale.last_seen_ns,
+        "last_seen refreshed"
+    );
+}
+
+/// The condition of a machine booted minutes ago, made on any machine: the
+/// service's timeout is an hour longer than the clock reads. An entry aged by
+/// subtracting from the clock is fresh there (so fixtures aging that way
+/// failed on fresh machines), while [`Fixture::expire`], which every
+/// aged-entry fixture uses, still expires one: it swaps in a timeout it can
+/// wait out rather than relying on the clock having passed the configured one.
+#[test]
+fn aged_entry_expires_with_the_clock_below_the_service_timeout() {
+    let timeout = Duration::from_nanos(program_clock_ns()) + Duration::from_secs(3600);
+    let mut fx = Fixture::with_config(&with_timeout(CONFIG, "web", timeout));
+    let client = ip("10.0.0.109");
+    let maglev = fx.maglev_mac("web", client);
+    let other = *BACKEND_MACS
+        .iter()
+        .find(|m| **m != maglev)
+        .expect("another backend");
+    let key = AffinityKey {
+        service_id: fx.service_id("web"),
+        addr: addr_words(client),
+    };
+    // "Idle for twice the timeout" saturates at a stamp of 0, which no clock
+    // below the timeout can see as expired: the session is kept.
+    let aged_by_subtraction = Affinity {
+        backend_id: fx.backend_id_by_mac(other, "web"),
+        _pad: 0,
+        last_seen_ns: program_clock_ns().saturating_sub(2 * timeout.as_nanos() as u64),
+    };
+    fx.maps
+        .affinity
+        .insert(key, aged_by_subtraction, 0)
+        .expect("insert");
+    let frame = Frame::tcp("10.0.0.109", "10.0.0.10", 80).build();
+    let (verdict, out) = fx.run_counted(&frame, stat::AFFINITY_HIT);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, other);
+
+    let stale = fx.expire("web", key);
+    assert_eq!(stale.backend_id, aged_by_subtraction.backend_id);
+    let (verdict, out) = fx.run_counted(&frame, stat::RESELECT_EXPIRED);
+    assert_eq!(verdict, XDP_TX);
+    assert_forwarded(&frame, &out, maglev);
+    let entry = fx.affinity("web", client, 32).expect("entry kept");
+    assert_eq!(entry.backend_id, fx.backend_id_by_mac(maglev, "web"));
 }
 
 #[test]
@@ -1854,9 +1990,7 @@ fn frag_needed_without_a_session_takes_maglev_and_creates_none() {
         service_id: fx.service_id("web"),
         addr: addr_words(client),
     };
-    let mut old = fx.maps.affinity.get(&key, 0).expect("entry");
-    old.last_seen_ns = old.last_seen_ns.saturating_sub(2 * 3600 * 1_000_000_000);
-    fx.maps.affinity.insert(key, old, 0).expect("age entry");
+    let old = fx.expire("web", key);
     let frame = IcmpError::too_big("10.0.0.1", reply("10.0.0.10", 80, "10.0.0.150")).build();
     let (_, out) = fx.run_counted(&frame, stat::ICMP_TOO_BIG_FORWARDED);
     assert_forwarded(&frame, &out, want);

@@ -417,6 +417,38 @@ mod tests {
         assert!(d.release.is_empty());
     }
 
+    /// On a machine booted less than a timeout ago the clock reads below the
+    /// timeout: no session can have been idle that long, not even one stamped
+    /// at boot. And one stamped after `now` was read (the kernel refreshes
+    /// entries while the map is read) is idle for 0, not for 2^64 - 1 ns.
+    #[test]
+    fn sessions_are_live_while_the_clock_reads_below_the_timeout() {
+        let t = table();
+        let tables = [NewTable {
+            service_id: 1,
+            table: &t,
+            timeout_ns: 1000,
+        }];
+        let backends = vec![
+            Backend::default(),
+            backend(1, BACKEND_ACTIVE),
+            backend(1, BACKEND_ACTIVE),
+        ];
+        let divergent =
+            |n: u32, last_seen_ns: u64| (key(1, n), session(3 - answer_of(n), last_seen_ns));
+        let lru = [divergent(1, 0), divergent(2, 0), divergent(3, 500)];
+        for now in [0, 400, 1000] {
+            let d = decide(&tables, &backends, &lru, &[], now);
+            let keys: HashSet<AffinityKey> = d.protect.iter().map(|(k, _)| *k).collect();
+            let stamped_by_then: HashSet<AffinityKey> = lru.iter().map(|(k, _)| *k).collect();
+            assert_eq!(keys, stamped_by_then, "now {now}");
+        }
+        // Once the clock is past the timeout, the ones stamped at boot expire.
+        let d = decide(&tables, &backends, &lru, &[], 1001);
+        let keys: Vec<AffinityKey> = d.protect.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, vec![key(1, 3)]);
+    }
+
     #[test]
     fn releases_protected_sessions_the_new_table_makes_ordinary() {
         let t = table();
