@@ -6,6 +6,7 @@
 pub mod cluster;
 mod contenders;
 pub mod failover;
+pub mod generator;
 pub mod machine;
 pub mod peers;
 pub mod prog_cost;
@@ -27,7 +28,8 @@ pub struct Budget {
     pub miss_frames: usize,
     /// Affinity map sizes for the scale part.
     pub scale_sizes: &'static [u32],
-    /// Frames per contender and round in the packet-rate part.
+    /// Frames per contender and round in the packet-rate part (with live
+    /// frames; the AF_PACKET generator sends a fifth as many).
     pub gen_frames: u32,
     /// Interleaved rounds of the peers part (each contender, both connection modes).
     pub peer_rounds: usize,
@@ -43,6 +45,8 @@ pub struct Budget {
     pub transition_rounds: usize,
     /// Sessions per loaded node in the cluster part.
     pub cluster_sessions: u32,
+    /// The packet-rate parts' traffic generator.
+    pub generator: generator::Pick,
 }
 
 impl Budget {
@@ -60,6 +64,7 @@ impl Budget {
         failover_down_ms: 2_750,
         transition_rounds: 5,
         cluster_sessions: 100_000,
+        generator: generator::Pick::Auto,
     };
     /// The full run.
     pub const FULL: Budget = Budget {
@@ -75,6 +80,7 @@ impl Budget {
         failover_down_ms: 6_000,
         transition_rounds: 11,
         cluster_sessions: 100_000,
+        generator: generator::Pick::Auto,
     };
     /// The smallest configuration, for the test that keeps the bench from rotting.
     pub const SMOKE: Budget = Budget {
@@ -92,6 +98,7 @@ impl Budget {
         failover_down_ms: 2_500,
         transition_rounds: 2,
         cluster_sessions: 2_000,
+        generator: generator::Pick::Auto,
     };
 }
 

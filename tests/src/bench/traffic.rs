@@ -1,25 +1,28 @@
 //! Part 3: packet rate with a traffic generator that is part of the
 //! project. Two namespaces joined by one veth: `gen0` (generator side) and
-//! `lb0` (the contender). BPF_PROG_TEST_RUN in live-frames mode runs
-//! `xlb_gen` on a 60-byte TCP SYN (64 on the wire), which gives every frame
-//! a new client address and XDP_TXes it out of `gen0`; the contender on
-//! `lb0` sends it back; `xlb_sink` on `gen0` counts what arrived and drops
-//! it. Rates count arrivals, not sends. xlb's `ipip` contender gets frames
+//! `lb0` (the contender). The generator (see `generator`: live frames where
+//! the kernel allows them, else AF_PACKET) sends a 60-byte TCP
+//! SYN (64 on the wire) from a new client address each frame out of `gen0`;
+//! the contender on `lb0` sends it back; `xlb_sink` on `gen0` counts what
+//! arrived and drops it. Rates count arrivals, not sends. xlb's `ipip` contender gets frames
 //! for its layer-3 service, whose next hop is `gen0`: they come back
 //! encapsulated (20 bytes longer) and are counted the same way.
 
-use std::{sync::atomic::Ordering, time::Instant};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::PerCpuArray,
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    programs::{Xdp, XdpMode},
 };
 use lb_common::stat;
-use xlb::objects::{GEN_OBJ, SINK_OBJ, TX_OBJ};
+use xlb::{
+    dataplane::PASS_OBJ,
+    objects::{SINK_OBJ, TX_OBJ},
+};
 
-use super::{Budget, Series, Table, machine, progress};
+use super::{Budget, Series, Table, generator::TrafficGen, machine, progress};
 use crate::{
     bench::prog_cost::{BenchDataplane, IPIP_VIP4, load_xlb_with},
     frames::{Frame, LB_MAC},
@@ -32,6 +35,8 @@ pub(super) const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
 pub(super) const CLIENTS: u32 = 4096;
 /// Frames per live-frames batch.
 pub(super) const BATCH: u32 = 64;
+/// How long the queues get to drain after a burst before arrivals are read.
+pub(super) const DRAIN: Duration = Duration::from_millis(100);
 
 fn mac_str(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -143,39 +148,20 @@ pub(super) fn sink_count(sink: &Ebpf) -> Result<u64> {
         .sum())
 }
 
-/// Sends `frames` frames through the generator; returns (arrived, seconds).
-fn blast(
+/// One burst of `frames` frames from each CPU in `cpus`; returns (arrived
+/// at `sink`, seconds).
+pub(super) fn blast(
     lab: &RateLab,
-    generator: &mut Ebpf,
+    generator: &mut TrafficGen,
     sink: &Ebpf,
     frame: &[u8],
+    cpus: &[usize],
     frames: u32,
 ) -> Result<(u64, f64)> {
     let before = sink_count(sink)?;
-    let prog = xdp(generator, "xlb_gen")?;
-    let secs = lab.gen_ns.run(|| {
-        let c = std::ffi::CString::new("gen0").context("ifname")?;
-        // SAFETY: valid NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            bail!("gen0 not found in {}", lab.gen_ns.name());
-        }
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let start = Instant::now();
-        prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            repeat: frames,
-            attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-            ..Default::default()
-        })
-        .context("BPF_PROG_TEST_RUN in live-frames mode")?;
-        Ok(start.elapsed().as_secs_f64())
-    })?;
+    let secs = generator.burst(lab, frame, cpus, frames)?;
     // Let the last batches drain through the veth queues before counting.
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    std::thread::sleep(DRAIN);
     Ok((sink_count(sink)? - before, secs))
 }
 
@@ -213,18 +199,26 @@ pub(super) fn check_forwarded(xlb: &BenchDataplane, sent: u32) -> Result<()> {
     Ok(())
 }
 
+/// The contenders of part 3, in run order; the first is the baseline.
+const NAMES: [&str; 6] = [
+    "MAC swap + XDP_TX only, native (limit)",
+    "xlb, native XDP",
+    "xlb, generic XDP",
+    "xlb ipip, native XDP",
+    "generator alone, into an XDP sink on lb0 (arrivals there)",
+    "generator alone, into XDP_PASS on lb0 (frames sent)",
+];
+
 /// Part 3: forwarded Mpps of xlb (native and generic) against the bare
-/// MAC-swap + XDP_TX program, interleaved, counting arrivals.
+/// MAC-swap + XDP_TX program and the generator's own ceiling, interleaved,
+/// counting arrivals.
 pub fn part3(budget: Budget) -> Result<Table> {
     let lab = RateLab::new(1)?;
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&LB_MAC);
-    macs[6..].copy_from_slice(&GEN_MAC);
-    let mut loader = EbpfLoader::new();
-    loader
-        .override_global("XLB_GEN_CLIENTS", &CLIENTS, true)
-        .override_global("XLB_GEN_MACS", &macs, true);
-    let mut generator = load_with(loader, GEN_OBJ, "xlb_gen")?;
+    let frame = gen_frame("10.0.0.10")?;
+    let ipip_frame = gen_frame(IPIP_VIP4)?;
+    let mut generator = TrafficGen::new(&lab, budget.generator, &frame)?;
+    let cpu = [machine::cpus().first().copied().unwrap_or(0)];
+    let frames = generator.frames_per_run(budget.gen_frames);
     let mut sink = load_prog(SINK_OBJ, "xlb_sink")?;
     attach(
         &lab.gen_ns,
@@ -233,31 +227,44 @@ pub fn part3(budget: Budget) -> Result<Table> {
         XdpMode::Driver,
     )?;
 
-    let frame = gen_frame("10.0.0.10")?;
-    let ipip_frame = gen_frame(IPIP_VIP4)?;
-
-    let names = [
-        "MAC swap + XDP_TX only, native (limit)",
-        "xlb, native XDP",
-        "xlb, generic XDP",
-        "xlb ipip, native XDP",
-    ];
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-    let mut delivered: Vec<(u64, u64)> = vec![(0, 0); names.len()];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); NAMES.len()];
+    let mut delivered: Vec<(u64, u64)> = vec![(0, 0); NAMES.len()];
     for round in 0..budget.rounds {
         progress(&format!(
-            "packet rate, round {}/{} ({} frames each)",
+            "packet rate, round {}/{} ({} frames each, {})",
             round + 1,
             budget.rounds,
-            budget.gen_frames
+            frames,
+            generator.kind().label()
         ));
-        for (i, _) in names.iter().enumerate() {
+        for (i, name) in NAMES.iter().enumerate() {
             // Each contender is attached fresh and detached (dropped) after its run.
             let (arrived, secs) = match i {
                 0 => {
                     let mut tx = load_prog(TX_OBJ, "xlb_tx")?;
                     attach(&lab.lb_ns, xdp(&mut tx, "xlb_tx")?, "lb0", XdpMode::Driver)?;
-                    blast(&lab, &mut generator, &sink, &frame, budget.gen_frames)?
+                    blast(&lab, &mut generator, &sink, &frame, &cpu, frames)?
+                }
+                4 => {
+                    let mut far = load_prog(SINK_OBJ, "xlb_sink")?;
+                    attach(
+                        &lab.lb_ns,
+                        xdp(&mut far, "xlb_sink")?,
+                        "lb0",
+                        XdpMode::Driver,
+                    )?;
+                    blast(&lab, &mut generator, &far, &frame, &cpu, frames)?
+                }
+                5 => {
+                    let mut pass = load_prog(PASS_OBJ, "xlb_pass")?;
+                    attach(
+                        &lab.lb_ns,
+                        xdp(&mut pass, "xlb_pass")?,
+                        "lb0",
+                        XdpMode::Driver,
+                    )?;
+                    let secs = generator.burst(&lab, &frame, &cpu, frames)?;
+                    (u64::from(frames), secs)
                 }
                 _ => {
                     let mode = if i == 2 {
@@ -268,66 +275,77 @@ pub fn part3(budget: Budget) -> Result<Table> {
                     let frame = if i == 3 { &ipip_frame } else { &frame };
                     let mut xlb = load_xlb_with(262_144, GEN_MAC)?;
                     attach(&lab.lb_ns, xlb.dp.program_mut()?, "lb0", mode)?;
-                    let r = blast(&lab, &mut generator, &sink, frame, budget.gen_frames)?;
-                    if i == 3 {
-                        check_forwarded(&xlb, budget.gen_frames).context(names[i])?;
-                    }
+                    let r = blast(&lab, &mut generator, &sink, frame, &cpu, frames)?;
+                    check_forwarded(&xlb, frames).context(*name)?;
                     r
                 }
             };
             samples[i].push(arrived as f64 / secs / 1e6);
             delivered[i].0 += arrived;
-            delivered[i].1 += u64::from(budget.gen_frames);
+            delivered[i].1 += u64::from(frames);
         }
     }
     for (i, (arrived, sent)) in delivered.iter().enumerate() {
         if *arrived == 0 {
-            bail!("{}: no frame arrived (of {sent} sent)", names[i]);
+            bail!("{}: no frame arrived (of {sent} sent)", NAMES[i]);
         }
     }
-    let rows: Vec<Series> = names
+    let rows: Vec<Series> = NAMES
         .iter()
         .zip(samples)
         .map(|(n, s)| Series::new(*n, "Mpps", s))
         .collect();
-    let mut extra: Vec<(String, String, String)> = names
-        .iter()
-        .zip(&delivered)
-        .map(|(n, (a, s))| {
-            (
+    let mut extra: Vec<(String, String, String)> = Vec::new();
+    for (n, (a, s)) in NAMES.iter().zip(&delivered) {
+        extra.push((
+            n.to_string(),
+            "generator".into(),
+            generator.kind().label().into(),
+        ));
+        if !n.ends_with("(frames sent)") {
+            extra.push((
                 n.to_string(),
-                "arrived/sent".to_string(),
+                "arrived/sent".into(),
                 format!("{:.1}%", *a as f64 * 100.0 / *s as f64),
-            )
-        })
-        .collect();
+            ));
+        }
+    }
     // The other xlb modes against xlb's layer-2 native mode.
     let l2 = rows[1].median;
     if l2 > 0.0 {
-        for row in &rows[2..] {
+        for row in &rows[2..4] {
             extra.push((
                 row.name.clone(),
-                format!("× {}", names[1]),
+                format!("× {}", NAMES[1]),
                 format!("{:.2}", row.median / l2),
             ));
         }
     }
     Ok(Table {
-        title: "Packet rate through a veth, live-frames traffic generator".into(),
+        title: format!(
+            "Packet rate through a veth, {} generator",
+            generator.kind().label()
+        ),
         about: format!(
             "Mpps of 64-byte TCP SYN frames from {CLIENTS} client addresses that came back to the \
              generator's interface and were counted there (arrivals, not sends), {} frames per \
-             run, contenders interleaved. The limit is a program that only swaps the MACs and \
-             returns XDP_TX on the same veth. Generator, contender and sink share one queue, \
-             driven from one thread, on a machine with {} (the multi-core part drives one \
-             queue per CPU), so these are relative figures. xlb ipip: the same frames to the \
-             VIP of a `forward_mode = \"ipip\"` service (layer-3 DSR) whose backends' next \
-             hop is the generator's interface; they come back encapsulated in an outer IPv4 \
-             header (84 bytes on the wire) and are counted the same way.",
-            budget.gen_frames,
+             run, contenders interleaved. {} Figures of different generators are not \
+             comparable; ratios within one run are. The limit is a program that only swaps \
+             the MACs and returns XDP_TX on the same veth. The generator's own ceiling: the \
+             same frames into a program on the far veth that counts and drops them (arrivals \
+             there), and into an XDP_PASS program there (frames the generator sent per second; \
+             the far namespace's stack drops them). Generator, contender and sink share one \
+             queue, driven from one thread pinned to one CPU, on a machine with {} (the \
+             multi-core part drives one queue per CPU), so these are relative figures. xlb \
+             ipip: the same frames to the VIP of a `forward_mode = \"ipip\"` service (layer-3 \
+             DSR) whose backends' next hop is the generator's interface; they come back \
+             encapsulated in an outer IPv4 header (84 bytes on the wire) and are counted the \
+             same way.",
+            frames,
+            generator.describe(),
             machine::describe_cpus(),
         ),
-        baseline: names[0].into(),
+        baseline: NAMES[0].into(),
         rows,
         extra,
     })
