@@ -297,6 +297,10 @@ pub struct StatusInfo {
     /// Sessions in the protected map (their backend differs from the Maglev answer).
     #[serde(default)]
     pub protected_sessions: usize,
+    /// How old the session counts are, in ms (they are walked beside the
+    /// daemon's owner; `None`: not counted yet).
+    #[serde(default)]
+    pub sessions_counted_ms_ago: Option<u64>,
     /// Whether the kernel holds the desired state (false after a failed write, until reconcile repairs it).
     #[serde(default)]
     pub in_sync: bool,

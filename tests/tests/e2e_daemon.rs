@@ -75,6 +75,23 @@ fn cli_against_live_daemon() {
     let mapping = driver::observe(&lab, &PROTOS, 1).expect("traffic");
     let sessions = d.ctl(&lab, &["sessions", "list"]).expect("sessions list");
     assert_eq!(sessions.as_array().map(Vec::len), Some(mapping.len()));
+    // Counted beside the owner, but at this size waited for: exact, and fresh.
+    let status = d.ctl(&lab, &["status"]).expect("status");
+    assert_eq!(status["sessions"], mapping.len(), "{status}");
+    assert!(
+        status["sessions_counted_ms_ago"]
+            .as_u64()
+            .is_some_and(|ms| ms < 1_000),
+        "a count begun after the request: {status}"
+    );
+    let listed = d.ctl(&lab, &["backend", "list"]).expect("backend list");
+    let per_backend: u64 = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|b| b["sessions"].as_u64())
+        .sum();
+    assert_eq!(per_backend, mapping.len() as u64, "{listed}");
     let web4 = d
         .ctl(&lab, &["sessions", "list", "--service", "http-v4"])
         .expect("sessions list --service");

@@ -45,6 +45,12 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     } else {
         outln!("sessions    {}", s.sessions)?;
     }
+    // Counts are walked beside the daemon; at millions of sessions a walk
+    // takes seconds and status answers with the latest one. (None: not
+    // counted yet, or a daemon older than this field.)
+    if let Some(ms) = s.sessions_counted_ms_ago.filter(|ms| *ms >= 2_000) {
+        outln!("            (counted {} s ago)", ms / 1000)?;
+    }
     if !s.panic_services.is_empty() {
         outln!(
             "PANIC MODE  {} (every backend failing checks; all used anyway)",

@@ -221,6 +221,7 @@ mod tests {
             panic_services: Vec::new(),
             sessions: 0,
             protected_sessions: 0,
+            sessions_counted_ms_ago: None,
             in_sync: true,
             last_write_error: None,
             reconcile_repairs: 0,

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
@@ -26,6 +27,7 @@ use lb_common::{
     NO_BACKEND, PINNED_MAPS, Service,
 };
 
+use super::counts::{Basis, Book, Counted, drain_over};
 use super::desired::{Health, Panic, Transition, panic_step};
 use super::source::SourceDefaults;
 use super::state::{AddedBackend, Admin, State};
@@ -122,6 +124,8 @@ pub struct Lb {
     pub(super) hops: Hops,
     /// This node's part of the cluster (`[cluster]`); inert when alone.
     pub(super) cluster: super::lb_cluster::ClusterSide,
+    /// The session counts the counter thread sent (`daemon/counts.rs`).
+    counts: Book,
 }
 
 /// Totals of the protected-session bookkeeping, for metrics and status.
@@ -252,6 +256,7 @@ impl Lb {
             protection: ProtectionStats::default(),
             hops: Hops::new(),
             cluster: super::lb_cluster::ClusterSide::default(),
+            counts: Book::default(),
         };
         lb.cluster.enabled = lb.base.cluster.is_some();
         lb.sources = SourceDefaults::detect(&lb.base);
@@ -584,6 +589,9 @@ impl Lb {
                 )
             })
             .collect();
+        // After the write: a count begun before it may miss the clients a
+        // just-drained backend drew until then.
+        self.counts.note(self.count_basis(), Instant::now());
         let was_panic: BTreeSet<&String> = self
             .panic
             .iter()
@@ -925,20 +933,65 @@ impl Lb {
         Ok(moved)
     }
 
-    /// Fresh sessions (idle less than their service's timeout) per backend
-    /// id, protected ones included (a draining backend's are all protected).
-    pub(super) fn session_counts(&self) -> Result<HashMap<u32, u64>> {
-        let records = self.service_records()?;
-        let now = monotonic_ns();
-        let mut out: HashMap<u32, u64> = HashMap::new();
-        self.maps.visit_sessions(|key, value, _| {
-            let timeout = records.get(&key.service_id).map_or(0, |r| r.timeout_ns);
-            if now.saturating_sub(value.last_seen_ns) < timeout {
-                *out.entry(value.backend_id).or_default() += 1;
-            }
-            Ok(())
-        })?;
-        Ok(out)
+    /// The session counts, as the counter thread last sent them.
+    pub(super) fn counts(&self) -> &Book {
+        &self.counts
+    }
+
+    /// Keeps a count from the counter thread.
+    pub fn record_counts(&mut self, counted: Arc<Counted>) {
+        self.counts.record(counted);
+    }
+
+    /// Whether something waits for session counts: a drain that ends when
+    /// its backend has none left, an orphan kept until it has none.
+    pub fn wants_counts(&self) -> bool {
+        !self.orphans.is_empty()
+            || self
+                .state
+                .services
+                .values()
+                .flat_map(|s| s.admin.values())
+                .any(|a| matches!(a, Admin::Draining { .. }))
+    }
+
+    /// What counts are judged against (see [`Basis`]).
+    fn count_basis(&self) -> Basis {
+        let mut ids: Vec<(BackendRef, u32)> = self
+            .backend_ids
+            .iter()
+            .map(|(r, id)| (r.clone(), *id))
+            .collect();
+        ids.sort();
+        let draining = self
+            .state
+            .services
+            .iter()
+            .flat_map(|(svc, over)| {
+                over.admin
+                    .iter()
+                    .filter(|(_, a)| matches!(a, Admin::Draining { .. }))
+                    .map(move |(name, _)| BackendRef {
+                        service: svc.clone(),
+                        backend: name.clone(),
+                    })
+            })
+            .collect();
+        let orphans = self
+            .orphans
+            .iter()
+            .flat_map(|(svc, list)| {
+                list.iter().map(move |b| BackendRef {
+                    service: svc.clone(),
+                    backend: b.name.clone(),
+                })
+            })
+            .collect();
+        Basis {
+            ids,
+            draining,
+            orphans,
+        }
     }
 
     /// Feeds one health-check result; on a transition, applies the new state.
@@ -1008,21 +1061,18 @@ impl Lb {
         }
         let mut changed = false;
         if !draining.is_empty() || !self.orphans.is_empty() {
-            let counts = self.session_counts()?;
+            // Only a count begun after the drains and orphans were last set
+            // can end one (`counts::Basis`).
+            let counts = self.counts.valid();
             let mut finished = Vec::new();
             for (r, deadline) in draining {
                 let Some(id) = self.backend_ids.get(&r) else {
                     continue;
                 };
-                let left = counts.get(id).copied().unwrap_or(0);
-                let why = if left == 0 {
-                    "no sessions left".to_string()
-                } else if deadline.is_some_and(|d| now >= d) {
-                    format!("drain deadline passed with {left} sessions left; moving them")
-                } else {
-                    continue;
-                };
-                finished.push((r, why));
+                let left = counts.map(|c| c.of(*id));
+                if let Some(why) = drain_over(left, deadline, now) {
+                    finished.push((r, why));
+                }
             }
             if !finished.is_empty() {
                 let mut new = self.state.clone();
@@ -1041,13 +1091,18 @@ impl Lb {
                 changed = true;
             }
             let ids = &self.backend_ids;
+            let counts = self.counts.valid();
             for (service, list) in &mut self.orphans {
                 list.retain(|b| {
                     let r = BackendRef {
                         service: service.clone(),
                         backend: b.name.clone(),
                     };
-                    let left = ids.get(&r).and_then(|id| counts.get(id)).copied().unwrap_or(0);
+                    // Uncounted: kept, as if it had sessions.
+                    let Some(counts) = counts else {
+                        return true;
+                    };
+                    let left = ids.get(&r).map_or(0, |id| counts.of(*id));
                     if left == 0 {
                         tracing::info!(backend = %r, "orphan backend {r} has no sessions left; removing it");
                         changed = true;

@@ -131,11 +131,11 @@ impl Lb {
             })
             .map(|(r, id)| (r.clone(), *id))
             .collect();
-        if !names.is_empty() {
-            let counts = self.session_counts()?;
-            for (r, id) in names {
-                draining.insert(backend_key(&r), counts.get(&id).copied().unwrap_or(0));
-            }
+        // Uncounted since the drain began: reported as sessions left, so no
+        // coordinator ends the drain on a count from before it.
+        let counts = self.counts().valid();
+        for (r, id) in names {
+            draining.insert(backend_key(&r), counts.map_or(u64::MAX, |c| c.of(id)));
         }
         Ok(Hello {
             fingerprint: self.cluster.fingerprint.clone(),

@@ -21,6 +21,7 @@ pub mod announcing;
 pub mod checks;
 pub mod clustering;
 pub mod control;
+pub mod counts;
 pub mod desired;
 pub mod health;
 pub mod http;
@@ -82,6 +83,8 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let lock = PinLock::acquire(&config.pin_path())?;
     let (dp, attachment) = dataplane::bring_up(&config, false)?;
     let maps = PinnedMaps::open(&config.pin_path())?;
+    // The session counter's own descriptors: it walks beside the owner.
+    let count_maps = PinnedMaps::open(&config.pin_path())?;
     let ingress = dataplane::interface_index(&config.interface)?;
     warn_martian_tunnel_replies(&config);
     let metrics_address = config.metrics_address;
@@ -110,6 +113,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             hop_targets: hop_targets_tx,
             readiness: readiness_tx,
         },
+        count_maps,
     )?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow};
 use tokio::sync::{oneshot, watch};
 
+use super::counts::{self, Counted, Reader};
 use super::lb::{BackendRef, CheckTarget, Lb};
 use super::metrics::Metrics;
 use crate::announce::Readiness;
 use crate::api::{Request, Response};
 use crate::hops::Target;
+use crate::pins::PinnedMaps;
 
 /// Every VIP with whether this node is ready to serve it, and why.
 pub type VipReadiness = std::collections::BTreeMap<std::net::IpAddr, Readiness>;
@@ -42,17 +44,26 @@ pub enum Msg {
     Hops(crate::dataplane::Hops),
     /// Work for the owner from the cluster task (`clustering.rs`).
     Call(Box<dyn FnOnce(&mut Lb) + Send>),
+    /// A session count from the counter thread (`counts.rs`).
+    Counted(Arc<Counted>),
 }
 
 /// A cheap, cloneable way to reach the owner thread.
 #[derive(Clone)]
 pub struct Handle {
     tx: Sender<Msg>,
+    counts: Reader,
 }
 
 impl Handle {
     /// Sends a control request and waits for its answer.
     pub async fn request(&self, req: Request) -> Response {
+        if matches!(req, Request::Status | Request::BackendList { .. }) {
+            // Their session counts: a walk begun after the request where walks
+            // are cheap, else the latest with its age. The owner has the count
+            // before the reader sees it, so the request finds it there.
+            self.counts.fresh(Instant::now()).await;
+        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Request(req, tx)).is_err() {
             return Response::Error("the daemon is shutting down".into());
@@ -63,6 +74,7 @@ impl Handle {
 
     /// Renders the metrics on the owner thread (the kernel counters are read there).
     pub async fn metrics(&self) -> Result<String> {
+        self.counts.fresh(Instant::now()).await;
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Metrics(tx))
@@ -114,21 +126,25 @@ pub struct Outputs {
     pub readiness: watch::Sender<VipReadiness>,
 }
 
-/// Starts the owner thread with `lb`, publishing on `outputs`.
+/// Starts the owner thread with `lb`, publishing on `outputs`, and the
+/// session counter beside it, walking `count_maps` (its own descriptors).
 pub fn spawn(
     lb: Lb,
     metrics: Arc<Metrics>,
     outputs: Outputs,
+    count_maps: PinnedMaps,
 ) -> Result<(Handle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
+    let counts = counts::spawn(count_maps, tx.clone())?;
+    let owner_counts = counts.clone();
     let thread = std::thread::Builder::new()
         .name("xlb-owner".into())
-        .spawn(move || run(lb, rx, &metrics, &outputs))
+        .spawn(move || run(lb, rx, &metrics, &outputs, &owner_counts))
         .context("starting the owner thread")?;
-    Ok((Handle { tx }, thread))
+    Ok((Handle { tx, counts }, thread))
 }
 
-fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs) {
+fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs, counts: &Reader) {
     let Outputs {
         targets,
         hop_targets,
@@ -173,6 +189,15 @@ fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs) {
                 targets_may_change = true;
                 job(&mut lb);
             }
+            Ok(Msg::Counted(c)) => {
+                lb.record_counts(c);
+                // Drains and orphans waiting for this count end now, not a tick later.
+                if lb.wants_counts() {
+                    if let Err(e) = lb.tick() {
+                        tracing::error!("tick (drains, orphans, panic grace) failed: {e:#}");
+                    }
+                }
+            }
             Ok(Msg::Hops(hops)) => {
                 if let Err(e) = lb.set_hops(hops) {
                     tracing::error!("writing new next hops failed (reconcile retries): {e:#}");
@@ -186,6 +211,10 @@ fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs) {
         }
         let now = Instant::now();
         if now >= next_tick {
+            // Asked for here, once a tick, and used when it arrives.
+            if lb.wants_counts() {
+                counts.kick();
+            }
             if let Err(e) = lb.tick() {
                 tracing::error!("tick (drains, orphans, panic grace) failed: {e:#}");
             }

@@ -33,12 +33,9 @@ impl Lb {
             .flat_map(|s| &s.backends)
             .filter(|b| b.state == BackendState::Active)
             .count();
-        let (mut sessions, mut protected_sessions) = (0, 0);
-        self.maps.visit_sessions(|_, _, protected| {
-            sessions += 1;
-            protected_sessions += usize::from(protected);
-            Ok(())
-        })?;
+        // Counted beside the owner (`daemon/counts.rs`): a walk here would hold
+        // every queued health transition behind it.
+        let counted = self.counts().latest();
         Ok(StatusInfo {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
@@ -56,8 +53,9 @@ impl Lb {
                 .filter(|(_, p)| p.active)
                 .map(|(s, _)| s.clone())
                 .collect(),
-            sessions,
-            protected_sessions,
+            sessions: counted.map_or(0, |c| c.sessions),
+            protected_sessions: counted.map_or(0, |c| c.protected),
+            sessions_counted_ms_ago: counted.map(|c| c.age_ms()),
             in_sync: self.dirty.is_none(),
             last_write_error: self.dirty.clone(),
             reconcile_repairs: self.repairs.values().sum(),
@@ -109,7 +107,7 @@ impl Lb {
                 bail!("no service named {name:?}");
             }
         }
-        let counts = self.session_counts()?;
+        let counts = self.counts().latest();
         let now = unix_ms();
         // Admin comes from the configured state: `effective` already holds the derived kernel state.
         let configured = self.effective_config()?;
@@ -152,7 +150,7 @@ impl Lb {
                         .get(&id, 0)
                         .map_or("unknown", |k| state_name(k.state))
                         .to_string(),
-                    sessions: counts.get(&id).copied().unwrap_or(0),
+                    sessions: counts.map_or(0, |c| c.of(id)),
                     drain_left_ms: match d.admin {
                         Admin::Draining {
                             deadline_unix_ms: Some(t),
