@@ -994,17 +994,14 @@ impl Lb {
         }
     }
 
-    /// Feeds one health-check result; on a transition, applies the new state.
-    pub fn health_result(
-        &mut self,
-        r: &BackendRef,
-        result: Result<Duration, String>,
-    ) -> Result<()> {
+    /// Feeds one health-check result; true on a transition, which the
+    /// caller applies (once for every result queued together).
+    pub fn feed_health(&mut self, r: &BackendRef, result: Result<Duration, String>) -> bool {
         let Some(svc) = self.effective_service(&r.service) else {
-            return Ok(());
+            return false;
         };
         let Some(spec) = svc.health.clone() else {
-            return Ok(());
+            return false;
         };
         let target = svc
             .backends
@@ -1016,7 +1013,7 @@ impl Lb {
             );
         let Some(h) = self.health.get_mut(r) else {
             // A check of a backend removed meanwhile.
-            return Ok(());
+            return false;
         };
         if let Err(why) = &result {
             if h.up {
@@ -1030,9 +1027,9 @@ impl Lb {
             Some(Transition::Down(why)) => {
                 tracing::warn!(backend = %r, "backend {target} down: {why}");
             }
-            None => return Ok(()),
+            None => return false,
         }
-        self.apply()
+        true
     }
 
     /// Once a second: finishes drains whose backend has no sessions left or

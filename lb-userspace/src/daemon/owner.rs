@@ -29,6 +29,8 @@ const TICK: Duration = Duration::from_secs(1);
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 /// First retry after a failed write; doubled up to [`RECONCILE_EVERY`].
 const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Most health results taken from the mailbox for one write.
+const CHECKS_PER_APPLY: usize = 1024;
 
 /// A message to the owner thread.
 pub enum Msg {
@@ -161,12 +163,18 @@ fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs, coun
     let mut next_tick = now + TICK;
     let mut next_reconcile = now + RECONCILE_EVERY;
     let mut retry = RETRY_MIN;
+    // A message taken from the mailbox while gathering health results.
+    let mut pending: Option<Msg> = None;
     loop {
         let wait = next_tick
             .min(next_reconcile)
             .saturating_duration_since(Instant::now());
         let mut targets_may_change = false;
-        match rx.recv_timeout(wait) {
+        let next = match pending.take() {
+            Some(msg) => Ok(msg),
+            None => rx.recv_timeout(wait),
+        };
+        match next {
             Ok(Msg::Shutdown(done)) => {
                 lb.shutdown();
                 let _ = done.send(());
@@ -177,8 +185,26 @@ fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs, coun
                 let _ = reply.send(handle(&mut lb, req));
             }
             Ok(Msg::Check(backend, result)) => {
-                if let Err(e) = lb.health_result(&backend, result) {
-                    tracing::error!(backend = %backend, "applying a health transition failed: {e:#}");
+                // Every result already queued (a rack failing together) makes
+                // one write, not one write (and its session walks) each.
+                let (checks, next) = gather_checks((backend, result), &rx, CHECKS_PER_APPLY);
+                pending = next;
+                let transitions = checks
+                    .into_iter()
+                    .map(|(b, r)| lb.feed_health(&b, r))
+                    .filter(|moved| *moved)
+                    .count();
+                if transitions > 1 {
+                    tracing::info!(
+                        "{transitions} health transitions queued together: applying them in one write"
+                    );
+                }
+                if transitions > 0 {
+                    if let Err(e) = lb.apply() {
+                        tracing::error!(
+                            "applying {transitions} health transition(s) failed: {e:#}"
+                        );
+                    }
                 }
             }
             Ok(Msg::Metrics(reply)) => {
@@ -260,6 +286,28 @@ fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs, coun
     }
 }
 
+/// One health-check result of one backend, as the checks send it.
+type CheckResult = (BackendRef, Result<Duration, String>);
+
+/// The health results queued behind `first`, up to `limit` in all, and the
+/// first message of another kind if one ended the run (it must be handled
+/// next, in order).
+fn gather_checks(
+    first: CheckResult,
+    rx: &Receiver<Msg>,
+    limit: usize,
+) -> (Vec<CheckResult>, Option<Msg>) {
+    let mut checks = vec![first];
+    while checks.len() < limit {
+        match rx.try_recv() {
+            Ok(Msg::Check(b, r)) => checks.push((b, r)),
+            Ok(other) => return (checks, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (checks, None)
+}
+
 /// Whether a request can change which backends are checked: targets follow the
 /// config, the runtime changes and the source addresses, which only requests
 /// (add, remove, reload) change; ticks and reconciles never do.
@@ -311,5 +359,70 @@ pub fn handle(lb: &mut Lb, req: Request) -> Response {
             tracing::warn!("control request refused: {e:#}");
             Response::Error(format!("{e:#}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(name: &str, ok: bool) -> Msg {
+        let r = BackendRef {
+            service: "web".into(),
+            backend: name.into(),
+        };
+        Msg::Check(
+            r,
+            if ok {
+                Ok(Duration::ZERO)
+            } else {
+                Err("refused".into())
+            },
+        )
+    }
+
+    fn first(name: &str) -> CheckResult {
+        match check(name, false) {
+            Msg::Check(b, r) => (b, r),
+            _ => unreachable!(),
+        }
+    }
+
+    fn names(checks: &[CheckResult]) -> Vec<&str> {
+        checks.iter().map(|(b, _)| b.backend.as_str()).collect()
+    }
+
+    #[test]
+    fn queued_health_results_are_taken_together_up_to_another_message() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(check("b2", false)).expect("send");
+        tx.send(check("b3", true)).expect("send");
+        let (done, _) = oneshot::channel();
+        tx.send(Msg::Shutdown(done)).expect("send");
+        tx.send(check("b4", false)).expect("send");
+
+        let (checks, next) = gather_checks(first("b1"), &rx, CHECKS_PER_APPLY);
+        assert_eq!(names(&checks), ["b1", "b2", "b3"]);
+        assert!(checks[2].1.is_ok(), "each result kept as it came");
+        assert!(
+            matches!(next, Some(Msg::Shutdown(_))),
+            "the message that ended the run is handed back, not lost"
+        );
+        // What came after it stays queued, in order.
+        assert!(matches!(rx.try_recv(), Ok(Msg::Check(b, _)) if b.backend == "b4"));
+    }
+
+    #[test]
+    fn gathering_is_bounded_and_stops_at_an_empty_mailbox() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..5 {
+            tx.send(check(&format!("q{i}"), false)).expect("send");
+        }
+        let (checks, next) = gather_checks(first("b1"), &rx, 3);
+        assert_eq!(names(&checks), ["b1", "q0", "q1"]);
+        assert!(next.is_none());
+        let (checks, next) = gather_checks(first("b1"), &rx, 100);
+        assert_eq!(names(&checks), ["b1", "q2", "q3", "q4"]);
+        assert!(next.is_none());
     }
 }
