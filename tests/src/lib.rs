@@ -30,6 +30,7 @@ pub mod flood;
 pub mod frames;
 pub mod lab;
 pub mod netns;
+pub mod plant;
 pub mod probes;
 pub mod routed_lab;
 pub mod servers;

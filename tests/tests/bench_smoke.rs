@@ -110,6 +110,7 @@ fn smallest_bench_produces_a_report() {
     let p = &r.scale[0];
     assert_eq!(p.entries, 1_000);
     assert!(p.hit_ns > 0.0 && p.miss_ns > 0.0);
+    assert!(p.hit_once_ns > 0.0 && p.hit_distinct_ns > 0.0, "{p:?}");
     assert!(p.affinity_bytes > 0 && p.maps_bytes >= p.affinity_bytes);
 
     let dir = std::env::temp_dir().join(format!("xlb-bench-smoke-{}", std::process::id()));

@@ -262,12 +262,8 @@ fn load_sessions(lab: &ClusterLab, i: usize, n: u32) -> Result<()> {
             last_seen_ns: now,
         })
         .collect();
-    // Batches of 8192: one syscall each, and a failure names how far it got.
-    for (ks, vs) in keys.chunks(8192).zip(values.chunks(8192)) {
-        bpf_batch::update(maps.affinity.map().fd(), ks, vs)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))
-            .with_context(|| format!("writing sessions into lb{i}'s affinity map"))?;
-    }
+    crate::plant::sessions(&maps.affinity, &keys, &values, |_| {})
+        .with_context(|| format!("writing sessions into lb{i}'s affinity map"))?;
     let after = lab.node_cli(i, &["status"])?["sessions"]
         .as_u64()
         .unwrap_or(0);

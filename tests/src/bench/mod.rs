@@ -195,8 +195,13 @@ pub struct ScalePoint {
     pub entries: u32,
     /// The map's capacity: the entries plus room for every miss frame.
     pub capacity: u32,
-    /// Hit-path ns/packet (median).
+    /// Hit-path ns/packet (median), one client repeated (`repeat`).
     pub hit_ns: f64,
+    /// Hit-path ns/packet of that one client run once per test run.
+    pub hit_once_ns: f64,
+    /// Hit-path ns/packet of distinct pre-filled clients in random order,
+    /// each run once (the working set is the whole map).
+    pub hit_distinct_ns: f64,
     /// Miss-path ns/packet (median).
     pub miss_ns: f64,
     /// Kernel memory of the affinity map (fdinfo `memlock`).

@@ -440,28 +440,28 @@ fn map_memlock(path: &Path) -> Result<u64> {
 }
 
 /// Fills the affinity map with `n` entries for clients 172.16.0.0/12 upwards.
+/// The `i`th pre-filled client: 172.16.0.0 + i.
+fn prefilled_client(i: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(0xac10_0000u32.wrapping_add(i))
+}
+
 fn prefill(xlb: &mut BenchDataplane, n: u32) -> Result<()> {
-    let key = |i: u32| AffinityKey {
-        service_id: 0,
-        addr: addr_words(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
-            0xac10_0000u32.wrapping_add(i),
-        ))),
-    };
+    let keys: Vec<AffinityKey> = (0..n)
+        .map(|i| AffinityKey {
+            service_id: 0,
+            addr: addr_words(IpAddr::V4(prefilled_client(i))),
+        })
+        .collect();
     let value = Affinity {
         backend_id: 0,
         _pad: 0,
         last_seen_ns: monotonic_ns(),
     };
-    for i in 0..n {
-        if i % 1_000_000 == 0 && i > 0 {
-            progress(&format!("  pre-filled {i}/{n} entries"));
-        }
-        xlb.maps
-            .affinity
-            .insert(key(i), value, 0)
-            .context("pre-filling the affinity map")?;
-    }
-    Ok(())
+    let values = vec![value; keys.len()];
+    crate::plant::sessions(&xlb.maps.affinity, &keys, &values, |done| {
+        progress(&format!("  pre-filled {done}/{n} entries"));
+    })
+    .context("pre-filling the affinity map")
 }
 
 /// Part 2: hit and miss cost, and map memory, as the affinity map grows.
@@ -478,9 +478,21 @@ pub fn part2(budget: Budget) -> Result<Vec<ScalePoint>> {
         let hit = Frame::tcp("172.16.0.1", "10.0.0.10", 80).build();
         let mut hits = Vec::new();
         let mut misses = Vec::new();
-        for _ in 0..budget.rounds {
+        let (mut one_key, mut distinct) = (Vec::new(), Vec::new());
+        for round in 0..budget.rounds {
             let prog = xlb.dp.program_mut()?;
             hits.push(ns_per_run(prog, &hit, budget.repeat, XDP_TX)?);
+            // Hits of distinct pre-filled clients in random order, each run
+            // once: the working set is the whole map, so lookups meet cache
+            // misses. Against the one client run once the same number of times.
+            let sample = crate::plant::sample(budget.miss_frames, size, 0x5eed + round as u64);
+            let spread: Vec<Vec<u8>> = sample
+                .iter()
+                .map(|&i| Frame::tcp(&prefilled_client(i).to_string(), "10.0.0.10", 80).build())
+                .collect();
+            let same = vec![hit.clone(); spread.len()];
+            one_key.push(ns_each_once(prog, &same, XDP_TX)?);
+            distinct.push(ns_each_once(prog, &spread, XDP_TX)?);
             let frames: Vec<Vec<u8>> = (0..budget.miss_frames)
                 .map(|_| {
                     next_client += 1;
@@ -499,6 +511,8 @@ pub fn part2(budget: Budget) -> Result<Vec<ScalePoint>> {
             entries: size,
             capacity,
             hit_ns: Series::new("hit", "ns", hits).median,
+            hit_once_ns: Series::new("hit once", "ns", one_key).median,
+            hit_distinct_ns: Series::new("hit distinct", "ns", distinct).median,
             miss_ns: Series::new("miss", "ns", misses).median,
             affinity_bytes,
             maps_bytes,
