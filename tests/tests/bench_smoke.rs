@@ -350,3 +350,40 @@ fn transition_part_smallest_configuration() {
     assert!(md.contains("| apply: 1 of 16 services changed |"), "{md}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Part 8 at its smallest: sessions planted into a live daemon's map, a
+/// backend killed while status and scrapes run; the backend must reach DOWN
+/// in the kernel in every service and status must have answered meanwhile.
+#[test]
+fn at_scale_part_smallest_configuration() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the bench loads XDP: run as root"
+    );
+    let t = xlb_tests::bench::at_scale::part_at_scale(Budget::SMOKE).expect("part 8 (at scale)");
+    let n = Budget::SMOKE.at_scale_sessions[0];
+    let down = t
+        .rows
+        .iter()
+        .find(|r| r.name.starts_with(&format!("{n} sessions: kill")))
+        .expect("a failure row");
+    assert_eq!(down.samples.len(), 4, "one figure per service: {down:?}");
+    assert!(
+        down.samples.iter().all(|ms| ms.is_finite()),
+        "the killed backend never went DOWN in some service: {down:?}"
+    );
+    for what in ["xlb status", "metrics scrape"] {
+        let row = t
+            .rows
+            .iter()
+            .find(|r| r.name.contains(what))
+            .unwrap_or_else(|| panic!("no {what} row"));
+        assert!(!row.samples.is_empty(), "{what} never answered");
+    }
+    assert!(
+        ip_netns_empty_of("atscale"),
+        "the at-scale part left namespaces behind"
+    );
+}

@@ -346,14 +346,14 @@ fn measure(
 
 /// Reads the killed backend's record of every service straight from xlb's pinned
 /// backend map: when it is DOWN in the kernel, not when a CLI call notices.
-struct KernelWatch {
+pub(super) struct KernelWatch {
     maps: xlb::pins::PinnedMaps,
     /// (service, backend name, backend id) of every backend of every service.
     ids: Vec<(String, String, u32)>,
 }
 
 impl KernelWatch {
-    fn new(lab: &Lab, d: &Daemon) -> Result<Self> {
+    pub(super) fn new(lab: &Lab, d: &Daemon) -> Result<Self> {
         let status = d.ctl(lab, &["status"])?;
         let pins = status["pins"].as_str().context("status without pins")?;
         let maps = xlb::pins::PinnedMaps::open(Path::new(pins))?;
@@ -374,7 +374,12 @@ impl KernelWatch {
     }
 
     /// Records in `seen` each service whose `dead` backend is DOWN now.
-    fn poll(&self, dead: &str, kill_at: Instant, seen: &mut BTreeMap<String, Option<f64>>) {
+    pub(super) fn poll(
+        &self,
+        dead: &str,
+        kill_at: Instant,
+        seen: &mut BTreeMap<String, Option<f64>>,
+    ) {
         for (svc, name, id) in &self.ids {
             if name != dead || seen.get(svc).is_some_and(Option::is_some) {
                 continue;
@@ -388,7 +393,7 @@ impl KernelWatch {
         }
     }
 
-    fn all_seen(seen: &BTreeMap<String, Option<f64>>) -> bool {
+    pub(super) fn all_seen(seen: &BTreeMap<String, Option<f64>>) -> bool {
         !seen.is_empty() && seen.values().all(Option::is_some)
     }
 }
@@ -644,7 +649,7 @@ fn row(c: Contender, runs: &[FailoverRun]) -> Option<FailoverRow> {
 
 /// fall × interval + 100 ms of the daemon's checks: how soon a dead backend must be
 /// DOWN in the kernel, in every service.
-fn kernel_down_bound_ms() -> f64 {
+pub(super) fn kernel_down_bound_ms() -> f64 {
     let h = HealthOptions::default();
     let interval = humantime_ms(h.interval);
     f64::from(h.fall) * interval + 100.0
@@ -729,7 +734,7 @@ fn about(budget: Budget) -> String {
 }
 
 /// A backend whose servers are stopped; started again on [`Killed::restore`] or on drop.
-struct Killed<'s, 'l> {
+pub(super) struct Killed<'s, 'l> {
     servers: &'s mut Servers,
     lab: &'l Lab,
     name: String,
@@ -737,7 +742,7 @@ struct Killed<'s, 'l> {
 }
 
 impl<'s, 'l> Killed<'s, 'l> {
-    fn kill(servers: &'s mut Servers, lab: &'l Lab, name: &str) -> Result<Self> {
+    pub(super) fn kill(servers: &'s mut Servers, lab: &'l Lab, name: &str) -> Result<Self> {
         servers
             .stop_backend(name)
             .with_context(|| format!("stopping the servers of {name}"))?;
@@ -749,7 +754,7 @@ impl<'s, 'l> Killed<'s, 'l> {
         })
     }
 
-    fn restore(&mut self) -> Result<()> {
+    pub(super) fn restore(&mut self) -> Result<()> {
         if !std::mem::take(&mut self.down) {
             return Ok(());
         }

@@ -3,6 +3,7 @@
 //! and noisy; every figure is a median with its min–max and a ratio to a
 //! baseline measured in the same run.
 
+pub mod at_scale;
 pub mod cluster;
 mod contenders;
 pub mod failover;
@@ -47,6 +48,8 @@ pub struct Budget {
     pub cluster_sessions: u32,
     /// The packet-rate parts' traffic generator.
     pub generator: generator::Pick,
+    /// Session counts of the at-scale failure part.
+    pub at_scale_sessions: &'static [u32],
 }
 
 impl Budget {
@@ -65,6 +68,7 @@ impl Budget {
         transition_rounds: 5,
         cluster_sessions: 100_000,
         generator: generator::Pick::Auto,
+        at_scale_sessions: &[100_000],
     };
     /// The full run.
     pub const FULL: Budget = Budget {
@@ -81,6 +85,7 @@ impl Budget {
         transition_rounds: 11,
         cluster_sessions: 100_000,
         generator: generator::Pick::Auto,
+        at_scale_sessions: &[1_000_000, 10_000_000],
     };
     /// The smallest configuration, for the test that keeps the bench from rotting.
     pub const SMOKE: Budget = Budget {
@@ -99,6 +104,7 @@ impl Budget {
         transition_rounds: 2,
         cluster_sessions: 2_000,
         generator: generator::Pick::Auto,
+        at_scale_sessions: &[10_000],
     };
 }
 

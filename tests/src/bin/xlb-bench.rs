@@ -5,8 +5,8 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use xlb_tests::bench::{
-    Budget, Report, cluster, failover, generator, machine, peers, prog_cost, progress, report,
-    scaling, traffic, transition,
+    Budget, Report, at_scale, cluster, failover, generator, machine, peers, prog_cost, progress,
+    report, scaling, traffic, transition,
 };
 
 fn main() -> ExitCode {
@@ -36,7 +36,7 @@ fn machine() -> String {
 }
 
 /// Part names for `--only` (repeatable), in run order.
-const PARTS: [&str; 8] = [
+const PARTS: [&str; 9] = [
     "cost",
     "scale",
     "rate",
@@ -45,6 +45,7 @@ const PARTS: [&str; 8] = [
     "failover",
     "transition",
     "cluster",
+    "at-scale",
 ];
 
 fn run() -> Result<()> {
@@ -141,6 +142,15 @@ fn run() -> Result<()> {
             Err(e) => report
                 .skipped
                 .push(("cluster replication".into(), format!("{e:#}"))),
+        }
+    }
+    if want("at-scale") {
+        progress("part 8: a backend failure with millions of sessions");
+        match at_scale::part_at_scale(budget) {
+            Ok(table) => report.tables.push(table),
+            Err(e) => report
+                .skipped
+                .push(("a backend failure at scale".into(), format!("{e:#}"))),
         }
     }
     report::write(&report, &out)?;
