@@ -208,7 +208,7 @@ pub fn send_frames(
 
 /// A raw `AF_PACKET` socket bound to `ifname` for sending only (protocol 0:
 /// it receives nothing).
-fn packet_socket(ifname: &str) -> Result<OwnedFd> {
+pub(crate) fn packet_socket(ifname: &str) -> Result<OwnedFd> {
     let name = std::ffi::CString::new(ifname).context("interface name with a NUL")?;
     // SAFETY: if_nametoindex reads a NUL-terminated string we own.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };

@@ -1,10 +1,12 @@
 //! Synthetic sessions written straight into a session map, a batch per
 //! syscall: 10M in seconds, so tests and the bench meet production sizes.
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::maps::{HashMap, IterableMap as _, MapData};
-use lb_common::{Affinity, AffinityKey};
-use xlb::bpf_batch;
+use lb_common::{Affinity, AffinityKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, Service};
+use xlb::{bpf_batch, dataplane, pins::PinnedMaps, sessions::monotonic_ns};
 
 /// Entries per `BPF_MAP_UPDATE_BATCH` call.
 const BATCH: usize = 8192;
@@ -33,6 +35,62 @@ pub fn sessions(
         }
     }
     Ok(())
+}
+
+/// The kernel's record of the TCP service at `vip`:`port`.
+pub fn tcp_service(maps: &PinnedMaps, vip: IpAddr, port: u16) -> Result<Service> {
+    let family = if vip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+    let words = dataplane::addr_words(vip);
+    for entry in maps.services.iter() {
+        let (key, svc) = entry.context("reading the service map")?;
+        if key.family == family
+            && key.proto == PROTO_TCP
+            && key.addr == words
+            && u16::from_be(key.port) == port
+        {
+            return Ok(svc);
+        }
+    }
+    bail!("no service record for {vip}:{port}/tcp")
+}
+
+/// `n` fresh sessions of `record`'s service, for the IPv4 clients `first`,
+/// `first + 1`, …, each on its client's answer in the live Maglev table
+/// (where the program would have put it).
+pub fn maglev_sessions(
+    maps: &PinnedMaps,
+    record: &Service,
+    first: Ipv4Addr,
+    n: u32,
+) -> Result<(Vec<AffinityKey>, Vec<Affinity>)> {
+    let mut table = vec![0u32; record.table_size as usize];
+    let base = record.maglev_base[(record.active_slot & 1) as usize];
+    bpf_batch::lookup_array(maps.maglev.map().fd(), base, &mut table)
+        .map_err(|e| anyhow!("{e:?}"))
+        .context("reading the live Maglev table")?;
+    let now = monotonic_ns();
+    let keys: Vec<AffinityKey> = (0..n)
+        .map(|k| {
+            let words = dataplane::addr_words(IpAddr::V4(Ipv4Addr::from(u32::from(first) + k)));
+            let mut addr = [0u32; 4];
+            for (a, (w, m)) in addr.iter_mut().zip(words.iter().zip(&record.mask)) {
+                *a = w & m;
+            }
+            AffinityKey {
+                service_id: record.id,
+                addr,
+            }
+        })
+        .collect();
+    let values = keys
+        .iter()
+        .map(|k| Affinity {
+            backend_id: dataplane::answer(&table, &k.addr),
+            _pad: 0,
+            last_seen_ns: now,
+        })
+        .collect();
+    Ok((keys, values))
 }
 
 /// A reproducible permutation-free sample: `n` indexes below `bound`, in a

@@ -21,9 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::IterableMap as _;
-use lb_common::{Affinity, AffinityKey, FAMILY_V4, PROTO_TCP, Service};
-use xlb::{bpf_batch, dataplane, pins::PinnedMaps, sessions::monotonic_ns};
+use xlb::pins::PinnedMaps;
 
 use super::{
     Budget, Series, Table,
@@ -162,35 +160,10 @@ fn plant(lab: &Lab, d: &Daemon, n: u32) -> Result<()> {
     let st = d.ctl(lab, &["status"])?;
     let pins = st["pins"].as_str().context("status without pins")?;
     let maps = PinnedMaps::open(std::path::Path::new(pins))?;
-    let record = record(&maps, lab.vip4)?;
-    let mut table = vec![0u32; record.table_size as usize];
-    let base = record.maglev_base[(record.active_slot & 1) as usize];
-    bpf_batch::lookup_array(maps.maglev.map().fd(), base, &mut table)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .context("reading the live Maglev table")?;
-    let now = monotonic_ns();
+    let record = crate::plant::tcp_service(&maps, IpAddr::V4(lab.vip4), HTTP_PORT)?;
     // 100.64.0.0/10 and up: no lab client is there.
-    let keys: Vec<AffinityKey> = (0..n)
-        .map(|k| {
-            let words = dataplane::addr_words(IpAddr::V4(Ipv4Addr::from(0x6440_0000 + k)));
-            let mut addr = [0u32; 4];
-            for (a, (w, m)) in addr.iter_mut().zip(words.iter().zip(&record.mask)) {
-                *a = w & m;
-            }
-            AffinityKey {
-                service_id: record.id,
-                addr,
-            }
-        })
-        .collect();
-    let values: Vec<Affinity> = keys
-        .iter()
-        .map(|k| Affinity {
-            backend_id: dataplane::answer(&table, &k.addr),
-            _pad: 0,
-            last_seen_ns: now,
-        })
-        .collect();
+    let first = Ipv4Addr::new(100, 64, 0, 0);
+    let (keys, values) = crate::plant::maglev_sessions(&maps, &record, first, n)?;
     crate::plant::sessions(&maps.affinity, &keys, &values, |done| {
         progress(&format!("  planted {done}/{n} sessions"));
     })?;
@@ -210,22 +183,6 @@ fn plant(lab: &Lab, d: &Daemon, n: u32) -> Result<()> {
         }
         thread::sleep(Duration::from_millis(500));
     }
-}
-
-/// The service record of `vip`:80/tcp.
-fn record(maps: &PinnedMaps, vip: Ipv4Addr) -> Result<Service> {
-    let words = dataplane::addr_words(IpAddr::V4(vip));
-    for entry in maps.services.iter() {
-        let (key, svc) = entry.context("reading the service map")?;
-        if key.family == FAMILY_V4
-            && key.proto == PROTO_TCP
-            && key.addr == words
-            && u16::from_be(key.port) == HTTP_PORT
-        {
-            return Ok(svc);
-        }
-    }
-    bail!("no service record for {vip}:{HTTP_PORT}/tcp")
 }
 
 /// Resident memory of process `pid` in MiB (NaN if unreadable).

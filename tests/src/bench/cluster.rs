@@ -18,10 +18,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::IterableMap as _;
-use lb_common::{Affinity, AffinityKey, FAMILY_V4, PROTO_TCP, Service};
 use serde::Serialize;
-use xlb::{bpf_batch, dataplane, pins::PinnedMaps, sessions::monotonic_ns};
+use xlb::pins::PinnedMaps;
 
 use super::{Budget, progress};
 use crate::{
@@ -232,36 +230,9 @@ fn load_sessions(lab: &ClusterLab, i: usize, n: u32) -> Result<()> {
     // The daemon pins below its `pin_dir`; its status names the directory.
     let pins = st["pins"].as_str().context("status without pins")?;
     let maps = PinnedMaps::open(std::path::Path::new(pins))?;
-    let record = http_v4_record(&maps)?;
-    let size = record.table_size as usize;
-    let mut table = vec![0u32; size];
-    let base = record.maglev_base[(record.active_slot & 1) as usize];
-    bpf_batch::lookup_array(maps.maglev.map().fd(), base, &mut table)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .context("reading the live Maglev table")?;
-    let now = monotonic_ns();
-    let first = CLIENT_BASE + ((i as u32 - 1) << 17);
-    let keys: Vec<AffinityKey> = (0..n)
-        .map(|k| {
-            let words = dataplane::addr_words(IpAddr::V4(Ipv4Addr::from(first + k)));
-            let mut addr = [0u32; 4];
-            for (a, (w, m)) in addr.iter_mut().zip(words.iter().zip(&record.mask)) {
-                *a = w & m;
-            }
-            AffinityKey {
-                service_id: record.id,
-                addr,
-            }
-        })
-        .collect();
-    let values: Vec<Affinity> = keys
-        .iter()
-        .map(|k| Affinity {
-            backend_id: dataplane::answer(&table, &k.addr),
-            _pad: 0,
-            last_seen_ns: now,
-        })
-        .collect();
+    let record = crate::plant::tcp_service(&maps, IpAddr::V4(VIP4), HTTP_PORT)?;
+    let first = Ipv4Addr::from(CLIENT_BASE + ((i as u32 - 1) << 17));
+    let (keys, values) = crate::plant::maglev_sessions(&maps, &record, first, n)?;
     crate::plant::sessions(&maps.affinity, &keys, &values, |_| {})
         .with_context(|| format!("writing sessions into lb{i}'s affinity map"))?;
     let after = lab.node_cli(i, &["status"])?["sessions"]
@@ -273,22 +244,6 @@ fn load_sessions(lab: &ClusterLab, i: usize, n: u32) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The service record of [`SERVICE`] in `maps`.
-fn http_v4_record(maps: &PinnedMaps) -> Result<Service> {
-    let vip = dataplane::addr_words(IpAddr::V4(VIP4));
-    for entry in maps.services.iter() {
-        let (key, svc) = entry.context("reading the service map")?;
-        if key.family == FAMILY_V4
-            && key.proto == PROTO_TCP
-            && key.addr == vip
-            && u16::from_be(key.port) == HTTP_PORT
-        {
-            return Ok(svc);
-        }
-    }
-    bail!("no service record for {VIP4}:{HTTP_PORT}/tcp")
 }
 
 /// The counters of [`NodeDelta`] from one status.

@@ -18,7 +18,7 @@
 //! run are, and every table names the generator that produced it.
 
 use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     sync::Barrier,
     time::{Duration, Instant},
 };
@@ -221,7 +221,7 @@ impl TrafficGen {
                             .and_then(|()| pin_to(cpu))
                             .and_then(|()| match live {
                                 Some(_) => Ok(None),
-                                None => PacketSocket::open(ifindex, slots).map(Some),
+                                None => PacketSocket::open("gen0", slots).map(Some),
                             });
                         start_line.wait();
                         match (ready?, live) {
@@ -310,39 +310,18 @@ struct PacketSocket<'a> {
 }
 
 impl<'a> PacketSocket<'a> {
-    /// Opens the socket in the calling thread's namespace, bound to `ifindex`.
-    fn open(ifindex: u32, frames: &'a [Vec<u8>]) -> Result<Self> {
+    /// Opens the socket in the calling thread's namespace, bound to `ifname`.
+    fn open(ifname: &str, frames: &'a [Vec<u8>]) -> Result<Self> {
         if frames.is_empty() {
             bail!("the AF_PACKET generator needs frames to send");
         }
-        // Protocol 0: a transmit-only socket that the stack hands no received frame.
-        // SAFETY: plain socket(2).
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("socket(AF_PACKET)");
-        }
-        // SAFETY: raw is a fresh descriptor owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // The flood tests' transmit-only socket (protocol 0: it receives nothing).
+        let fd = crate::flood::packet_socket(ifname)?;
         setsockopt(&fd, libc::SOL_PACKET, PACKET_QDISC_BYPASS, &1i32)
             .context("PACKET_QDISC_BYPASS")?;
         // Room for many batches in flight; the default send buffer holds ~250 skbs.
         // Best effort: a smaller buffer only means more backpressure retries.
         let _ = setsockopt(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &(8i32 << 20));
-        // SAFETY: sockaddr_ll is plain data.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: binds our socket to a valid sockaddr_ll of the given size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("binding the AF_PACKET socket");
-        }
         Ok(Self { fd, frames })
     }
 
