@@ -4,7 +4,8 @@
 //! Hellos all want counts. Walked on the owner thread, each of them held back
 //! the health transitions queued behind it. Here one thread (`xlb-counts`)
 //! with its own map descriptors walks on demand, concurrent demands
-//! coalescing into one walk, and publishes the result:
+//! coalescing into one walk (a slow one rests four times its length before
+//! the next), and publishes the result:
 //! - to the control path (`Reader::fresh`), which waits for a walk begun
 //!   after its request when walks are cheap, and otherwise answers at once
 //!   with the latest count and its age;
@@ -29,6 +30,8 @@ use crate::sessions::monotonic_ns;
 /// exact. Longer walks (about 200k sessions and up) are not: the answer is
 /// the latest count, with its age.
 pub const FRESH_WALK: Duration = Duration::from_millis(100);
+/// How many times its own duration a slow walk rests before the next.
+const REST_PER_WALK: u32 = 4;
 /// The longest the control path waits for a count it waits for at all
 /// (a cheap walk on a busy machine; the first walk at start).
 const FRESH_WAIT: Duration = Duration::from_secs(1);
@@ -192,10 +195,11 @@ fn run(
                     return;
                 }
                 latest.send_replace(Some(c.clone()));
-                // A slow walk (millions of sessions) rests as long as it took,
-                // so counting never takes more than half a core.
+                // A slow walk (millions of sessions) rests four times as long
+                // as it took, so counting takes at most a fifth of a core
+                // away from the owner's own walks when a failure needs them.
                 if c.took > FRESH_WALK {
-                    std::thread::sleep(c.took);
+                    std::thread::sleep(c.took * REST_PER_WALK);
                 }
             }
             Err(e) => {

@@ -270,6 +270,11 @@ impl Lb {
         Ok(lb)
     }
 
+    /// When this daemon started.
+    pub fn started_at(&self) -> Instant {
+        self.started
+    }
+
     /// The config file this daemon reads.
     pub fn config_path(&self) -> &Path {
         &self.config_path

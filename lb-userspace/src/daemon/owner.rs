@@ -16,7 +16,7 @@ use super::counts::{self, Counted, Reader};
 use super::lb::{BackendRef, CheckTarget, Lb};
 use super::metrics::Metrics;
 use crate::announce::Readiness;
-use crate::api::{Request, Response};
+use crate::api::{Request, Response, StatusInfo};
 use crate::hops::Target;
 use crate::pins::PinnedMaps;
 
@@ -55,12 +55,21 @@ pub enum Msg {
 pub struct Handle {
     tx: Sender<Msg>,
     counts: Reader,
+    status: watch::Receiver<Option<Snapshot>>,
 }
+
+/// What the owner last published of its status, and when it started.
+type Snapshot = Arc<(StatusInfo, Instant)>;
 
 impl Handle {
     /// Sends a control request and waits for its answer.
     pub async fn request(&self, req: Request) -> Response {
-        if matches!(req, Request::Status | Request::BackendList { .. }) {
+        if matches!(req, Request::Status) {
+            if let Some(info) = self.status().await {
+                return Response::Status(info);
+            }
+        }
+        if matches!(req, Request::BackendList { .. }) {
             // Their session counts: a walk begun after the request where walks
             // are cheap, else the latest with its age. The owner has the count
             // before the reader sees it, so the request finds it there.
@@ -72,6 +81,24 @@ impl Handle {
         }
         rx.await
             .unwrap_or_else(|_| Response::Error("the daemon is shutting down".into()))
+    }
+
+    /// `xlb status` without the owner: what it published after the last
+    /// message it handled (a change is published before its answer is sent)
+    /// with the session counts of [`Reader::fresh`], so status answers while
+    /// the owner is busy (a session walk of millions). `None` before the
+    /// first publication.
+    async fn status(&self) -> Option<StatusInfo> {
+        let counted = self.counts.fresh(Instant::now()).await;
+        let snapshot = self.status.borrow().clone()?;
+        let (mut info, started) = (snapshot.0.clone(), snapshot.1);
+        info.uptime_s = started.elapsed().as_secs();
+        if let Some(c) = counted {
+            info.sessions = c.sessions;
+            info.protected_sessions = c.protected;
+            info.sessions_counted_ms_ago = Some(c.age_ms());
+        }
+        Some(info)
     }
 
     /// Renders the metrics on the owner thread (the kernel counters are read there).
@@ -139,14 +166,56 @@ pub fn spawn(
     let (tx, rx) = std::sync::mpsc::channel();
     let counts = counts::spawn(count_maps, tx.clone())?;
     let owner_counts = counts.clone();
+    let (status_tx, status) = watch::channel(None);
     let thread = std::thread::Builder::new()
         .name("xlb-owner".into())
-        .spawn(move || run(lb, rx, &metrics, &outputs, &owner_counts))
+        .spawn(move || {
+            let snapshot = Published::new(status_tx);
+            run(lb, rx, &metrics, &outputs, &owner_counts, &snapshot);
+        })
         .context("starting the owner thread")?;
-    Ok((Handle { tx, counts }, thread))
+    Ok((Handle { tx, counts, status }, thread))
 }
 
-fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs, counts: &Reader) {
+/// The owner's side of the status snapshot.
+struct Published {
+    tx: watch::Sender<Option<Snapshot>>,
+}
+
+impl Published {
+    fn new(tx: watch::Sender<Option<Snapshot>>) -> Self {
+        Self { tx }
+    }
+
+    /// Publishes `lb`'s status if it changed (cheap: no session walk).
+    fn publish(&self, lb: &Lb) {
+        match lb.status() {
+            Ok(mut info) => {
+                // Uptime is the reader's to compute; without it equal states compare equal.
+                info.uptime_s = 0;
+                let started = lb.started_at();
+                let changed = self
+                    .tx
+                    .borrow()
+                    .as_ref()
+                    .is_none_or(|s| s.0 != info || s.1 != started);
+                if changed {
+                    self.tx.send_replace(Some(Arc::new((info, started))));
+                }
+            }
+            Err(e) => tracing::debug!("status snapshot not published: {e:#}"),
+        }
+    }
+}
+
+fn run(
+    mut lb: Lb,
+    rx: Receiver<Msg>,
+    metrics: &Metrics,
+    outputs: &Outputs,
+    counts: &Reader,
+    status: &Published,
+) {
     let Outputs {
         targets,
         hop_targets,
@@ -159,6 +228,7 @@ fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs, coun
     targets.send_replace(published.clone());
     let mut published_hops = lb.hop_targets();
     hop_targets.send_replace(published_hops.clone());
+    status.publish(&lb);
     let now = Instant::now();
     let mut next_tick = now + TICK;
     let mut next_reconcile = now + RECONCILE_EVERY;
@@ -182,7 +252,10 @@ fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs, coun
             }
             Ok(Msg::Request(req, reply)) => {
                 targets_may_change = changes_targets(&req);
-                let _ = reply.send(handle(&mut lb, req));
+                let answer = handle(&mut lb, req);
+                // Before the answer: whoever asks status after it sees the change.
+                status.publish(&lb);
+                let _ = reply.send(answer);
             }
             Ok(Msg::Check(backend, result)) => {
                 // Every result already queued (a rack failing together) makes
@@ -265,6 +338,7 @@ fn run(mut lb: Lb, rx: Receiver<Msg>, metrics: &Metrics, outputs: &Outputs, coun
                 }
             }
         }
+        status.publish(&lb);
         // Health results, ticks, reconciles and requests all can change it; it is cheap.
         let now_ready = lb.vip_readiness();
         if now_ready != published_ready {
