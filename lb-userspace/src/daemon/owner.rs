@@ -98,6 +98,7 @@ impl Handle {
             info.protected_sessions = c.protected;
             info.sessions_counted_ms_ago = Some(c.age_ms());
         }
+        // (No count yet: the snapshot's own zero counts and no age.)
         Some(info)
     }
 
@@ -191,8 +192,10 @@ impl Published {
     fn publish(&self, lb: &Lb) {
         match lb.status() {
             Ok(mut info) => {
-                // Uptime is the reader's to compute; without it equal states compare equal.
+                // Uptime and the counts' age are the reader's to compute: without
+                // them, equal states compare equal and are published once.
                 info.uptime_s = 0;
+                info.sessions_counted_ms_ago = None;
                 let started = lb.started_at();
                 let changed = self
                     .tx
