@@ -531,9 +531,17 @@ fn config_drift_is_reported_by_every_node() {
             );
             assert_ne!(s1["fingerprint"], s3["fingerprint"]);
             assert_eq!(status(&lab, 2)["drift"], serde_json::json!([3]));
-            let log = lab.nodes[0].daemon_log();
-            assert!(log.contains("CONFIG DRIFT: node 3"), "{log}");
-            return;
+            // Status answers from the peers' Hellos at once; the loud log line
+            // comes with the node's next cluster tick (once a second).
+            let logged_by = Instant::now() + Duration::from_secs(3);
+            loop {
+                let log = lab.nodes[0].daemon_log();
+                if log.contains("CONFIG DRIFT: node 3") {
+                    return;
+                }
+                assert!(Instant::now() < logged_by, "drift never logged: {log}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         assert!(Instant::now() < deadline, "no drift reported: {s1}\n{s3}");
         std::thread::sleep(Duration::from_millis(200));
