@@ -379,6 +379,53 @@ impl Config {
     }
 
     /// Parses and validates config text; TOML errors keep toml's line/column message.
+    /// The settings of `self` that `new` changes and a running daemon cannot:
+    /// a reload naming one is refused. Sorted by destructuring every field, so
+    /// a new field does not compile until it is placed on one side or the other.
+    pub fn boot_changes(&self, new: &Config) -> Vec<&'static str> {
+        let Config {
+            interface,
+            xdp_mode,
+            pin_dir,
+            affinity_max_entries,
+            maglev_table_size,
+            max_services,
+            state_file,
+            metrics_address,
+            announce_table,
+            cluster,
+            // Reloadable: the reload applies them.
+            services: _,
+            health_source_v4: _,
+            health_source_v6: _,
+            encap_source_v4: _,
+            encap_source_v6: _,
+        } = self;
+        let mut out = Vec::new();
+        let mut note = |changed: bool, field: &'static str| {
+            if changed {
+                out.push(field);
+            }
+        };
+        note(*interface != new.interface, "interface");
+        note(*xdp_mode != new.xdp_mode, "xdp_mode");
+        note(*pin_dir != new.pin_dir, "pin_dir");
+        note(
+            *affinity_max_entries != new.affinity_max_entries,
+            "affinity_max_entries",
+        );
+        note(
+            *maglev_table_size != new.maglev_table_size,
+            "maglev_table_size",
+        );
+        note(*max_services != new.max_services, "max_services");
+        note(*state_file != new.state_file, "state_file");
+        note(*metrics_address != new.metrics_address, "metrics_address");
+        note(*announce_table != new.announce_table, "announce_table");
+        note(*cluster != new.cluster, "[cluster]");
+        out
+    }
+
     pub fn parse(text: &str) -> Result<Config> {
         let raw: RawConfig = toml::from_str(text)?;
         validate(raw)
@@ -1340,6 +1387,51 @@ fn valid_name(name: &str, allow_colon: bool) -> bool {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn a_reload_may_change_services_and_sources_but_names_every_boot_field() {
+        let base = Config::parse(FULL).expect("FULL parses");
+        let reloadable = FULL.replace("weight = 3", "weight = 5").replacen(
+            "[[service]]",
+            "health_source_v4 = \"10.0.0.1\"\n\n[[service]]",
+            1,
+        );
+        let new = Config::parse(&reloadable).expect("parses");
+        assert_ne!(base, new, "the edit changed something");
+        assert_eq!(base.boot_changes(&new), Vec::<&str>::new());
+        // The default state file is named after the interface: both change.
+        let new = Config::parse(&FULL.replace("eth1", "eth2")).expect("parses");
+        assert_eq!(base.boot_changes(&new), ["interface", "state_file"]);
+        for (edit, field) in [
+            (
+                FULL.replace("xdp_mode = \"generic\"", "xdp_mode = \"native\""),
+                "xdp_mode",
+            ),
+            (
+                FULL.replace("/sys/fs/bpf/test", "/sys/fs/bpf/other"),
+                "pin_dir",
+            ),
+            (
+                FULL.replace("affinity_max_entries = 1000", "affinity_max_entries = 2000"),
+                "affinity_max_entries",
+            ),
+            (
+                FULL.replace("maglev_table_size = 251", "maglev_table_size = 257"),
+                "maglev_table_size",
+            ),
+            (
+                FULL.replace("max_services = 4", "max_services = 8"),
+                "max_services",
+            ),
+            (
+                FULL.replace("max_services = 4", "max_services = 4\nannounce_table = 100"),
+                "announce_table",
+            ),
+        ] {
+            let new = Config::parse(&edit).unwrap_or_else(|e| panic!("{field}: {e:#}"));
+            assert_eq!(base.boot_changes(&new), vec![field], "{field}");
+        }
+    }
 
     const FULL: &str = r#"
 interface = "eth1"

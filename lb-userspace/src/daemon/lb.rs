@@ -1396,28 +1396,15 @@ impl Lb {
     /// Re-reads the config file; an invalid one changes nothing.
     pub fn reload(&mut self) -> Result<String> {
         let new = Config::load(&self.config_path)?;
-        let old = &self.base;
-        let fixed = [
-            ("interface", old.interface != new.interface),
-            ("pin_dir", old.pin_dir != new.pin_dir),
-            (
-                "affinity_max_entries",
-                old.affinity_max_entries != new.affinity_max_entries,
-            ),
-            (
-                "maglev_table_size",
-                old.maglev_table_size != new.maglev_table_size,
-            ),
-            ("max_services", old.max_services != new.max_services),
-            ("state_file", old.state_file != new.state_file),
-            (
-                "metrics_address",
-                old.metrics_address != new.metrics_address,
-            ),
-        ];
-        if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
+        // announce_table and [cluster] were once accepted here and silently
+        // ignored: every field is now on one side of `boot_changes`.
+        let fixed = self.base.boot_changes(&new);
+        if !fixed.is_empty() {
             bail!(
-                "{field} changed: it cannot change while the daemon runs (restart it); nothing applied"
+                "{} changed: {} cannot change while the daemon runs (restart it; xdp_mode \
+                 applies only when XDP is attached anew); nothing applied",
+                fixed.join(", "),
+                if fixed.len() == 1 { "it" } else { "they" }
             );
         }
         let own_mac = dataplane::interface_mac(&new.interface)?;
