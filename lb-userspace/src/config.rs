@@ -1399,37 +1399,39 @@ mod tests {
         let new = Config::parse(&reloadable).expect("parses");
         assert_ne!(base, new, "the edit changed something");
         assert_eq!(base.boot_changes(&new), Vec::<&str>::new());
-        // The default state file is named after the interface: both change.
-        let new = Config::parse(&FULL.replace("eth1", "eth2")).expect("parses");
-        assert_eq!(base.boot_changes(&new), ["interface", "state_file"]);
-        for (edit, field) in [
+        for (edit, fields) in [
+            // The default state file is named after the interface: both change.
+            (
+                FULL.replace("eth1", "eth2"),
+                &["interface", "state_file"][..],
+            ),
             (
                 FULL.replace("xdp_mode = \"generic\"", "xdp_mode = \"native\""),
-                "xdp_mode",
+                &["xdp_mode"][..],
             ),
             (
                 FULL.replace("/sys/fs/bpf/test", "/sys/fs/bpf/other"),
-                "pin_dir",
+                &["pin_dir"][..],
             ),
             (
                 FULL.replace("affinity_max_entries = 1000", "affinity_max_entries = 2000"),
-                "affinity_max_entries",
+                &["affinity_max_entries"][..],
             ),
             (
                 FULL.replace("maglev_table_size = 251", "maglev_table_size = 257"),
-                "maglev_table_size",
+                &["maglev_table_size"][..],
             ),
             (
                 FULL.replace("max_services = 4", "max_services = 8"),
-                "max_services",
+                &["max_services"][..],
             ),
             (
                 FULL.replace("max_services = 4", "max_services = 4\nannounce_table = 100"),
-                "announce_table",
+                &["announce_table"][..],
             ),
         ] {
-            let new = Config::parse(&edit).unwrap_or_else(|e| panic!("{field}: {e:#}"));
-            assert_eq!(base.boot_changes(&new), vec![field], "{field}");
+            let new = Config::parse(&edit).unwrap_or_else(|e| panic!("{fields:?}: {e:#}"));
+            assert_eq!(base.boot_changes(&new), fields, "{fields:?}");
         }
     }
 
