@@ -951,13 +951,20 @@ impl Lb {
     /// Whether something waits for session counts: a drain that ends when
     /// its backend has none left, an orphan kept until it has none.
     pub fn wants_counts(&self) -> bool {
-        !self.orphans.is_empty()
-            || self
-                .state
-                .services
-                .values()
-                .flat_map(|s| s.admin.values())
-                .any(|a| matches!(a, Admin::Draining { .. }))
+        !self.orphans.is_empty() || self.draining().next().is_some()
+    }
+
+    /// The backends the state file has draining.
+    fn draining(&self) -> impl Iterator<Item = BackendRef> + '_ {
+        self.state.services.iter().flat_map(|(svc, over)| {
+            over.admin
+                .iter()
+                .filter(|(_, a)| matches!(a, Admin::Draining { .. }))
+                .map(move |(name, _)| BackendRef {
+                    service: svc.clone(),
+                    backend: name.clone(),
+                })
+        })
     }
 
     /// What counts are judged against (see [`Basis`]).
@@ -968,20 +975,7 @@ impl Lb {
             .map(|(r, id)| (r.clone(), *id))
             .collect();
         ids.sort();
-        let draining = self
-            .state
-            .services
-            .iter()
-            .flat_map(|(svc, over)| {
-                over.admin
-                    .iter()
-                    .filter(|(_, a)| matches!(a, Admin::Draining { .. }))
-                    .map(move |(name, _)| BackendRef {
-                        service: svc.clone(),
-                        backend: name.clone(),
-                    })
-            })
-            .collect();
+        let draining = self.draining().collect();
         let orphans = self
             .orphans
             .iter()
