@@ -13,6 +13,7 @@ use aya::{
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Linux-internal "operation not supported" (not in libc): what a map type
 /// without batch ops answers.
 const ENOTSUPP: i32 = 524;
@@ -127,6 +128,101 @@ pub fn update<K: Pod, V: Pod>(map: &impl AsFd, keys: &[K], values: &[V]) -> Resu
             error,
         }),
     }
+}
+
+/// Deletes `keys` from a hash (or LRU hash) map, a batch at a time where
+/// the kernel has batch ops; keys already gone (evicted, deleted by the
+/// kernel or another writer) are skipped. Returns how many were deleted.
+pub fn delete_keys<K: Pod, V: Pod>(
+    map: &mut aya::maps::HashMap<MapData, K, V>,
+    keys: &[K],
+) -> anyhow::Result<usize> {
+    let mut deleted = 0;
+    let mut start = 0;
+    while start < keys.len() {
+        let rest = &keys[start..];
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: u32::try_from(rest.len()).unwrap_or(u32::MAX),
+            map_fd: fd_u32(map.map().fd()),
+            ..BatchAttr::default()
+        };
+        let result = sys_bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let done = (attr.count as usize).min(rest.len());
+        match result {
+            Ok(()) => return Ok(deleted + done),
+            // The kernel stops at the first key that is not there.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                deleted += done;
+                start += done + 1;
+            }
+            Err(e) if done == 0 && unsupported(&e) => {
+                warn_fallback(&e);
+                for key in rest {
+                    match map.remove(key) {
+                        Ok(()) => deleted += 1,
+                        Err(aya::maps::MapError::SyscallError(e))
+                            if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(e).context("deleting a map element"),
+                    }
+                }
+                return Ok(deleted);
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(BatchError::Failed {
+                    done: deleted + done,
+                    error,
+                }));
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Writes `values[i]` at `keys[i]` of a hash (or LRU hash) map, a batch at
+/// a time where the kernel has batch ops. An element the kernel refuses
+/// because the map is full (E2BIG, ENOMEM) is skipped; returns how many
+/// were written and how many were skipped.
+pub fn update_keys<K: Pod, V: Pod>(
+    map: &mut aya::maps::HashMap<MapData, K, V>,
+    keys: &[K],
+    values: &[V],
+) -> anyhow::Result<(usize, usize)> {
+    let n = keys.len().min(values.len());
+    let (mut written, mut skipped) = (0, 0);
+    let mut start = 0;
+    while start < n {
+        match update(map.map().fd(), &keys[start..n], &values[start..n]) {
+            Ok(()) => return Ok((written + n - start, skipped)),
+            Err(BatchError::Failed { done, error })
+                if matches!(error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) =>
+            {
+                written += done;
+                skipped += 1;
+                start += done + 1;
+            }
+            Err(BatchError::Unsupported(e)) => {
+                warn_fallback(&e);
+                for (k, v) in keys[start..n].iter().zip(&values[start..n]) {
+                    match map.insert(*k, *v, 0) {
+                        Ok(()) => written += 1,
+                        Err(aya::maps::MapError::SyscallError(e))
+                            if matches!(
+                                e.io_error.raw_os_error(),
+                                Some(libc::E2BIG | libc::ENOMEM)
+                            ) =>
+                        {
+                            skipped += 1;
+                        }
+                        Err(e) => return Err(e).context("writing a map element"),
+                    }
+                }
+                return Ok((written, skipped));
+            }
+            Err(e) => return Err(anyhow::Error::new(e)),
+        }
+    }
+    Ok((written, skipped))
 }
 
 /// Reads `out.len()` consecutive elements of an array map starting at index
@@ -263,65 +359,118 @@ pub fn visit_hash<K: Pod + Eq + std::hash::Hash, V: Pod>(
     map: &aya::maps::HashMap<MapData, K, V>,
     mut f: impl FnMut(K, V) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let fd = map.map().fd();
-    let mut chunk = HASH_CHUNK;
-    let mut seen = 0usize;
-    // The batch token of a hash map is a bucket index (u32).
-    let mut token: Option<u32> = None;
-    loop {
-        // SAFETY: K and V are Pod: any bit pattern (zeroes included) is valid.
-        let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
-        // SAFETY: as above.
-        let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
-        let in_batch = token.unwrap_or(0);
-        let mut out_batch: u32 = 0;
-        let mut attr = BatchAttr {
-            in_batch: if token.is_some() {
-                std::ptr::from_ref(&in_batch) as u64
-            } else {
-                0
-            },
-            out_batch: std::ptr::from_mut(&mut out_batch) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: u32::try_from(chunk).unwrap_or(u32::MAX),
-            map_fd: fd_u32(fd),
-            ..BatchAttr::default()
-        };
-        let result = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let done = (attr.count as usize).min(chunk);
-        let last = match result {
-            Ok(()) => false,
-            // The end of the map, after `done` elements.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            // One bucket holds more elements than the chunk: retry bigger.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < (1 << 20) => {
-                chunk *= 2;
-                continue;
-            }
-            Err(e) if seen == 0 && token.is_none() && unsupported(&e) => {
-                warn_fallback(&e);
-                for entry in map.iter() {
-                    let (k, v) = entry.context("reading a map element")?;
-                    f(k, v)?;
-                }
-                return Ok(());
-            }
-            Err(error) => {
-                return Err(anyhow::Error::new(BatchError::Failed {
-                    done: seen + done,
-                    error,
-                }));
-            }
-        };
-        seen += done;
-        for (k, v) in keys.into_iter().zip(values).take(done) {
+    let mut cursor = HashCursor::new();
+    while let Some(chunk) = cursor.next_chunk(map)? {
+        for (k, v) in chunk {
             f(k, v)?;
         }
-        if last {
-            return Ok(());
+    }
+    Ok(())
+}
+
+/// A walk of a hash (or LRU hash) map that can stop between chunks and go
+/// on later: what lets the owner serve its mailbox in the middle of a walk
+/// of millions of sessions. Between chunks the map may change; as with
+/// [`visit_hash`], no element present throughout the walk is missed.
+#[derive(Debug, Default)]
+pub struct HashCursor<K, V> {
+    /// The kernel's batch token (a bucket index) where the next chunk starts.
+    token: Option<u32>,
+    chunk: usize,
+    seen: usize,
+    done: bool,
+    /// Where the kernel has no batch ops: the whole map, read at once.
+    fallback: Option<std::vec::IntoIter<(K, V)>>,
+}
+
+impl<K: Pod + Eq + std::hash::Hash, V: Pod> HashCursor<K, V> {
+    /// A walk from the start of the map.
+    pub fn new() -> Self {
+        Self {
+            token: None,
+            chunk: HASH_CHUNK,
+            seen: 0,
+            done: false,
+            fallback: None,
         }
-        token = Some(out_batch);
+    }
+
+    /// Elements returned so far.
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// The next chunk (at most [`HASH_CHUNK`] elements, more if one bucket
+    /// holds more), or `None` once the walk reached the end of the map.
+    pub fn next_chunk(
+        &mut self,
+        map: &aya::maps::HashMap<MapData, K, V>,
+    ) -> anyhow::Result<Option<Vec<(K, V)>>> {
+        if let Some(rest) = &mut self.fallback {
+            let chunk: Vec<(K, V)> = rest.by_ref().take(HASH_CHUNK).collect();
+            self.seen += chunk.len();
+            return Ok((!chunk.is_empty()).then_some(chunk));
+        }
+        if self.done {
+            return Ok(None);
+        }
+        let fd = map.map().fd();
+        loop {
+            let chunk = self.chunk;
+            // SAFETY: K and V are Pod: any bit pattern (zeroes included) is valid.
+            let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+            // SAFETY: as above.
+            let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
+            let in_batch = self.token.unwrap_or(0);
+            let mut out_batch: u32 = 0;
+            let mut attr = BatchAttr {
+                in_batch: if self.token.is_some() {
+                    std::ptr::from_ref(&in_batch) as u64
+                } else {
+                    0
+                },
+                out_batch: std::ptr::from_mut(&mut out_batch) as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: u32::try_from(chunk).unwrap_or(u32::MAX),
+                map_fd: fd_u32(fd),
+                ..BatchAttr::default()
+            };
+            let result = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let done = (attr.count as usize).min(chunk);
+            match result {
+                Ok(()) => self.token = Some(out_batch),
+                // The end of the map, after `done` elements.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.done = true,
+                // One bucket holds more elements than the chunk: retry bigger.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < (1 << 20) => {
+                    self.chunk *= 2;
+                    continue;
+                }
+                Err(e) if self.seen == 0 && self.token.is_none() && unsupported(&e) => {
+                    warn_fallback(&e);
+                    let mut all = Vec::new();
+                    for entry in map.iter() {
+                        all.push(entry.context("reading a map element")?);
+                    }
+                    self.fallback = Some(all.into_iter());
+                    return self.next_chunk(map);
+                }
+                Err(error) => {
+                    return Err(anyhow::Error::new(BatchError::Failed {
+                        done: self.seen + done,
+                        error,
+                    }));
+                }
+            }
+            self.seen += done;
+            keys.truncate(done);
+            values.truncate(done);
+            if done == 0 && self.done {
+                return Ok(None);
+            }
+            return Ok(Some(keys.into_iter().zip(values).collect()));
+        }
     }
 }
 

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_ACTIVE, BACKEND_CAPACITY, BACKEND_DOWN, BACKEND_DRAINING,
-    NO_BACKEND, PINNED_MAPS, Service,
+    AffinityKey, BACKEND_ACTIVE, BACKEND_CAPACITY, BACKEND_DOWN, BACKEND_DRAINING, PINNED_MAPS,
+    Service,
 };
 
 use super::counts::{Basis, Book, Counted, drain_over};
@@ -126,7 +126,34 @@ pub struct Lb {
     pub(super) cluster: super::lb_cluster::ClusterSide,
     /// The session counts the counter thread sent (`daemon/counts.rs`).
     counts: Book,
+    /// The apply under way, if its walks did not fit one [`WORK_BUDGET`].
+    job: Option<Job>,
+    /// Applies asked for; `done` and `failed` say how far they got.
+    asked: u64,
+    done: u64,
+    failed: Option<(u64, String)>,
 }
+
+/// An apply under way: what `dataplane::Staged` has left, then the rewrite
+/// of the sessions of backends that became unusable.
+struct Job {
+    staged: Option<dataplane::Staged>,
+    rewrite: Option<dataplane::Rewrite>,
+    /// Backends that went down with this apply (their clients move).
+    newly_down: HashSet<u32>,
+    /// Backends of services that entered panic mode (their clients re-spread).
+    respread: HashSet<u32>,
+    entered: Vec<String>,
+    /// Another apply was asked for meanwhile: it starts when this one ends.
+    again: bool,
+    /// Which apply this is (`Lb::asked` when it started).
+    generation: u64,
+    started: Instant,
+}
+
+/// Sessions an apply reads before the owner serves its mailbox again:
+/// a few batched reads, a few milliseconds.
+pub const WORK_BUDGET: usize = 16 * 1024;
 
 /// Totals of the protected-session bookkeeping, for metrics and status.
 #[derive(Debug, Default, Clone)]
@@ -257,6 +284,10 @@ impl Lb {
             hops: Hops::new(),
             cluster: super::lb_cluster::ClusterSide::default(),
             counts: Book::default(),
+            job: None,
+            asked: 0,
+            done: 0,
+            failed: None,
         };
         lb.cluster.enabled = lb.base.cluster.is_some();
         lb.sources = SourceDefaults::detect(&lb.base);
@@ -266,7 +297,9 @@ impl Lb {
         let kernel = lb.kernel_backends()?;
         lb.find_orphans(&kernel)?;
         lb.sync_health(&kernel)?;
-        lb.apply().context("applying the desired state")?;
+        lb.apply()
+            .and_then(|()| lb.settle())
+            .context("applying the desired state")?;
         Ok(lb)
     }
 
@@ -563,23 +596,122 @@ impl Lb {
     }
 
     /// Writes the desired state; rewrites the sessions of backends that just
-    /// became unusable. On failure the daemon is dirty and reconcile retries.
+    /// became unusable. The backend records are written before this returns;
+    /// the rest (the divergent scan, the flip, purges, the rewrite) goes on
+    /// in [`Lb::work`] between messages where it walks many sessions. Asked
+    /// while another apply is under way: the new backend records are written
+    /// at once (a failure is down in the kernel without waiting for those
+    /// walks) and the whole apply follows when the one under way is done. On
+    /// failure the daemon is dirty and reconcile retries.
     pub fn apply(&mut self) -> Result<()> {
-        let started = Instant::now();
-        let (cfg, panic) = self.desired(started)?;
-        let before: HashMap<BackendRef, BackendState> = states(&self.effective);
-        let report = match dataplane::apply_with(&mut self.maps, &cfg, &self.hops) {
-            Ok(r) => r,
+        self.asked += 1;
+        if let Some(job) = &mut self.job {
+            job.again = true;
+            return self.write_records();
+        }
+        self.start_apply()?;
+        // At lab scale the walks fit one budget: the apply is complete here.
+        self.work_for(WORK_BUDGET)
+    }
+
+    /// Whether an apply is under way (the owner then calls [`Lb::work`]).
+    pub fn busy(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// Applies asked for so far (see [`Lb::outcome`]).
+    pub fn asked(&self) -> u64 {
+        self.asked
+    }
+
+    /// How the `generation`th apply ended: `None` while it is under way or
+    /// waiting, `Err` with why if writing it failed.
+    pub fn outcome(&self, generation: u64) -> Option<Result<(), String>> {
+        if self.done >= generation {
+            return Some(Ok(()));
+        }
+        if let Some((failed, why)) = &self.failed {
+            if *failed >= generation {
+                return Some(Err(why.clone()));
+            }
+        }
+        // Nothing under way and not done: superseded by a later apply that
+        // was never asked to run (cannot happen), so nothing to wait for.
+        (!self.busy()).then_some(Ok(()))
+    }
+
+    /// Goes on with the apply under way for about `budget` sessions read;
+    /// a failure is logged, the daemon is dirty and reconcile retries.
+    pub fn work(&mut self, budget: usize) {
+        if let Err(e) = self.work_for(budget) {
+            tracing::error!("applying the desired state failed (reconcile retries): {e:#}");
+        }
+    }
+
+    /// Finishes the apply under way, however many sessions it walks.
+    pub fn settle(&mut self) -> Result<()> {
+        while self.busy() {
+            self.work_for(usize::MAX)?;
+        }
+        Ok(())
+    }
+
+    /// What the apply under way is doing, if one is.
+    pub fn doing(&self) -> Option<String> {
+        let job = self.job.as_ref()?;
+        Some(match (&job.staged, &job.rewrite) {
+            (Some(staged), _) => staged.doing(),
+            (None, Some(rw)) => format!(
+                "moving the clients of unusable backends ({} sessions read)",
+                rw.seen()
+            ),
+            (None, None) => "done".into(),
+        })
+    }
+
+    /// While an apply is under way: the desired backend records now.
+    fn write_records(&mut self) -> Result<()> {
+        let (cfg, _) = self.desired(Instant::now())?;
+        let ids: BTreeMap<(String, String), u32> = self
+            .backend_ids
+            .iter()
+            .map(|(r, id)| ((r.service.clone(), r.backend.clone()), *id))
+            .collect();
+        match dataplane::write_records(&mut self.maps, &cfg, &self.hops, &ids) {
+            Ok(0) => Ok(()),
+            Ok(n) => {
+                tracing::info!(
+                    records = n,
+                    "wrote {n} backend records at once; their tables follow when the apply under way \
+                     ({}) is done",
+                    self.doing().unwrap_or_default()
+                );
+                Ok(())
+            }
             Err(e) => {
                 self.write_failures += 1;
                 self.dirty = Some(format!("{e:#}"));
+                Err(e.context("writing backend records (reconcile will retry)"))
+            }
+        }
+    }
+
+    /// Steps 1 and 2 of an apply, and the bookkeeping of what it decided.
+    fn start_apply(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let generation = self.asked;
+        let (cfg, panic) = self.desired(started)?;
+        let before: HashMap<BackendRef, BackendState> = states(&self.effective);
+        let staged = match dataplane::prepare(&mut self.maps, &cfg, &self.hops) {
+            Ok(s) => s,
+            Err(e) => {
+                self.write_failures += 1;
+                self.dirty = Some(format!("{e:#}"));
+                self.failed = Some((generation, format!("{e:#}")));
                 return Err(e.context("writing the dataplane (reconcile will retry)"));
             }
         };
-        if self.dirty.take().is_some() {
-            tracing::info!("the kernel matches the desired state again");
-        }
-        self.note_protection(&report);
+        let report = staged.report();
         self.service_ids = report.service_ids.clone();
         self.backend_ids = report
             .backend_ids
@@ -594,8 +726,8 @@ impl Lb {
                 )
             })
             .collect();
-        // After the write: a count begun before it may miss the clients a
-        // just-drained backend drew until then.
+        // After the records' write: a count begun before it may miss the
+        // clients a just-drained backend drew until then.
         self.counts.note(self.count_basis(), Instant::now());
         let was_panic: BTreeSet<&String> = self
             .panic
@@ -634,51 +766,114 @@ impl Lb {
             })
             .filter_map(|(r, _)| self.backend_ids.get(r).copied())
             .collect();
-        if report.backends_removed > 0 || report.services_removed > 0 {
-            tracing::info!(
-                backends_removed = report.backends_removed,
-                services_removed = report.services_removed,
-                sessions_removed = report.sessions_removed,
-                "removed from the dataplane"
-            );
+        // Entering panic mode: every backend is failing, so no session is
+        // worth more than another. The failures leading here moved each
+        // dead backend's clients onto the survivors, crowding them all onto
+        // the last to fail; every session goes back to its Maglev choice
+        // over all backends, so whichever recover find their clients spread.
+        let respread: HashSet<u32> = self
+            .backend_ids
+            .iter()
+            .filter(|(r, _)| entered.contains(&r.service))
+            .map(|(_, id)| *id)
+            .collect();
+        self.job = Some(Job {
+            staged: Some(staged),
+            rewrite: None,
+            newly_down,
+            respread,
+            entered,
+            again: false,
+            generation,
+            started,
+        });
+        Ok(())
+    }
+
+    /// [`Lb::work`], with the failure returned.
+    fn work_for(&mut self, budget: usize) -> Result<()> {
+        let Some(mut job) = self.job.take() else {
+            return Ok(());
+        };
+        match self.advance(&mut job, budget) {
+            Ok(false) => {
+                self.job = Some(job);
+                Ok(())
+            }
+            Ok(true) => {
+                self.done = job.generation;
+                if self.dirty.take().is_some() {
+                    tracing::info!("the kernel matches the desired state again");
+                }
+                if job.again {
+                    self.start_apply()?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                self.write_failures += 1;
+                self.dirty = Some(why.clone());
+                self.failed = Some((self.asked, why));
+                Err(e.context("writing the dataplane (reconcile will retry)"))
+            }
         }
-        tracing::debug!(
-            tables = ?report.tables_written,
-            backends_written = report.backends_written,
-            took = ?started.elapsed(),
-            "applied"
-        );
-        if !entered.is_empty() {
-            // Entering panic mode: every backend is failing, so no session is
-            // worth more than another. The failures leading here moved each
-            // dead backend's clients onto the survivors, crowding them all onto
-            // the last to fail; point every session back at its Maglev choice
-            // over all backends, so whichever recover find their clients spread.
-            let ids: HashSet<u32> = self
-                .backend_ids
-                .iter()
-                .filter(|(r, _)| entered.contains(&r.service))
-                .map(|(_, id)| *id)
-                .collect();
-            let moved: u64 = self.rewrite_sessions(&ids)?.values().sum();
-            tracing::warn!(
-                services = ?entered,
-                sessions = moved,
-                "panic mode: sessions re-spread to their Maglev choice over all backends"
-            );
+    }
+
+    /// Takes `job` on by about `budget` sessions; true once it is complete.
+    fn advance(&mut self, job: &mut Job, budget: usize) -> Result<bool> {
+        if let Some(staged) = &mut job.staged {
+            if !staged.step(&mut self.maps, budget)? {
+                return Ok(false);
+            }
+            if let Some(staged) = job.staged.take() {
+                let report = staged.into_report();
+                self.note_protection(&report);
+                if report.backends_removed > 0 || report.services_removed > 0 {
+                    tracing::info!(
+                        backends_removed = report.backends_removed,
+                        services_removed = report.services_removed,
+                        sessions_removed = report.sessions_removed,
+                        "removed from the dataplane"
+                    );
+                }
+                tracing::debug!(
+                    tables = ?report.tables_written,
+                    backends_written = report.backends_written,
+                    took = ?job.started.elapsed(),
+                    "applied"
+                );
+            }
+            let ids: HashSet<u32> = job.newly_down.union(&job.respread).copied().collect();
+            if !ids.is_empty() {
+                job.rewrite = Some(dataplane::Rewrite::new(&self.maps, ids)?);
+            }
         }
-        if !newly_down.is_empty() {
-            let moved = self.rewrite_sessions(&newly_down)?;
-            for id in &newly_down {
+        if let Some(rw) = &mut job.rewrite {
+            if !rw.step(&mut self.maps, budget)? {
+                return Ok(false);
+            }
+            let moved = rw.moved().clone();
+            job.rewrite = None;
+            if !job.entered.is_empty() {
+                let n: u64 = job.respread.iter().filter_map(|id| moved.get(id)).sum();
+                tracing::warn!(
+                    services = ?job.entered,
+                    sessions = n,
+                    "panic mode: sessions re-spread to their Maglev choice over all backends"
+                );
+            }
+            for id in &job.newly_down {
                 let name = self.backend_name(*id);
                 tracing::info!(
                     backend = %name,
                     moved = moved.get(id).copied().unwrap_or(0),
+                    took = ?job.started.elapsed(),
                     "moved the clients of {name} to their Maglev choice"
                 );
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Compares the kernel with the desired state and repairs what differs:
@@ -687,6 +882,10 @@ impl Lb {
     /// else changed. Returns the number of repairs.
     pub fn reconcile(&mut self) -> Result<u64> {
         let mut fixed = self.repair_pins()?;
+        if self.busy() {
+            // The apply under way writes the desired state; compared after it.
+            return Ok(fixed);
+        }
         if let Some(why) = self.dirty.clone() {
             tracing::info!("retrying the write that failed: {why}");
             self.apply()?;
@@ -896,46 +1095,6 @@ impl Lb {
             .maglev
             .get(&(base + slot), 0)
             .context("reading the Maglev table")
-    }
-
-    /// Points every session of `ids` at its client's current Maglev choice
-    /// (deleted when the service has no usable backend). Returns moves per id.
-    fn rewrite_sessions(&mut self, ids: &HashSet<u32>) -> Result<HashMap<u32, u64>> {
-        let records = self.service_records()?;
-        let mut doomed: Vec<(AffinityKey, Affinity, bool)> = Vec::new();
-        self.maps.visit_sessions(|key, value, protected| {
-            if ids.contains(&value.backend_id) {
-                doomed.push((key, value, protected));
-            }
-            Ok(())
-        })?;
-        let mut moved: HashMap<u32, u64> = HashMap::new();
-        for (key, mut value, protected) in doomed {
-            let old = value.backend_id;
-            let choice = match records.get(&key.service_id) {
-                Some(record) => self.maglev_choice(record, &key.addr)?,
-                None => NO_BACKEND,
-            };
-            if choice == old {
-                continue;
-            }
-            let map = self.maps.session_map(protected);
-            if choice == NO_BACKEND {
-                // Nowhere to go: let the kernel decide on the next packet.
-                let _ = map.remove(&key);
-            } else {
-                value.backend_id = choice;
-                // Keeps last_seen: the client is as idle as it was. A
-                // protected session now equal to the answer stays there
-                // until the next table change or sweep releases it.
-                if let Err(e) = map.insert(key, value, 0) {
-                    tracing::warn!("rewriting a session failed: {e}");
-                    continue;
-                }
-            }
-            *moved.entry(old).or_default() += 1;
-        }
-        Ok(moved)
     }
 
     /// The session counts, as the counter thread last sent them.
@@ -1449,22 +1608,25 @@ impl Lb {
 
     /// `xlb sessions flush`.
     pub fn flush(&mut self, service: Option<&str>, backend: Option<&str>) -> Result<String> {
+        // An apply under way may be about to protect sessions flushed here.
+        self.settle()?;
         let (sid, bids) = self.id_filters(service, backend)?;
-        let mut doomed: Vec<(AffinityKey, bool)> = Vec::new();
-        self.maps.visit_sessions(|key, value, protected| {
-            let wanted = sid.is_none_or(|id| key.service_id == id)
-                && bids
-                    .as_ref()
-                    .is_none_or(|ids| ids.contains(&value.backend_id));
-            if wanted {
-                doomed.push((key, protected));
-            }
-            Ok(())
-        })?;
         let mut n = 0;
-        for (key, protected) in &doomed {
-            if self.maps.session_map(*protected).remove(key).is_ok() {
-                n += 1;
+        for protected in [false, true] {
+            let mut cursor = crate::bpf_batch::HashCursor::new();
+            while let Some(chunk) = cursor.next_chunk(self.maps.session_map(protected))? {
+                let doomed: Vec<AffinityKey> = chunk
+                    .into_iter()
+                    .filter(|(key, value)| {
+                        sid.is_none_or(|id| key.service_id == id)
+                            && bids
+                                .as_ref()
+                                .is_none_or(|ids| ids.contains(&value.backend_id))
+                    })
+                    .map(|(key, _)| key)
+                    .collect();
+                n += crate::bpf_batch::delete_keys(self.maps.session_map(protected), &doomed)
+                    .context("deleting sessions")?;
             }
         }
         tracing::info!(sessions = n, "flushed sessions");

@@ -31,6 +31,9 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Most health results taken from the mailbox for one write.
 const CHECKS_PER_APPLY: usize = 1024;
+/// While an apply walks the sessions, the longest a stream of messages
+/// may hold it back (it otherwise goes on whenever the mailbox is empty).
+const WORK_AT_LEAST_EVERY: Duration = Duration::from_millis(20);
 
 /// A message to the owner thread.
 pub enum Msg {
@@ -238,10 +241,18 @@ fn run(
     let mut retry = RETRY_MIN;
     // A message taken from the mailbox while gathering health results.
     let mut pending: Option<Msg> = None;
+    // Answers of changes whose apply is still under way, by its generation.
+    let mut awaiting: Vec<(u64, oneshot::Sender<Response>, Response)> = Vec::new();
+    let mut last_work = Instant::now();
     loop {
-        let wait = next_tick
-            .min(next_reconcile)
-            .saturating_duration_since(Instant::now());
+        // An apply under way goes on whenever nothing else waits.
+        let wait = if lb.busy() {
+            Duration::ZERO
+        } else {
+            next_tick
+                .min(next_reconcile)
+                .saturating_duration_since(Instant::now())
+        };
         let mut targets_may_change = false;
         let next = match pending.take() {
             Some(msg) => Ok(msg),
@@ -249,16 +260,27 @@ fn run(
         };
         match next {
             Ok(Msg::Shutdown(done)) => {
+                if let Some(doing) = lb.doing() {
+                    tracing::warn!(
+                        "exiting with an apply under way ({doing}): the next start finishes it"
+                    );
+                }
                 lb.shutdown();
                 let _ = done.send(());
                 return;
             }
             Ok(Msg::Request(req, reply)) => {
                 targets_may_change = changes_targets(&req);
+                let asked = lb.asked();
                 let answer = handle(&mut lb, req);
                 // Before the answer: whoever asks status after it sees the change.
                 status.publish(&lb);
-                let _ = reply.send(answer);
+                if lb.asked() > asked && lb.busy() && !matches!(answer, Response::Error(_)) {
+                    // Live on this node once its apply is done, not before.
+                    awaiting.push((lb.asked(), reply, answer));
+                } else {
+                    let _ = reply.send(answer);
+                }
             }
             Ok(Msg::Check(backend, result)) => {
                 // Every result already queued (a rack failing together) makes
@@ -289,7 +311,14 @@ fn run(
             Ok(Msg::Call(job)) => {
                 // Cluster work can adopt a new state: targets may change.
                 targets_may_change = true;
+                // Cluster rounds reason about what is live: nothing half-applied.
+                if let Err(e) = lb.settle() {
+                    tracing::error!("applying the desired state failed (reconcile retries): {e:#}");
+                }
                 job(&mut lb);
+                if let Err(e) = lb.settle() {
+                    tracing::error!("applying the desired state failed (reconcile retries): {e:#}");
+                }
             }
             Ok(Msg::Counted(c)) => {
                 lb.record_counts(c);
@@ -305,12 +334,22 @@ fn run(
                     tracing::error!("writing new next hops failed (reconcile retries): {e:#}");
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                if lb.busy() {
+                    lb.work(super::lb::WORK_BUDGET);
+                    last_work = Instant::now();
+                }
+            }
             Err(RecvTimeoutError::Disconnected) => {
                 lb.shutdown();
                 return;
             }
         }
+        if lb.busy() && last_work.elapsed() >= WORK_AT_LEAST_EVERY {
+            lb.work(super::lb::WORK_BUDGET);
+            last_work = Instant::now();
+        }
+        answer_settled(&lb, &mut awaiting);
         let now = Instant::now();
         if now >= next_tick {
             // Asked for here, once a tick, and used when it arrives.
@@ -360,6 +399,26 @@ fn run(
                 published_hops = now_hops;
             }
         }
+    }
+}
+
+/// Sends the answers whose apply has ended: as they were where it was
+/// written, an error where writing it failed part-way.
+fn answer_settled(lb: &Lb, awaiting: &mut Vec<(u64, oneshot::Sender<Response>, Response)>) {
+    let mut i = 0;
+    while i < awaiting.len() {
+        let Some(outcome) = lb.outcome(awaiting[i].0) else {
+            i += 1;
+            continue;
+        };
+        let (_, reply, answer) = awaiting.swap_remove(i);
+        let _ = reply.send(match outcome {
+            Ok(()) => answer,
+            Err(why) => Response::Error(format!(
+                "the change is recorded, but writing it to the kernel failed part-way: {why}; \
+                 the daemon retries it (reconcile)"
+            )),
+        });
     }
 }
 

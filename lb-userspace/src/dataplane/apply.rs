@@ -98,7 +98,18 @@ pub fn apply(maps: &mut PinnedMaps, config: &Config) -> Result<ApplyReport> {
 /// [`apply`] with resolved next hops: a backend without a MAC in the config
 /// gets its resolved one (all-zero while unresolved: the kernel then drops
 /// its frames, counted), and `ipip` backends get their egress entries.
+/// All steps at once: for callers without a mailbox to serve meanwhile.
 pub fn apply_with(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result<ApplyReport> {
+    let mut staged = prepare(maps, config, hops)?;
+    while !staged.step(maps, usize::MAX)? {}
+    Ok(staged.into_report())
+}
+
+/// Steps 1 and 2 of an apply (ids, egress, backend records, each changed
+/// table into its idle slot); the rest, with its walks of the sessions, is
+/// left to [`Staged::step`]. The backend records are live when this
+/// returns: a backend that went down is down in the kernel already.
+pub fn prepare(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result<Staged> {
     let table_size = config.maglev_table_size;
     let capacity = maps.maglev.len();
     let mut report = ApplyReport {
@@ -266,14 +277,7 @@ pub fn apply_with(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result
         let service_id = u16::try_from(service_ids[si]).context("service id exceeds u16")?;
         for (bi, be) in svc.backends.iter().enumerate() {
             let id = backend_ids[si][bi];
-            let record = Backend {
-                addr: addr_words(be.address),
-                mac: egress::mac_of(be, hops),
-                state: be.state.to_abi(),
-                family: family(be.address),
-                weight: be.weight,
-                service_id,
-            };
+            let record = backend_record(be, service_id, hops);
             if live.get(id as usize) != Some(&record) {
                 be_keys.push(id);
                 be_values.push(record);
@@ -299,7 +303,9 @@ pub fn apply_with(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result
             current.remove(&key);
             report.services_removed += 1;
         }
-        report.sessions_removed += purge_sessions(maps, &reused, &BTreeSet::new())?;
+        let mut purge = Purge::new(reused.clone(), BTreeSet::new());
+        while !purge.step(maps, usize::MAX)? {}
+        report.sessions_removed += purge.removed;
         for id in &reused {
             maps.known_tables.forget(*id);
         }
@@ -338,10 +344,12 @@ pub fn apply_with(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result
         }
     }
 
-    // The sessions the new tables make divergent, protected before any
-    // packet sees those tables. Backends as they are once this apply is done.
-    let mut pending = None;
-    if !new_tables.is_empty() {
+    // The sessions the new tables make divergent are protected before any
+    // packet sees those tables (`Stage::Scan`). Backends as they are once
+    // this apply is done.
+    let stage = if new_tables.is_empty() {
+        Stage::Flip
+    } else {
         let mut after = live.clone();
         for (id, record) in be_keys.iter().zip(&be_values) {
             if let Some(slot) = after.get_mut(*id as usize) {
@@ -353,92 +361,266 @@ pub fn apply_with(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result
                 *slot = Backend::default();
             }
         }
-        let tables: Vec<NewTable<'_>> = new_tables
-            .iter()
-            .map(|(id, table, timeout_ns)| NewTable {
-                service_id: *id,
+        let tables: Vec<NewTable> = new_tables
+            .into_iter()
+            .map(|(service_id, table, timeout_ns)| NewTable {
+                service_id,
                 table,
-                timeout_ns: *timeout_ns,
+                timeout_ns,
             })
             .collect();
-        let (protection, p) =
-            protect::before_flip(maps, &tables, &after, crate::sessions::monotonic_ns())
-                .context("protecting the sessions the new Maglev tables make divergent")?;
-        report.protection = Some(protection);
-        pending = Some(p);
+        Stage::Scan(
+            protect::Scan::new(maps, tables, after, crate::sessions::monotonic_ns())
+                .context("protecting the sessions the new Maglev tables make divergent")?,
+        )
+    };
+    let records = wanted
+        .iter()
+        .enumerate()
+        .map(|(si, (key, svc))| {
+            (
+                *key,
+                service_record(svc, service_ids[si], table_size, live_slot[si]),
+                svc.name.clone(),
+            )
+        })
+        .collect();
+    Ok(Staged {
+        report,
+        stage,
+        records,
+        current,
+        legacy_frag,
+        removed_backends,
+        legacy,
+        live_ids: service_ids.iter().copied().collect(),
+        pending: None,
+    })
+}
+
+/// An apply under way: [`prepare`] has written the backend records and the
+/// new tables into their idle slots; [`Staged::step`] does the rest, a
+/// bounded piece at a time, so whoever drives it can do other work between
+/// pieces. An error ends it: the caller drops it, and the next apply finds
+/// whatever it left (occupied slots, idle tables) and repeats it.
+pub struct Staged {
+    report: ApplyReport,
+    stage: Stage,
+    /// Every wanted service record, by key, with the service's name (the
+    /// protected flag is decided at the flip).
+    records: Vec<(ServiceKey, Service, String)>,
+    current: BTreeMap<ServiceKeyOrd, Service>,
+    legacy_frag: Vec<ServiceKey>,
+    removed_backends: BTreeSet<u32>,
+    legacy: Option<(u32, u32)>,
+    live_ids: BTreeSet<u32>,
+    pending: Option<protect::Pending>,
+}
+
+/// What is left of a [`Staged`] apply.
+enum Stage {
+    /// Finding the sessions the new tables make divergent (a walk).
+    Scan(protect::Scan),
+    /// Step 3: the service records, which make the new tables live.
+    Flip,
+    /// Step 4: deleting the sessions of removed services and backends (a walk).
+    Purge(Purge),
+    /// Step 5: freeing the removed backends' slots.
+    Free,
+    Done,
+}
+
+impl Staged {
+    /// What the apply did so far; its ids are final from the start.
+    pub fn report(&self) -> &ApplyReport {
+        &self.report
     }
 
-    // 3. Service records that differ: this flips the changed tables live.
-    let mut records: Vec<(ServiceKey, Service)> = Vec::with_capacity(wanted.len());
-    for (si, (key, svc)) in wanted.iter().enumerate() {
-        let id = service_ids[si];
-        let protected = match &report.protection {
-            Some(p) => p.per_service.get(&id).is_some_and(|n| *n > 0),
-            None => current
-                .get(&ServiceKeyOrd(*key))
-                .is_some_and(|r| r.id == id && r.flags & SERVICE_F_PROTECTED != 0),
-        };
-        let mut record = service_record(svc, id, table_size, live_slot[si]);
-        if protected {
-            record.flags |= SERVICE_F_PROTECTED;
-        }
-        records.push((*key, record));
+    /// What the apply did.
+    pub fn into_report(self) -> ApplyReport {
+        self.report
     }
-    for (si, (key, record)) in records.iter().enumerate() {
-        if current.get(&ServiceKeyOrd(*key)) != Some(record) {
-            maps.services
-                .insert(*key, *record, 0)
-                .with_context(|| format!("writing service {}", wanted[si].1.name))?;
-            maps.known_tables.flipped(record.id, record.active_slot);
-            report.services_written += 1;
+
+    /// What it is doing now, for logs.
+    pub fn doing(&self) -> String {
+        match &self.stage {
+            Stage::Scan(scan) => format!(
+                "finding the sessions the new tables make divergent ({} read)",
+                scan.seen()
+            ),
+            Stage::Flip => "making the new tables live".into(),
+            Stage::Purge(p) => format!(
+                "deleting the sessions of removed services and backends ({} read)",
+                p.cursor.seen()
+            ),
+            Stage::Free => "freeing removed backend ids".into(),
+            Stage::Done => "done".into(),
         }
     }
-    let live_ids: BTreeSet<u32> = service_ids.iter().copied().collect();
-    let mut removed_services = BTreeSet::new();
-    for (key, old) in &current {
-        if !records.iter().any(|(k, _)| ServiceKeyOrd(*k) == *key) {
-            if !live_ids.contains(&old.id) {
-                removed_services.insert(old.id);
+
+    /// Goes on for about `budget` sessions read (whole chunks) and every
+    /// step that walks nothing; true once the apply is complete.
+    pub fn step(&mut self, maps: &mut PinnedMaps, budget: usize) -> Result<bool> {
+        loop {
+            self.stage = match std::mem::replace(&mut self.stage, Stage::Done) {
+                Stage::Scan(mut scan) => {
+                    if !scan.step(maps, budget)? {
+                        self.stage = Stage::Scan(scan);
+                        return Ok(false);
+                    }
+                    let (protection, pending) = scan
+                        .write(maps)
+                        .context("protecting the sessions the new Maglev tables make divergent")?;
+                    self.report.protection = Some(protection);
+                    self.pending = Some(pending);
+                    Stage::Flip
+                }
+                Stage::Flip => self.flip(maps)?,
+                Stage::Purge(mut purge) => {
+                    if !purge.step(maps, budget)? {
+                        self.stage = Stage::Purge(purge);
+                        return Ok(false);
+                    }
+                    self.report.sessions_removed += purge.removed;
+                    Stage::Free
+                }
+                Stage::Free => {
+                    // 5. Free the removed backends' slots, now that nothing refers to them.
+                    let gone: Vec<u32> = self.removed_backends.iter().copied().collect();
+                    let empty = vec![Backend::default(); gone.len()];
+                    bpf_batch::update_array(&mut maps.backends, &gone, &empty)
+                        .context("clearing removed backends")?;
+                    self.report.backends_removed = gone.len() - self.report.backends_moved;
+                    Stage::Done
+                }
+                Stage::Done => return Ok(true),
+            };
+        }
+    }
+
+    /// Step 3 (the flip) and what follows it at once; returns what is next.
+    fn flip(&mut self, maps: &mut PinnedMaps) -> Result<Stage> {
+        // 3. Service records that differ: this flips the changed tables live.
+        for (key, record, name) in &mut self.records {
+            let protected = match &self.report.protection {
+                Some(p) => p.per_service.get(&record.id).is_some_and(|n| *n > 0),
+                None => self
+                    .current
+                    .get(&ServiceKeyOrd(*key))
+                    .is_some_and(|r| r.id == record.id && r.flags & SERVICE_F_PROTECTED != 0),
+            };
+            if protected {
+                record.flags |= SERVICE_F_PROTECTED;
             }
-            maps.services
-                .remove(&key.0)
-                .context("removing a service gone from the config")?;
-            report.services_removed += 1;
+            if self.current.get(&ServiceKeyOrd(*key)) != Some(record) {
+                maps.services
+                    .insert(*key, *record, 0)
+                    .with_context(|| format!("writing service {name}"))?;
+                maps.known_tables.flipped(record.id, record.active_slot);
+                self.report.services_written += 1;
+            }
+        }
+        let mut removed_services = BTreeSet::new();
+        for (key, old) in &self.current {
+            if !self
+                .records
+                .iter()
+                .any(|(k, _, _)| ServiceKeyOrd(*k) == *key)
+            {
+                if !self.live_ids.contains(&old.id) {
+                    removed_services.insert(old.id);
+                }
+                maps.services
+                    .remove(&key.0)
+                    .context("removing a service gone from the config")?;
+                self.report.services_removed += 1;
+            }
+        }
+        // The kernel never looks port 0 up (fragments use `XLB_FRAGS_V1`), so
+        // an older xlb's fragment entries are dead weight holding a service id.
+        for key in &self.legacy_frag {
+            match maps.services.remove(key) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(e).context("removing a port-0 fragment entry of an older xlb");
+                }
+            }
+        }
+        for id in &removed_services {
+            maps.known_tables.forget(*id);
+        }
+        if let Some(p) = self.pending.take() {
+            protect::after_flip(maps, p)?;
+        }
+
+        // 4. Sessions of removed services/backends would otherwise point at ids
+        //    that a later config may give to someone else. Those of a backend
+        //    leaving id 0 follow it first; whatever else points at 0 goes.
+        if let Some((service_id, new_id)) = self.legacy {
+            self.report.sessions_moved =
+                move_sessions(maps, service_id, RESERVED_BACKEND_ID, new_id)?;
+            self.report.backends_moved = 1;
+        }
+        Ok(
+            if removed_services.is_empty() && self.removed_backends.is_empty() {
+                Stage::Free
+            } else {
+                Stage::Purge(Purge::new(removed_services, self.removed_backends.clone()))
+            },
+        )
+    }
+}
+
+/// The kernel's record of backend `be` of service id `service_id`.
+fn backend_record(be: &crate::config::BackendConfig, service_id: u16, hops: &Hops) -> Backend {
+    Backend {
+        addr: addr_words(be.address),
+        mac: egress::mac_of(be, hops),
+        state: be.state.to_abi(),
+        family: family(be.address),
+        weight: be.weight,
+        service_id,
+    }
+}
+
+/// The backend records of `config`, written at once while an apply is
+/// under way (a health transition must not wait for its walks): only for
+/// backends the kernel already holds at the id `ids` names (same address;
+/// its service id kept), so no id is handed out and nothing is removed.
+/// Everything else (tables, new backends) waits for the next apply.
+/// Returns how many records were written.
+pub fn write_records(
+    maps: &mut PinnedMaps,
+    config: &Config,
+    hops: &Hops,
+    ids: &BTreeMap<(String, String), u32>,
+) -> Result<usize> {
+    let live = maps.backend_records()?;
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    for svc in &config.services {
+        for be in &svc.backends {
+            let Some(id) = ids.get(&(svc.name.clone(), be.name.clone())) else {
+                continue;
+            };
+            let Some(held) = live
+                .get(*id as usize)
+                .filter(|b| b.state != BACKEND_EMPTY && b.addr == addr_words(be.address))
+            else {
+                continue;
+            };
+            let record = backend_record(be, held.service_id, hops);
+            if record != *held {
+                keys.push(*id);
+                values.push(record);
+            }
         }
     }
-    // The kernel never looks port 0 up (fragments use `XLB_FRAGS_V1`), so
-    // an older xlb's fragment entries are dead weight holding a service id.
-    for key in &legacy_frag {
-        match maps.services.remove(key) {
-            Ok(()) => {}
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e).context("removing a port-0 fragment entry of an older xlb"),
-        }
-    }
-    for id in &removed_services {
-        maps.known_tables.forget(*id);
-    }
-    if let Some(p) = pending {
-        protect::after_flip(maps, p)?;
-    }
-
-    // 4. Sessions of removed services/backends would otherwise point at ids
-    //    that a later config may give to someone else. Those of a backend
-    //    leaving id 0 follow it first; whatever else points at 0 goes.
-    if let Some((service_id, new_id)) = legacy {
-        report.sessions_moved = move_sessions(maps, service_id, RESERVED_BACKEND_ID, new_id)?;
-        report.backends_moved = 1;
-    }
-    report.sessions_removed += purge_sessions(maps, &removed_services, &removed_backends)?;
-
-    // 5. Free the removed backends' slots, now that nothing refers to them.
-    let gone: Vec<u32> = removed_backends.iter().copied().collect();
-    let empty = vec![Backend::default(); gone.len()];
-    bpf_batch::update_array(&mut maps.backends, &gone, &empty)
-        .context("clearing removed backends")?;
-    report.backends_removed = gone.len() - report.backends_moved;
-    Ok(report)
+    bpf_batch::update_array(&mut maps.backends, &keys, &values)
+        .context("writing backend records")?;
+    Ok(keys.len())
 }
 
 /// Rewrites the sessions (LRU and protected) of service `service_id` that
@@ -474,32 +656,69 @@ fn move_sessions(maps: &mut PinnedMaps, service_id: u32, from: u32, to: u32) -> 
 }
 
 /// Deletes the sessions (LRU and protected) of `services` and of
-/// `backends`; returns how many.
-fn purge_sessions(
-    maps: &mut PinnedMaps,
-    services: &BTreeSet<u32>,
-    backends: &BTreeSet<u32>,
-) -> Result<usize> {
-    if services.is_empty() && backends.is_empty() {
-        return Ok(0);
-    }
-    let mut n = 0;
-    for map in [&mut maps.affinity, &mut maps.protected] {
-        let mut doomed: Vec<AffinityKey> = Vec::new();
-        bpf_batch::visit_hash(map, |key, value| {
-            if services.contains(&key.service_id) || backends.contains(&value.backend_id) {
-                doomed.push(key);
-            }
-            Ok(())
-        })
-        .context("reading the sessions")?;
-        for key in &doomed {
-            // Already gone (LRU eviction) is fine.
-            let _ = map.remove(key);
+/// `backends`, a chunk at a time.
+struct Purge {
+    services: BTreeSet<u32>,
+    backends: BTreeSet<u32>,
+    /// Walking the protected map (the LRU is done).
+    in_protected: bool,
+    cursor: bpf_batch::HashCursor<AffinityKey, Affinity>,
+    /// Sessions deleted so far.
+    removed: usize,
+}
+
+impl Purge {
+    fn new(services: BTreeSet<u32>, backends: BTreeSet<u32>) -> Self {
+        Self {
+            services,
+            backends,
+            in_protected: false,
+            cursor: bpf_batch::HashCursor::new(),
+            removed: 0,
         }
-        n += doomed.len();
     }
-    Ok(n)
+
+    /// Goes on for about `budget` sessions read; true once both maps are done.
+    fn step(&mut self, maps: &mut PinnedMaps, budget: usize) -> Result<bool> {
+        if self.services.is_empty() && self.backends.is_empty() {
+            return Ok(true);
+        }
+        let mut left = budget.max(1);
+        loop {
+            let map = if self.in_protected {
+                &mut maps.protected
+            } else {
+                &mut maps.affinity
+            };
+            let Some(chunk) = self
+                .cursor
+                .next_chunk(map)
+                .context("reading the sessions")?
+            else {
+                if self.in_protected {
+                    return Ok(true);
+                }
+                self.in_protected = true;
+                self.cursor = bpf_batch::HashCursor::new();
+                continue;
+            };
+            left = left.saturating_sub(chunk.len());
+            let doomed: Vec<AffinityKey> = chunk
+                .into_iter()
+                .filter(|(key, value)| {
+                    self.services.contains(&key.service_id)
+                        || self.backends.contains(&value.backend_id)
+                })
+                .map(|(key, _)| key)
+                .collect();
+            // Already gone (LRU eviction) is fine.
+            self.removed +=
+                bpf_batch::delete_keys(map, &doomed).context("deleting removed sessions")?;
+            if left == 0 {
+                return Ok(false);
+            }
+        }
+    }
 }
 
 /// Admission budget per `ADMIT_WINDOW_NS` for a rate per second, rounded

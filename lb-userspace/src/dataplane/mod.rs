@@ -8,9 +8,10 @@ mod egress;
 mod keys;
 mod load;
 mod protect;
+mod rewrite;
 mod tables;
 
-pub use apply::{ApplyReport, apply, apply_with};
+pub use apply::{ApplyReport, Staged, apply, apply_with, prepare, write_records};
 pub use egress::{Hop, Hops};
 pub use keys::{addr_words, family, service_key};
 pub use load::{
@@ -18,4 +19,5 @@ pub use load::{
     detach, interface_index, interface_mac,
 };
 pub use protect::{Protection, Sweep, answer, sweep};
+pub use rewrite::Rewrite;
 pub use tables::{KnownTables, service_table};

@@ -34,11 +34,11 @@ use lb_common::{
 use crate::{bpf_batch, maglev, pins::PinnedMaps};
 
 /// A service whose new Maglev table an apply is about to make live.
-pub(crate) struct NewTable<'a> {
+pub(crate) struct NewTable {
     /// Service id.
     pub service_id: u32,
     /// The table that becomes live.
-    pub table: &'a [u32],
+    pub table: std::sync::Arc<[u32]>,
     /// The service's affinity timeout: older sessions are not worth keeping.
     pub timeout_ns: u64,
 }
@@ -96,25 +96,25 @@ pub(crate) struct Decision {
 /// The decision of step 1, built from the protected map first, then fed the
 /// LRU one entry at a time: a walk of millions of sessions keeps only the
 /// divergent ones.
-pub(crate) struct Decider<'a> {
-    by_id: HashMap<u32, &'a NewTable<'a>>,
-    backends: &'a [Backend],
+pub(crate) struct Decider {
+    by_id: HashMap<u32, NewTable>,
+    backends: Vec<Backend>,
     now: u64,
     already: HashSet<AffinityKey>,
     decision: Decision,
 }
 
-impl<'a> Decider<'a> {
+impl Decider {
     /// Sorts the protected map's entries into those that stay and those the
     /// new `tables` release.
     pub(crate) fn new(
-        tables: &'a [NewTable<'a>],
-        backends: &'a [Backend],
+        tables: Vec<NewTable>,
+        backends: Vec<Backend>,
         protected: &[(AffinityKey, lb_common::Affinity)],
         now: u64,
     ) -> Self {
         let mut d = Self {
-            by_id: tables.iter().map(|t| (t.service_id, t)).collect(),
+            by_id: tables.into_iter().map(|t| (t.service_id, t)).collect(),
             backends,
             now,
             already: HashSet::new(),
@@ -130,8 +130,9 @@ impl<'a> Decider<'a> {
                 d.already.insert(*key);
                 continue;
             };
-            let fresh = d.live(t, value) && keeps(backends, value.backend_id, key.service_id);
-            if fresh && answer(t.table, &key.addr) != value.backend_id {
+            let fresh =
+                Self::live(now, t, value) && keeps(&d.backends, value.backend_id, key.service_id);
+            if fresh && answer(&t.table, &key.addr) != value.backend_id {
                 *d.decision.stay.entry(key.service_id).or_default() += 1;
                 d.already.insert(*key);
             } else {
@@ -142,16 +143,16 @@ impl<'a> Decider<'a> {
         d
     }
 
-    fn live(&self, t: &NewTable<'_>, v: &lb_common::Affinity) -> bool {
-        self.now.saturating_sub(v.last_seen_ns) <= t.timeout_ns
+    fn live(now: u64, t: &NewTable, v: &lb_common::Affinity) -> bool {
+        now.saturating_sub(v.last_seen_ns) <= t.timeout_ns
     }
 
     /// Takes one LRU entry: kept for protection if a new table makes it divergent.
     pub(crate) fn lru_entry(&mut self, key: AffinityKey, value: lb_common::Affinity) {
         let divergent = self.by_id.get(&key.service_id).is_some_and(|t| {
-            self.live(t, &value)
-                && keeps(self.backends, value.backend_id, key.service_id)
-                && answer(t.table, &key.addr) != value.backend_id
+            Self::live(self.now, t, &value)
+                && keeps(&self.backends, value.backend_id, key.service_id)
+                && answer(&t.table, &key.addr) != value.backend_id
                 && !self.already.contains(&key)
         });
         if divergent {
@@ -168,8 +169,8 @@ impl<'a> Decider<'a> {
 /// Decides step 1 for `tables` from a snapshot of both maps.
 #[cfg(test)]
 pub(crate) fn decide(
-    tables: &[NewTable<'_>],
-    backends: &[Backend],
+    tables: Vec<NewTable>,
+    backends: Vec<Backend>,
     lru: &[(AffinityKey, lb_common::Affinity)],
     protected: &[(AffinityKey, lb_common::Affinity)],
     now: u64,
@@ -181,24 +182,65 @@ pub(crate) fn decide(
     d.finish()
 }
 
-/// Step 1: protects the sessions `tables` make divergent and releases the
-/// protected ones they make ordinary. `backends` are the records as they
-/// will be once the apply is done (indexed by id).
-pub(crate) fn before_flip(
-    maps: &mut PinnedMaps,
-    tables: &[NewTable<'_>],
-    backends: &[Backend],
-    now: u64,
-) -> Result<(Protection, Pending)> {
-    let protected =
-        bpf_batch::read_hash(&maps.protected).context("reading the protected session map")?;
-    let mut decider = Decider::new(tables, backends, &protected, now);
-    bpf_batch::visit_hash(&maps.affinity, |key, value| {
-        decider.lru_entry(key, value);
-        Ok(())
-    })
-    .context("reading the affinity map")?;
-    let decision = decider.finish();
+/// Step 1, a chunk at a time: finds the sessions `tables` make divergent
+/// (one walk of the LRU, which the owner may interrupt between chunks to
+/// serve its mailbox), then protects them and releases the protected ones
+/// the tables make ordinary ([`Scan::write`]).
+pub(crate) struct Scan {
+    decider: Decider,
+    cursor: bpf_batch::HashCursor<AffinityKey, lb_common::Affinity>,
+}
+
+impl Scan {
+    /// Reads the protected map (small: only divergent sessions live there).
+    /// `backends` are the records as they will be once the apply is done
+    /// (indexed by id).
+    pub(crate) fn new(
+        maps: &PinnedMaps,
+        tables: Vec<NewTable>,
+        backends: Vec<Backend>,
+        now: u64,
+    ) -> Result<Self> {
+        let protected =
+            bpf_batch::read_hash(&maps.protected).context("reading the protected session map")?;
+        Ok(Self {
+            decider: Decider::new(tables, backends, &protected, now),
+            cursor: bpf_batch::HashCursor::new(),
+        })
+    }
+
+    /// Reads at least `budget` more LRU sessions (whole chunks); true once
+    /// the whole LRU has been read.
+    pub(crate) fn step(&mut self, maps: &PinnedMaps, budget: usize) -> Result<bool> {
+        let until = self.cursor.seen().saturating_add(budget.max(1));
+        while self.cursor.seen() < until {
+            let Some(chunk) = self
+                .cursor
+                .next_chunk(&maps.affinity)
+                .context("reading the affinity map")?
+            else {
+                return Ok(true);
+            };
+            for (key, value) in chunk {
+                self.decider.lru_entry(key, value);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Sessions read so far.
+    pub(crate) fn seen(&self) -> usize {
+        self.cursor.seen()
+    }
+
+    /// Writes the decision: protects the divergent sessions found, releases
+    /// the protected ones the new tables make ordinary.
+    pub(crate) fn write(self, maps: &mut PinnedMaps) -> Result<(Protection, Pending)> {
+        write_decision(maps, self.decider.finish())
+    }
+}
+
+fn write_decision(maps: &mut PinnedMaps, decision: Decision) -> Result<(Protection, Pending)> {
     let mut report = Protection {
         per_service: decision.stay,
         ..Protection::default()
@@ -266,9 +308,8 @@ pub(crate) fn before_flip(
 /// Step 3: deletes the LRU copies of the sessions step 1 protected (the
 /// new tables and flags are live now).
 pub(crate) fn after_flip(maps: &mut PinnedMaps, pending: Pending) -> Result<()> {
-    for key in &pending.keys {
-        remove(&mut maps.affinity, key).context("removing the LRU copy of a protected session")?;
-    }
+    bpf_batch::delete_keys(&mut maps.affinity, &pending.keys)
+        .context("removing the LRU copies of protected sessions")?;
     Ok(())
 }
 
@@ -382,11 +423,13 @@ mod tests {
     #[test]
     fn protects_exactly_the_live_divergent_sessions_of_changed_services() {
         let t = table();
-        let tables = [NewTable {
-            service_id: 1,
-            table: &t,
-            timeout_ns: 100,
-        }];
+        let tables = || {
+            vec![NewTable {
+                service_id: 1,
+                table: t.clone().into(),
+                timeout_ns: 100,
+            }]
+        };
         let backends = vec![
             Backend::default(),
             backend(1, BACKEND_ACTIVE),
@@ -410,7 +453,7 @@ mod tests {
         lru.push((key(1, 501), session(4, now)));
         lru.push((key(1, 502), session(3, now)));
         lru.push((key(2, 503), session(3, now)));
-        let d = decide(&tables, &backends, &lru, &[], now);
+        let d = decide(tables(), backends.clone(), &lru, &[], now);
         let keys: HashSet<AffinityKey> = d.protect.iter().map(|(k, _)| *k).collect();
         let expected: HashSet<AffinityKey> = (0..40).map(|n| key(1, n)).collect();
         assert_eq!(keys, expected);
@@ -424,11 +467,13 @@ mod tests {
     #[test]
     fn sessions_are_live_while_the_clock_reads_below_the_timeout() {
         let t = table();
-        let tables = [NewTable {
-            service_id: 1,
-            table: &t,
-            timeout_ns: 1000,
-        }];
+        let tables = || {
+            vec![NewTable {
+                service_id: 1,
+                table: t.clone().into(),
+                timeout_ns: 1000,
+            }]
+        };
         let backends = vec![
             Backend::default(),
             backend(1, BACKEND_ACTIVE),
@@ -438,13 +483,13 @@ mod tests {
             |n: u32, last_seen_ns: u64| (key(1, n), session(3 - answer_of(n), last_seen_ns));
         let lru = [divergent(1, 0), divergent(2, 0), divergent(3, 500)];
         for now in [0, 400, 1000] {
-            let d = decide(&tables, &backends, &lru, &[], now);
+            let d = decide(tables(), backends.clone(), &lru, &[], now);
             let keys: HashSet<AffinityKey> = d.protect.iter().map(|(k, _)| *k).collect();
             let stamped_by_then: HashSet<AffinityKey> = lru.iter().map(|(k, _)| *k).collect();
             assert_eq!(keys, stamped_by_then, "now {now}");
         }
         // Once the clock is past the timeout, the ones stamped at boot expire.
-        let d = decide(&tables, &backends, &lru, &[], 1001);
+        let d = decide(tables(), backends.clone(), &lru, &[], 1001);
         let keys: Vec<AffinityKey> = d.protect.iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, vec![key(1, 3)]);
     }
@@ -452,11 +497,13 @@ mod tests {
     #[test]
     fn releases_protected_sessions_the_new_table_makes_ordinary() {
         let t = table();
-        let tables = [NewTable {
-            service_id: 1,
-            table: &t,
-            timeout_ns: 100,
-        }];
+        let tables = || {
+            vec![NewTable {
+                service_id: 1,
+                table: t.clone().into(),
+                timeout_ns: 100,
+            }]
+        };
         let backends = vec![
             Backend::default(),
             backend(1, BACKEND_ACTIVE),
@@ -468,8 +515,8 @@ mod tests {
         let expired = (key(1, 3), session(3 - answer_of(3), 10));
         let untouched = (key(7, 4), session(9, now));
         let d = decide(
-            &tables,
-            &backends,
+            tables(),
+            backends,
             &[diverging],
             &[equal, diverging, expired, untouched],
             now,
