@@ -151,6 +151,9 @@ struct Job {
     started: Instant,
 }
 
+/// An apply that took longer is logged at info, with its divergent scan's share.
+const SLOW_APPLY: Duration = Duration::from_millis(100);
+
 /// Sessions an apply reads before the owner serves its mailbox again:
 /// a few batched reads, a few milliseconds.
 pub const WORK_BUDGET: usize = 16 * 1024;
@@ -837,12 +840,27 @@ impl Lb {
                         "removed from the dataplane"
                     );
                 }
-                tracing::debug!(
-                    tables = ?report.tables_written,
-                    backends_written = report.backends_written,
-                    took = ?job.started.elapsed(),
-                    "applied"
-                );
+                let took = job.started.elapsed();
+                if took >= SLOW_APPLY {
+                    // What an operator with millions of sessions wants to see.
+                    tracing::info!(
+                        tables = ?report.tables_written,
+                        took_ms = took.as_millis() as u64,
+                        scanned = report.sessions_scanned,
+                        scan_ms = report.scan_took.as_millis() as u64,
+                        "new tables live after {took:?}: the divergent scan read {} sessions in {:?} \
+                         (other work served between its chunks)",
+                        report.sessions_scanned,
+                        report.scan_took
+                    );
+                } else {
+                    tracing::debug!(
+                        tables = ?report.tables_written,
+                        backends_written = report.backends_written,
+                        took = ?took,
+                        "applied"
+                    );
+                }
             }
             let ids: HashSet<u32> = job.newly_down.union(&job.respread).copied().collect();
             if !ids.is_empty() {

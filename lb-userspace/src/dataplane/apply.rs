@@ -84,6 +84,10 @@ pub struct ApplyReport {
     /// What protecting the sessions made divergent by the new tables did
     /// (None when no table of an existing service changed).
     pub protection: Option<Protection>,
+    /// LRU sessions the divergent scan read (0: no table of an existing service changed).
+    pub sessions_scanned: usize,
+    /// Wall time of the divergent scan, other work between its chunks included.
+    pub scan_took: std::time::Duration,
 }
 
 /// Writes `config` into the pinned maps, keeping the ids (and so the
@@ -395,6 +399,7 @@ pub fn prepare(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result<St
         legacy,
         live_ids: service_ids.iter().copied().collect(),
         pending: None,
+        prepared: std::time::Instant::now(),
     })
 }
 
@@ -415,6 +420,8 @@ pub struct Staged {
     legacy: Option<(u32, u32)>,
     live_ids: BTreeSet<u32>,
     pending: Option<protect::Pending>,
+    /// When `prepare` finished: the divergent scan starts then.
+    prepared: std::time::Instant,
 }
 
 /// What is left of a [`Staged`] apply.
@@ -468,10 +475,13 @@ impl Staged {
                         self.stage = Stage::Scan(scan);
                         return Ok(false);
                     }
+                    let seen = scan.seen();
                     let (protection, pending) = scan
                         .write(maps)
                         .context("protecting the sessions the new Maglev tables make divergent")?;
                     self.report.protection = Some(protection);
+                    self.report.sessions_scanned = seen;
+                    self.report.scan_took = self.prepared.elapsed();
                     self.pending = Some(pending);
                     Stage::Flip
                 }

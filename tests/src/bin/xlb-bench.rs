@@ -55,6 +55,7 @@ fn run() -> Result<()> {
     let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let mut only: Vec<String> = Vec::new();
     let mut pick_generator = None;
+    let mut at_scale: Option<&'static [u32]> = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -73,6 +74,21 @@ fn run() -> Result<()> {
                 pick_generator = Some(generator::Pick::parse(pick)?);
             }
             "--out" => out = PathBuf::from(it.next().context("--out needs a directory")?),
+            "--sessions" => {
+                let list = it
+                    .next()
+                    .context("--sessions needs counts, e.g. 1000000,10000000")?;
+                let counts = list
+                    .split(',')
+                    .map(|n| {
+                        n.trim()
+                            .parse::<u32>()
+                            .with_context(|| format!("--sessions: {n:?} is not a count"))
+                    })
+                    .collect::<Result<Vec<u32>>>()?;
+                // The budget holds static slices; this one lives as long as the run.
+                at_scale = Some(Box::leak(counts.into_boxed_slice()));
+            }
             "--only" => {
                 let part = it.next().context("--only needs a part name")?;
                 if !PARTS.contains(&part.as_str()) {
@@ -83,7 +99,7 @@ fn run() -> Result<()> {
             other => {
                 bail!(
                     "unknown argument {other:?} (use --quick, --smoke, --out DIR, --only PART, \
-                     --generator auto|live-frames|af-packet)"
+                     --generator auto|live-frames|af-packet, --sessions N[,N])"
                 )
             }
         }
@@ -91,6 +107,9 @@ fn run() -> Result<()> {
     // Applied after the loop: --quick and --smoke replace the whole budget.
     if let Some(pick) = pick_generator {
         budget.generator = pick;
+    }
+    if let Some(counts) = at_scale {
+        budget.at_scale_sessions = counts;
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
