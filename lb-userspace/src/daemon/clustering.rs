@@ -31,7 +31,7 @@ use anyhow::{Context as _, Result};
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::Metrics;
-use super::owner::Handle;
+use super::owner::{ClusterCall, Handle};
 use super::state::Admin;
 use crate::api::{ClusterInfo, PeerInfo, Request, Response};
 use crate::cluster::agree::{self, LIVE_FOR, Origin, Round, RoundEnd};
@@ -160,7 +160,7 @@ pub async fn run(
         cfg.node_id,
         cfg.sync_timeout
     );
-    let state = owner.call(|lb| lb.cluster_state().clone()).await?;
+    let state = owner.cluster(ClusterCall::State).await?;
     let mut node = Node {
         me: cfg.node_id,
         mesh,
@@ -288,7 +288,13 @@ impl Node {
                         prepare: false,
                     },
                 );
-                let all = self.owner.call(|lb| lb.replicable(false)).await??;
+                let all = self
+                    .owner
+                    .cluster(|reply| ClusterCall::Replicable {
+                        changed_only: false,
+                        reply,
+                    })
+                    .await??;
                 let n = all.len();
                 self.send_sessions(Some(p), all);
                 self.send(p, &Message::SyncDone);
@@ -360,7 +366,7 @@ impl Node {
             Message::Sessions { entries } => {
                 self.totals.sessions_received += entries.len() as u64;
                 self.owner
-                    .call(move |lb| lb.import_sessions(&entries))
+                    .cluster(|reply| ClusterCall::Import { entries, reply })
                     .await??;
             }
             Message::Done { version } => {
@@ -414,7 +420,11 @@ impl Node {
             Message::Flush { service, backend } => {
                 let text = self
                     .owner
-                    .call(move |lb| lb.flush(service.as_deref(), backend.as_deref()))
+                    .cluster(|reply| ClusterCall::Flush {
+                        service,
+                        backend,
+                        reply,
+                    })
                     .await??;
                 tracing::info!(from, "cluster: node {from} flushed sessions: {text}");
             }
@@ -432,7 +442,11 @@ impl Node {
                 let (s, b) = (service.clone(), backend.clone());
                 let result = self
                     .owner
-                    .call(move |lb| lb.flush(s.as_deref(), b.as_deref()))
+                    .cluster(|reply| ClusterCall::Flush {
+                        service: s,
+                        backend: b,
+                        reply,
+                    })
                     .await?;
                 let response = match result {
                     Ok(text) => {
@@ -466,7 +480,7 @@ impl Node {
     }
 
     async fn tick(&mut self) -> Result<()> {
-        let mut hello = self.owner.call(|lb| lb.cluster_hello()).await??;
+        let mut hello = self.owner.cluster(ClusterCall::Hello).await??;
         hello.version = self.doc.version;
         hello.synced = self.synced;
         self.broadcast(&Message::Hello(hello.clone()));
@@ -484,7 +498,7 @@ impl Node {
                     );
                 }
                 self.synced = true;
-                self.owner.call(|lb| lb.set_synced()).await?;
+                self.owner.cluster(ClusterCall::SetSynced).await?;
             }
         }
         if self.synced && self.round.is_none() && self.coordinator() == self.me {
@@ -579,7 +593,10 @@ impl Node {
             });
         }
         let d = doc.clone();
-        let sessions = self.owner.call(move |lb| lb.prepare(&d)).await??;
+        let sessions = self
+            .owner
+            .cluster(|reply| ClusterCall::Prepare { doc: d, reply })
+            .await??;
         let n = sessions.len();
         self.send_sessions(None, sessions);
         self.broadcast(&Message::Done {
@@ -623,7 +640,13 @@ impl Node {
                 if text.is_ok() {
                     // Sessions that became divergent between the prepare walk and the
                     // swap (new clients meanwhile): the swap protected them here.
-                    let late = self.owner.call(|lb| lb.replicable(true)).await??;
+                    let late = self
+                        .owner
+                        .cluster(|reply| ClusterCall::Replicable {
+                            changed_only: true,
+                            reply,
+                        })
+                        .await??;
                     if !late.is_empty() {
                         tracing::info!(
                             sessions = late.len(),
@@ -665,7 +688,10 @@ impl Node {
         if self.round.is_none() && self.synced && self.coordinator() == self.me {
             if let Some((origin, request)) = self.queue.pop_front() {
                 let shown = format!("{request:?}");
-                let proposal = self.owner.call(move |lb| lb.propose(request)).await?;
+                let proposal = self
+                    .owner
+                    .cluster(|reply| ClusterCall::Propose { request, reply })
+                    .await?;
                 match proposal {
                     Ok(p) => {
                         let mut down = self.doc.down.clone();
@@ -704,7 +730,9 @@ impl Node {
 
     async fn adopt(&mut self, doc: Doc) -> Result<()> {
         let d = doc.clone();
-        self.owner.call(move |lb| lb.adopt(&d)).await??;
+        self.owner
+            .cluster(|reply| ClusterCall::Adopt { doc: d, reply })
+            .await??;
         tracing::info!(version = %doc.version, "cluster: version {} is live on this node", doc.version);
         self.totals.rounds += 1;
         self.doc = doc;
@@ -716,7 +744,13 @@ impl Node {
         if self.peers.is_empty() {
             return Ok(());
         }
-        let changed = self.owner.call(|lb| lb.replicable(true)).await??;
+        let changed = self
+            .owner
+            .cluster(|reply| ClusterCall::Replicable {
+                changed_only: true,
+                reply,
+            })
+            .await??;
         if !changed.is_empty() {
             tracing::debug!(
                 sessions = changed.len(),
@@ -732,7 +766,7 @@ impl Node {
         let live = self.live();
         let (fingerprint, imported) = self
             .owner
-            .call(|lb| (lb.cluster.fingerprint.clone(), lb.cluster.totals))
+            .cluster(ClusterCall::Info)
             .await
             .unwrap_or_default();
         let mut info = ClusterInfo {

@@ -116,7 +116,7 @@ pub struct Lb {
     pub(super) write_failures: u64,
     /// Where health checks leave from when a service does not say.
     pub(super) sources: SourceDefaults,
-    /// Reconciles run (every [`TABLE_REREAD_EVERY`]th re-reads the tables).
+    /// Reconciles run (each re-reads one service's tables, in turn).
     pub(super) reconciles: u64,
     /// What protecting divergent sessions has done so far.
     pub(super) protection: ProtectionStats,
@@ -128,6 +128,8 @@ pub struct Lb {
     counts: Book,
     /// The apply under way, if its walks did not fit one [`WORK_BUDGET`].
     job: Option<Job>,
+    /// The sweep of the protected map under way (never beside an apply).
+    sweep: Option<dataplane::Sweeping>,
     /// Applies asked for; `done` and `failed` say how far they got.
     asked: u64,
     done: u64,
@@ -172,10 +174,6 @@ pub struct ProtectionStats {
     /// Protected sessions per service id, as last counted.
     pub per_service: BTreeMap<u32, usize>,
 }
-
-/// Every how many reconciles the Maglev tables are re-read from the kernel
-/// (about 28 ms a service) rather than compared with what this process wrote.
-const TABLE_REREAD_EVERY: u64 = 6;
 
 /// Milliseconds since the Unix epoch (drain deadlines survive restarts, so wall clock).
 pub fn unix_ms() -> u64 {
@@ -288,6 +286,7 @@ impl Lb {
             cluster: super::lb_cluster::ClusterSide::default(),
             counts: Book::default(),
             job: None,
+            sweep: None,
             asked: 0,
             done: 0,
             failed: None,
@@ -612,14 +611,16 @@ impl Lb {
             job.again = true;
             return self.write_records();
         }
+        // A sweep clears flags an apply is about to need: it starts again later.
+        self.sweep = None;
         self.start_apply()?;
         // At lab scale the walks fit one budget: the apply is complete here.
         self.work_for(WORK_BUDGET)
     }
 
-    /// Whether an apply is under way (the owner then calls [`Lb::work`]).
+    /// Whether an apply or a sweep is under way (the owner then calls [`Lb::work`]).
     pub fn busy(&self) -> bool {
-        self.job.is_some()
+        self.job.is_some() || self.sweep.is_some()
     }
 
     /// Applies asked for so far (see [`Lb::outcome`]).
@@ -640,7 +641,7 @@ impl Lb {
         }
         // Nothing under way and not done: superseded by a later apply that
         // was never asked to run (cannot happen), so nothing to wait for.
-        (!self.busy()).then_some(Ok(()))
+        self.job.is_none().then_some(Ok(()))
     }
 
     /// Goes on with the apply under way for about `budget` sessions read;
@@ -653,7 +654,7 @@ impl Lb {
 
     /// Finishes the apply under way, however many sessions it walks.
     pub fn settle(&mut self) -> Result<()> {
-        while self.busy() {
+        while self.job.is_some() {
             self.work_for(usize::MAX)?;
         }
         Ok(())
@@ -796,7 +797,7 @@ impl Lb {
     /// [`Lb::work`], with the failure returned.
     fn work_for(&mut self, budget: usize) -> Result<()> {
         let Some(mut job) = self.job.take() else {
-            return Ok(());
+            return self.sweep_for(budget);
         };
         match self.advance(&mut job, budget) {
             Ok(false) => {
@@ -900,10 +901,12 @@ impl Lb {
     /// else changed. Returns the number of repairs.
     pub fn reconcile(&mut self) -> Result<u64> {
         let mut fixed = self.repair_pins()?;
-        if self.busy() {
+        if self.job.is_some() {
             // The apply under way writes the desired state; compared after it.
             return Ok(fixed);
         }
+        // What a sweep under way read may be stale after this apply.
+        self.sweep = None;
         if let Some(why) = self.dirty.clone() {
             tracing::info!("retrying the write that failed: {why}");
             self.apply()?;
@@ -913,8 +916,14 @@ impl Lb {
             // apply trusts its memory of what each table slot holds; now and then
             // re-read the tables, so slots rewritten behind our back are found too.
             self.reconciles += 1;
-            if self.reconciles.is_multiple_of(TABLE_REREAD_EVERY) {
-                self.maps.forget_tables();
+            // One service's tables a reconcile (about 28 ms each), in turn: a
+            // table rewritten by someone else is found within one round of
+            // the services, and the owner never stops for all of them at once
+            // (seconds at 256 services).
+            let ids: Vec<u32> = self.service_ids.values().copied().collect();
+            if !ids.is_empty() {
+                let turn = usize::try_from(self.reconciles).unwrap_or(0) % ids.len();
+                self.maps.forget_table(ids[turn]);
             }
             let report = match dataplane::apply_with(&mut self.maps, &self.effective, &self.hops) {
                 Ok(r) => r,
@@ -946,7 +955,7 @@ impl Lb {
                 }
             }
         }
-        self.sweep_protected()?;
+        self.start_sweep()?;
         Ok(fixed)
     }
 
@@ -972,9 +981,14 @@ impl Lb {
         }
     }
 
-    /// Deletes protected sessions that expired or lost their backend, and
-    /// clears the protected flag of services left without any.
-    pub fn sweep_protected(&mut self) -> Result<()> {
+    /// Starts a sweep of the protected sessions (expired, or backend gone;
+    /// services left without any lose their protected flag), which
+    /// [`Lb::work`] runs a chunk at a time; one under way is left to go on.
+    fn start_sweep(&mut self) -> Result<()> {
+        if self.sweep.is_some() || self.job.is_some() {
+            // Never beside an apply: the next reconcile sweeps.
+            return Ok(());
+        }
         let mut records = Vec::new();
         for entry in self.maps.services.iter() {
             let (key, svc) = entry.context("reading the service map")?;
@@ -983,7 +997,24 @@ impl Lb {
             }
         }
         let backends = self.maps.backend_records()?;
-        let sweep = dataplane::sweep(&mut self.maps, &records, &backends, monotonic_ns())
+        self.sweep = Some(dataplane::Sweeping::new(records, backends, monotonic_ns()));
+        Ok(())
+    }
+
+    /// Takes the sweep under way on by about `budget` protected sessions.
+    fn sweep_for(&mut self, budget: usize) -> Result<()> {
+        let Some(mut run) = self.sweep.take() else {
+            return Ok(());
+        };
+        if !run
+            .step(&mut self.maps, budget)
+            .context("sweeping the protected session map")?
+        {
+            self.sweep = Some(run);
+            return Ok(());
+        }
+        let sweep = run
+            .finish(&mut self.maps)
             .context("sweeping the protected session map")?;
         if sweep.deleted > 0 || !sweep.cleared.is_empty() {
             tracing::info!(

@@ -151,6 +151,11 @@ impl Lb {
         &self.state
     }
 
+    /// The applied fingerprint and the import totals, for `xlb cluster status`.
+    pub fn cluster_info(&self) -> (String, ImportTotals) {
+        (self.cluster.fingerprint.clone(), self.cluster.totals)
+    }
+
     /// Checks a runtime change exactly as `xlb backend ...` alone would,
     /// and returns the state it makes, without applying it.
     pub fn propose(&mut self, req: Request) -> Result<Proposal> {

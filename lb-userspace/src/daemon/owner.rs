@@ -14,9 +14,12 @@ use tokio::sync::{oneshot, watch};
 
 use super::counts::{self, Counted, Reader};
 use super::lb::{BackendRef, CheckTarget, Lb};
+use super::lb_cluster::{ImportTotals, Proposal};
 use super::metrics::Metrics;
+use super::state::State;
 use crate::announce::Readiness;
 use crate::api::{Request, Response, StatusInfo};
+use crate::cluster::msg::{Doc, Hello, WireSession};
 use crate::hops::Target;
 use crate::pins::PinnedMaps;
 
@@ -48,7 +51,7 @@ pub enum Msg {
     /// The backends' next hops changed (resolved, or a MAC re-learned).
     Hops(crate::dataplane::Hops),
     /// Work for the owner from the cluster task (`clustering.rs`).
-    Call(Box<dyn FnOnce(&mut Lb) + Send>),
+    Cluster(ClusterCall),
     /// A session count from the counter thread (`counts.rs`).
     Counted(Arc<Counted>),
 }
@@ -125,17 +128,15 @@ impl Handle {
         let _ = self.tx.send(Msg::Hops(hops));
     }
 
-    /// Runs `f` on the owner thread and waits for its result.
-    pub async fn call<T: Send + 'static>(
+    /// Sends the cluster task's call `make(reply)` and waits for its answer,
+    /// e.g. `owner.cluster(ClusterCall::Hello)`.
+    pub async fn cluster<T>(
         &self,
-        f: impl FnOnce(&mut Lb) -> T + Send + 'static,
+        make: impl FnOnce(oneshot::Sender<T>) -> ClusterCall,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        let job: Box<dyn FnOnce(&mut Lb) + Send> = Box::new(move |lb| {
-            let _ = tx.send(f(lb));
-        });
         self.tx
-            .send(Msg::Call(job))
+            .send(Msg::Cluster(make(tx)))
             .map_err(|_| anyhow!("the daemon is shutting down"))?;
         rx.await.context("the daemon is shutting down")
     }
@@ -145,6 +146,109 @@ impl Handle {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Shutdown(tx)).is_ok() {
             let _ = rx.await;
+        }
+    }
+}
+
+/// What the cluster task (`clustering.rs`) asks of the owner: a closed set,
+/// each with where its answer goes.
+pub enum ClusterCall {
+    /// The state file's runtime changes, as the cluster document starts from.
+    State(oneshot::Sender<State>),
+    /// What this node tells its peers in a Hello (session counts as last counted).
+    Hello(oneshot::Sender<Result<Hello>>),
+    /// This node holds its peers' sessions now.
+    SetSynced(oneshot::Sender<()>),
+    /// The sessions worth replicating: all, or those changed since last asked.
+    Replicable {
+        changed_only: bool,
+        reply: oneshot::Sender<Result<Vec<WireSession>>>,
+    },
+    /// Sessions a peer sent.
+    Import {
+        entries: Vec<WireSession>,
+        reply: oneshot::Sender<Result<ImportTotals>>,
+    },
+    /// A flush, asked for by a peer or by this node's cluster-wide request.
+    Flush {
+        service: Option<String>,
+        backend: Option<String>,
+        reply: oneshot::Sender<Result<String>>,
+    },
+    /// A round's prepare: the sessions the proposed document makes divergent.
+    Prepare {
+        doc: Doc,
+        reply: oneshot::Sender<Result<Vec<WireSession>>>,
+    },
+    /// A runtime change proposed on this node: the state it would make.
+    Propose {
+        request: Request,
+        reply: oneshot::Sender<Result<Proposal>>,
+    },
+    /// A round's document, made live on this node.
+    Adopt {
+        doc: Doc,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// The applied fingerprint and import totals, for `xlb cluster status`.
+    Info(oneshot::Sender<(String, ImportTotals)>),
+}
+
+impl ClusterCall {
+    /// Whether it reads or writes the sessions and tables as they are live,
+    /// so an apply under way is finished first (and the one it starts, after).
+    fn needs_settled(&self) -> bool {
+        matches!(
+            self,
+            Self::Replicable { .. }
+                | Self::Import { .. }
+                | Self::Flush { .. }
+                | Self::Prepare { .. }
+                | Self::Adopt { .. }
+        )
+    }
+
+    /// Runs it on `lb` and sends the answer.
+    fn run(self, lb: &mut Lb) {
+        match self {
+            Self::State(reply) => {
+                let _ = reply.send(lb.cluster_state().clone());
+            }
+            Self::Hello(reply) => {
+                let _ = reply.send(lb.cluster_hello());
+            }
+            Self::SetSynced(reply) => {
+                lb.set_synced();
+                let _ = reply.send(());
+            }
+            Self::Replicable {
+                changed_only,
+                reply,
+            } => {
+                let _ = reply.send(lb.replicable(changed_only));
+            }
+            Self::Import { entries, reply } => {
+                let _ = reply.send(lb.import_sessions(&entries));
+            }
+            Self::Flush {
+                service,
+                backend,
+                reply,
+            } => {
+                let _ = reply.send(lb.flush(service.as_deref(), backend.as_deref()));
+            }
+            Self::Prepare { doc, reply } => {
+                let _ = reply.send(lb.prepare(&doc));
+            }
+            Self::Propose { request, reply } => {
+                let _ = reply.send(lb.propose(request));
+            }
+            Self::Adopt { doc, reply } => {
+                let _ = reply.send(lb.adopt(&doc));
+            }
+            Self::Info(reply) => {
+                let _ = reply.send(lb.cluster_info());
+            }
         }
     }
 }
@@ -275,7 +379,8 @@ fn run(
                 let answer = handle(&mut lb, req);
                 // Before the answer: whoever asks status after it sees the change.
                 status.publish(&lb);
-                if lb.asked() > asked && lb.busy() && !matches!(answer, Response::Error(_)) {
+                let live = lb.outcome(lb.asked()).is_some();
+                if lb.asked() > asked && !live && !matches!(answer, Response::Error(_)) {
                     // Live on this node once its apply is done, not before.
                     awaiting.push((lb.asked(), reply, answer));
                 } else {
@@ -308,16 +413,25 @@ fn run(
             Ok(Msg::Metrics(reply)) => {
                 let _ = reply.send(metrics.render(&lb));
             }
-            Ok(Msg::Call(job)) => {
+            Ok(Msg::Cluster(call)) => {
                 // Cluster work can adopt a new state: targets may change.
                 targets_may_change = true;
-                // Cluster rounds reason about what is live: nothing half-applied.
-                if let Err(e) = lb.settle() {
-                    tracing::error!("applying the desired state failed (reconcile retries): {e:#}");
+                let settle = call.needs_settled();
+                // Rounds and replication reason about what is live: nothing half-applied.
+                if settle {
+                    if let Err(e) = lb.settle() {
+                        tracing::error!(
+                            "applying the desired state failed (reconcile retries): {e:#}"
+                        );
+                    }
                 }
-                job(&mut lb);
-                if let Err(e) = lb.settle() {
-                    tracing::error!("applying the desired state failed (reconcile retries): {e:#}");
+                call.run(&mut lb);
+                if settle {
+                    if let Err(e) = lb.settle() {
+                        tracing::error!(
+                            "applying the desired state failed (reconcile retries): {e:#}"
+                        );
+                    }
                 }
             }
             Ok(Msg::Counted(c)) => {

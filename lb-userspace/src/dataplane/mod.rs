@@ -18,6 +18,6 @@ pub use load::{
     Attachment, Dataplane, LoadOptions, PASS_OBJ, PROGRAM, XLB_OBJ, attach_and_pin, bring_up,
     detach, interface_index, interface_mac,
 };
-pub use protect::{Protection, Sweep, answer, sweep};
+pub use protect::{Protection, Sweep, Sweeping, answer, sweep};
 pub use rewrite::Rewrite;
 pub use tables::{KnownTables, service_table};

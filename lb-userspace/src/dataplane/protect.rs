@@ -339,46 +339,99 @@ pub struct Sweep {
 /// Deletes the protected sessions that expired or whose backend is gone,
 /// and clears the flag of services left without any: work proportional to
 /// the protected map, never to the LRU. `records` are the live service
-/// records by key; `backends` indexed by id.
+/// records by key; `backends` indexed by id. All at once: see [`Sweeping`].
 pub fn sweep(
     maps: &mut PinnedMaps,
     records: &[(lb_common::ServiceKey, Service)],
     backends: &[Backend],
     now: u64,
 ) -> Result<Sweep> {
-    let protected =
-        bpf_batch::read_hash(&maps.protected).context("reading the protected session map")?;
-    let timeouts: HashMap<u32, u64> = records.iter().map(|(_, r)| (r.id, r.timeout_ns)).collect();
-    let mut out = Sweep::default();
-    for (key, value) in &protected {
-        let keep = timeouts.get(&key.service_id).is_some_and(|t| {
-            now.saturating_sub(value.last_seen_ns) <= *t
-                && keeps(backends, value.backend_id, key.service_id)
-        });
-        if keep {
-            *out.per_service.entry(key.service_id).or_default() += 1;
-        } else {
-            remove(&mut maps.protected, key).context("deleting a stale protected session")?;
-            out.deleted += 1;
+    let mut run = Sweeping::new(records.to_vec(), backends.to_vec(), now);
+    while !run.step(maps, usize::MAX)? {}
+    run.finish(maps)
+}
+
+/// A [`sweep`] a chunk at a time: after a table change at millions of
+/// sessions the protected map can hold millions too. No apply may run
+/// between its steps (an apply protects sessions whose flag this would
+/// clear): the owner drops a sweep when an apply starts.
+pub struct Sweeping {
+    records: Vec<(lb_common::ServiceKey, Service)>,
+    timeouts: HashMap<u32, u64>,
+    backends: Vec<Backend>,
+    now: u64,
+    cursor: bpf_batch::HashCursor<AffinityKey, lb_common::Affinity>,
+    out: Sweep,
+}
+
+impl Sweeping {
+    /// A sweep against these service records and backends (indexed by id).
+    pub fn new(
+        records: Vec<(lb_common::ServiceKey, Service)>,
+        backends: Vec<Backend>,
+        now: u64,
+    ) -> Self {
+        Self {
+            timeouts: records.iter().map(|(_, r)| (r.id, r.timeout_ns)).collect(),
+            records,
+            backends,
+            now,
+            cursor: bpf_batch::HashCursor::new(),
+            out: Sweep::default(),
         }
     }
-    for (key, record) in records {
-        if record.flags & SERVICE_F_PROTECTED != 0 && !out.per_service.contains_key(&record.id) {
-            let cleared = Service {
-                flags: record.flags & !SERVICE_F_PROTECTED,
-                ..*record
+
+    /// Goes on for about `budget` protected sessions; true once all are read.
+    pub fn step(&mut self, maps: &mut PinnedMaps, budget: usize) -> Result<bool> {
+        let until = self.cursor.seen().saturating_add(budget.max(1));
+        while self.cursor.seen() < until {
+            let Some(chunk) = self
+                .cursor
+                .next_chunk(&maps.protected)
+                .context("reading the protected session map")?
+            else {
+                return Ok(true);
             };
-            // EXIST: a service removed meanwhile stays removed.
-            const BPF_EXIST: u64 = 2;
-            match maps.services.insert(*key, cleared, BPF_EXIST) {
-                Ok(()) => out.cleared.push(record.id),
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(e).context("clearing a service's protected flag"),
+            let mut stale = Vec::new();
+            for (key, value) in chunk {
+                let keep = self.timeouts.get(&key.service_id).is_some_and(|t| {
+                    self.now.saturating_sub(value.last_seen_ns) <= *t
+                        && keeps(&self.backends, value.backend_id, key.service_id)
+                });
+                if keep {
+                    *self.out.per_service.entry(key.service_id).or_default() += 1;
+                } else {
+                    stale.push(key);
+                }
+            }
+            self.out.deleted += bpf_batch::delete_keys(&mut maps.protected, &stale)
+                .context("deleting stale protected sessions")?;
+        }
+        Ok(false)
+    }
+
+    /// Clears the flag of services left without protected sessions.
+    pub fn finish(mut self, maps: &mut PinnedMaps) -> Result<Sweep> {
+        for (key, record) in &self.records {
+            if record.flags & SERVICE_F_PROTECTED != 0
+                && !self.out.per_service.contains_key(&record.id)
+            {
+                let cleared = Service {
+                    flags: record.flags & !SERVICE_F_PROTECTED,
+                    ..*record
+                };
+                // EXIST: a service removed meanwhile stays removed.
+                const BPF_EXIST: u64 = 2;
+                match maps.services.insert(*key, cleared, BPF_EXIST) {
+                    Ok(()) => self.out.cleared.push(record.id),
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(e).context("clearing a service's protected flag"),
+                }
             }
         }
+        Ok(self.out)
     }
-    Ok(out)
 }
 
 #[cfg(test)]
