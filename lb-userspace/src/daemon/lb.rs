@@ -14,24 +14,22 @@
 //! [`Lb::reconcile`] retries it with backoff, and also repairs whatever
 //! else differs from the desired state (pins, tables, records).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::{
-    AffinityKey, BACKEND_ACTIVE, BACKEND_CAPACITY, BACKEND_DOWN, BACKEND_DRAINING, PINNED_MAPS,
-    Service,
-};
+use lb_common::{BACKEND_ACTIVE, BACKEND_CAPACITY, BACKEND_DOWN, BACKEND_DRAINING, PINNED_MAPS};
 
 use super::counts::{Basis, Book, Counted, drain_over};
 use super::desired::{Health, Panic, Transition, panic_step};
 use super::source::SourceDefaults;
 use super::state::{AddedBackend, Admin, State};
-use crate::bpf_obj::{self, PinCheck};
+pub use super::writer::WORK_BUDGET;
+use super::writer::{Held, Progress, Writer};
+use crate::bpf_obj;
 use crate::config::{
     BackendConfig, BackendState, Config, ForwardMode, HealthConfig, check_not_own_mac, format_mac,
     parse_mac, valid_backend_name, validate_backend_address, validate_deadline, validate_mac,
@@ -40,9 +38,8 @@ use crate::config::{
 use crate::dataplane::{self, Dataplane, Hops, service_key};
 use crate::hops::{self, Target};
 use crate::lock::PinLock;
-use crate::maglev;
-use crate::pins::{self, PinnedMaps};
-use crate::sessions::{ip_from_words, monotonic_ns};
+use crate::pins::PinnedMaps;
+use crate::sessions::ip_from_words;
 
 /// A backend of a service, by names (stable across reloads and restarts).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -80,17 +77,6 @@ pub(super) struct Derived {
     pub(super) health: Option<bool>,
 }
 
-/// What the daemon holds to put the pins back if someone removes them: its
-/// own descriptors of the link and of every map, the lock, the program.
-struct Held {
-    dir: PathBuf,
-    lock: PinLock,
-    link: OwnedFd,
-    maps: Vec<(&'static str, OwnedFd)>,
-    /// Keeps the loaded program (and aya's handles) for the daemon's life.
-    _dataplane: Dataplane,
-}
-
 /// The owner of the dataplane maps and the desired state.
 pub struct Lb {
     pub(super) config_path: PathBuf,
@@ -101,64 +87,19 @@ pub struct Lb {
     /// Backends found in the kernel but in neither the config nor the state
     /// file (a lost state file): kept draining until their clients are idle.
     pub(super) orphans: BTreeMap<String, Vec<BackendConfig>>,
-    pub(super) maps: PinnedMaps,
-    held: Held,
-    pub(super) service_ids: BTreeMap<String, u32>,
-    pub(super) backend_ids: HashMap<BackendRef, u32>,
-    pub(super) effective: Config,
+    /// The one writer of the pinned maps.
+    pub(super) writer: Writer,
     pub(super) started: Instant,
     pub(super) adopted: bool,
-    /// The last write to the kernel failed (why): reconcile retries it.
-    pub(super) dirty: Option<String>,
-    /// Differences reconcile found and repaired, by what.
-    pub(super) repairs: BTreeMap<&'static str, u64>,
-    /// Writes to the kernel that failed.
-    pub(super) write_failures: u64,
     /// Where health checks leave from when a service does not say.
     pub(super) sources: SourceDefaults,
-    /// Reconciles run (each re-reads one service's tables, in turn).
-    pub(super) reconciles: u64,
-    /// What protecting divergent sessions has done so far.
-    pub(super) protection: ProtectionStats,
     /// The backends' resolved next hops (MACs not in the config, egress).
     pub(super) hops: Hops,
     /// This node's part of the cluster (`[cluster]`); inert when alone.
     pub(super) cluster: super::lb_cluster::ClusterSide,
     /// The session counts the counter thread sent (`daemon/counts.rs`).
     counts: Book,
-    /// The apply under way, if its walks did not fit one [`WORK_BUDGET`].
-    job: Option<Job>,
-    /// The sweep of the protected map under way (never beside an apply).
-    sweep: Option<dataplane::Sweeping>,
-    /// Applies asked for; `done` and `failed` say how far they got.
-    asked: u64,
-    done: u64,
-    failed: Option<(u64, String)>,
 }
-
-/// An apply under way: what `dataplane::Staged` has left, then the rewrite
-/// of the sessions of backends that became unusable.
-struct Job {
-    staged: Option<dataplane::Staged>,
-    rewrite: Option<dataplane::Rewrite>,
-    /// Backends that went down with this apply (their clients move).
-    newly_down: HashSet<u32>,
-    /// Backends of services that entered panic mode (their clients re-spread).
-    respread: HashSet<u32>,
-    entered: Vec<String>,
-    /// Another apply was asked for meanwhile: it starts when this one ends.
-    again: bool,
-    /// Which apply this is (`Lb::asked` when it started).
-    generation: u64,
-    started: Instant,
-}
-
-/// An apply that took longer is logged at info, with its divergent scan's share.
-const SLOW_APPLY: Duration = Duration::from_millis(100);
-
-/// Sessions an apply reads before the owner serves its mailbox again:
-/// a few batched reads, a few milliseconds.
-pub const WORK_BUDGET: usize = 16 * 1024;
 
 /// Totals of the protected-session bookkeeping, for metrics and status.
 #[derive(Debug, Default, Clone)]
@@ -201,24 +142,6 @@ pub(super) fn admin_name(admin: Admin) -> &'static str {
     }
 }
 
-/// Each backend's state in `cfg`, by name.
-fn states(cfg: &Config) -> HashMap<BackendRef, BackendState> {
-    cfg.services
-        .iter()
-        .flat_map(|s| {
-            s.backends.iter().map(|b| {
-                (
-                    BackendRef {
-                        service: s.name.clone(),
-                        backend: b.name.clone(),
-                    },
-                    b.state,
-                )
-            })
-        })
-        .collect()
-}
-
 pub(super) fn state_name(state: u8) -> &'static str {
     match state {
         BACKEND_ACTIVE => "active",
@@ -244,10 +167,10 @@ impl Lb {
         adopted: bool,
     ) -> Result<Self> {
         let dir = base.pin_path();
-        let link = bpf_obj::get(&pins::link_path(&dir)).with_context(|| {
+        let link = bpf_obj::get(&crate::pins::link_path(&dir)).with_context(|| {
             format!(
                 "opening the pinned link {}",
-                pins::link_path(&dir).display()
+                crate::pins::link_path(&dir).display()
             )
         })?;
         let mut held_maps = Vec::new();
@@ -258,38 +181,28 @@ impl Lb {
         }
         let mut lb = Lb {
             config_path,
-            effective: base.clone(),
+            writer: Writer::new(
+                maps,
+                Held {
+                    dir,
+                    lock,
+                    link,
+                    maps: held_maps,
+                    dataplane,
+                },
+                base.clone(),
+            ),
             base,
             state,
             health: BTreeMap::new(),
             panic: BTreeMap::new(),
             orphans: BTreeMap::new(),
-            maps,
-            held: Held {
-                dir,
-                lock,
-                link,
-                maps: held_maps,
-                _dataplane: dataplane,
-            },
-            service_ids: BTreeMap::new(),
-            backend_ids: HashMap::new(),
             started: Instant::now(),
             adopted,
-            dirty: None,
-            repairs: BTreeMap::new(),
-            write_failures: 0,
             sources: SourceDefaults::default(),
-            reconciles: 0,
-            protection: ProtectionStats::default(),
             hops: Hops::new(),
             cluster: super::lb_cluster::ClusterSide::default(),
             counts: Book::default(),
-            job: None,
-            sweep: None,
-            asked: 0,
-            done: 0,
-            failed: None,
         };
         lb.cluster.enabled = lb.base.cluster.is_some();
         lb.sources = SourceDefaults::detect(&lb.base);
@@ -317,9 +230,9 @@ impl Lb {
 
     /// Backends in the kernel now: (service name, address) -> (record state, record).
     pub(super) fn kernel_backends(&self) -> Result<HashMap<(String, IpAddr), lb_common::Backend>> {
-        let by_addr = self.maps.live_backends()?;
+        let by_addr = self.writer.maps().live_backends()?;
         let mut names: HashMap<u32, String> = HashMap::new();
-        for entry in self.maps.services.iter() {
+        for entry in self.writer.maps().services.iter() {
             let (key, svc) = entry.context("reading the service map")?;
             if key.port == 0 {
                 continue;
@@ -488,12 +401,13 @@ impl Lb {
     /// [`crate::announce::readiness`]): judged on what the kernel was last
     /// given, so a VIP is announced only once its backends are written.
     pub fn vip_readiness(&self) -> BTreeMap<IpAddr, crate::announce::Readiness> {
-        let mut ready = crate::announce::readiness(&self.effective.services, |service, backend| {
-            self.health_of(&BackendRef {
-                service: service.to_string(),
-                backend: backend.to_string(),
-            }) == Some(false)
-        });
+        let mut ready =
+            crate::announce::readiness(&self.writer.effective().services, |service, backend| {
+                self.health_of(&BackendRef {
+                    service: service.to_string(),
+                    backend: backend.to_string(),
+                }) == Some(false)
+            });
         if self.cluster.enabled && !self.cluster.synced {
             // Announcing before the peers' sessions are here would send their
             // clients with divergent entries to a node that does not know them.
@@ -606,13 +520,11 @@ impl Lb {
     /// walks) and the whole apply follows when the one under way is done. On
     /// failure the daemon is dirty and reconcile retries.
     pub fn apply(&mut self) -> Result<()> {
-        self.asked += 1;
-        if let Some(job) = &mut self.job {
-            job.again = true;
-            return self.write_records();
+        self.writer.ask();
+        if self.writer.applying() {
+            let (cfg, _) = self.desired(Instant::now())?;
+            return self.writer.write_records(&cfg, &self.hops);
         }
-        // A sweep clears flags an apply is about to need: it starts again later.
-        self.sweep = None;
         self.start_apply()?;
         // At lab scale the walks fit one budget: the apply is complete here.
         self.work_for(WORK_BUDGET)
@@ -620,28 +532,18 @@ impl Lb {
 
     /// Whether an apply or a sweep is under way (the owner then calls [`Lb::work`]).
     pub fn busy(&self) -> bool {
-        self.job.is_some() || self.sweep.is_some()
+        self.writer.busy()
     }
 
     /// Applies asked for so far (see [`Lb::outcome`]).
     pub fn asked(&self) -> u64 {
-        self.asked
+        self.writer.asked()
     }
 
     /// How the `generation`th apply ended: `None` while it is under way or
     /// waiting, `Err` with why if writing it failed.
     pub fn outcome(&self, generation: u64) -> Option<Result<(), String>> {
-        if self.done >= generation {
-            return Some(Ok(()));
-        }
-        if let Some((failed, why)) = &self.failed {
-            if *failed >= generation {
-                return Some(Err(why.clone()));
-            }
-        }
-        // Nothing under way and not done: superseded by a later apply that
-        // was never asked to run (cannot happen), so nothing to wait for.
-        self.job.is_none().then_some(Ok(()))
+        self.writer.outcome(generation)
     }
 
     /// Goes on with the apply under way for about `budget` sessions read;
@@ -654,85 +556,24 @@ impl Lb {
 
     /// Finishes the apply under way, however many sessions it walks.
     pub fn settle(&mut self) -> Result<()> {
-        while self.job.is_some() {
+        while self.writer.applying() {
             self.work_for(usize::MAX)?;
         }
         Ok(())
     }
 
-    /// What the apply under way is doing, if one is.
-    pub fn doing(&self) -> Option<String> {
-        let job = self.job.as_ref()?;
-        Some(match (&job.staged, &job.rewrite) {
-            (Some(staged), _) => staged.doing(),
-            (None, Some(rw)) => format!(
-                "moving the clients of unusable backends ({} sessions read)",
-                rw.seen()
-            ),
-            (None, None) => "done".into(),
-        })
-    }
-
-    /// While an apply is under way: the desired backend records now.
-    fn write_records(&mut self) -> Result<()> {
-        let (cfg, _) = self.desired(Instant::now())?;
-        let ids: BTreeMap<(String, String), u32> = self
-            .backend_ids
-            .iter()
-            .map(|(r, id)| ((r.service.clone(), r.backend.clone()), *id))
-            .collect();
-        match dataplane::write_records(&mut self.maps, &cfg, &self.hops, &ids) {
-            Ok(0) => Ok(()),
-            Ok(n) => {
-                tracing::info!(
-                    records = n,
-                    "wrote {n} backend records at once; their tables follow when the apply under way \
-                     ({}) is done",
-                    self.doing().unwrap_or_default()
-                );
-                Ok(())
-            }
-            Err(e) => {
-                self.write_failures += 1;
-                self.dirty = Some(format!("{e:#}"));
-                Err(e.context("writing backend records (reconcile will retry)"))
-            }
+    /// [`Lb::work`], with the failure returned.
+    fn work_for(&mut self, budget: usize) -> Result<()> {
+        if self.writer.work(budget)? == Progress::Again {
+            self.start_apply()?;
         }
+        Ok(())
     }
 
-    /// Steps 1 and 2 of an apply, and the bookkeeping of what it decided.
+    /// Starts an apply of the desired state now, and keeps what it decided
+    /// (panic modes, the basis of session counts, the fingerprint).
     fn start_apply(&mut self) -> Result<()> {
-        let started = Instant::now();
-        let generation = self.asked;
-        let (cfg, panic) = self.desired(started)?;
-        let before: HashMap<BackendRef, BackendState> = states(&self.effective);
-        let staged = match dataplane::prepare(&mut self.maps, &cfg, &self.hops) {
-            Ok(s) => s,
-            Err(e) => {
-                self.write_failures += 1;
-                self.dirty = Some(format!("{e:#}"));
-                self.failed = Some((generation, format!("{e:#}")));
-                return Err(e.context("writing the dataplane (reconcile will retry)"));
-            }
-        };
-        let report = staged.report();
-        self.service_ids = report.service_ids.clone();
-        self.backend_ids = report
-            .backend_ids
-            .iter()
-            .map(|((s, b), id)| {
-                (
-                    BackendRef {
-                        service: s.clone(),
-                        backend: b.clone(),
-                    },
-                    *id,
-                )
-            })
-            .collect();
-        // After the records' write: a count begun before it may miss the
-        // clients a just-drained backend drew until then.
-        self.counts.note(self.count_basis(), Instant::now());
+        let (cfg, panic) = self.desired(Instant::now())?;
         let was_panic: BTreeSet<&String> = self
             .panic
             .iter()
@@ -744,155 +585,32 @@ impl Lb {
             .filter(|(_, p)| p.active)
             .map(|(s, _)| s)
             .collect();
-        for svc in is_panic.difference(&was_panic) {
+        let entered: Vec<String> = is_panic
+            .difference(&was_panic)
+            .map(|s| (*s).clone())
+            .collect();
+        let left: Vec<String> = was_panic
+            .difference(&is_panic)
+            .map(|s| (*s).clone())
+            .collect();
+        drop((was_panic, is_panic));
+        let fingerprint = crate::cluster::fingerprint::of(&cfg);
+        self.writer.start(cfg, &self.hops, entered.clone())?;
+        for svc in &entered {
             tracing::error!(
                 service = %svc,
                 "PANIC MODE: every backend of service {svc} fails its health checks; forwarding to all of them as if healthy rather than dropping the traffic"
             );
         }
-        for svc in was_panic.difference(&is_panic) {
+        for svc in &left {
             tracing::warn!(service = %svc, "service {svc} left panic mode: its backends pass their checks again (or the grace period for the rest passed)");
         }
-        let entered: Vec<String> = is_panic
-            .difference(&was_panic)
-            .map(|s| (*s).clone())
-            .collect();
-        drop((was_panic, is_panic));
         self.panic = panic;
-        let after = states(&cfg);
-        self.cluster.fingerprint = crate::cluster::fingerprint::of(&cfg);
-        self.effective = cfg;
-        let newly_down: HashSet<u32> = after
-            .iter()
-            .filter(|(r, s)| {
-                **s == BackendState::Down
-                    && before.get(*r).is_some_and(|b| *b != BackendState::Down)
-            })
-            .filter_map(|(r, _)| self.backend_ids.get(r).copied())
-            .collect();
-        // Entering panic mode: every backend is failing, so no session is
-        // worth more than another. The failures leading here moved each
-        // dead backend's clients onto the survivors, crowding them all onto
-        // the last to fail; every session goes back to its Maglev choice
-        // over all backends, so whichever recover find their clients spread.
-        let respread: HashSet<u32> = self
-            .backend_ids
-            .iter()
-            .filter(|(r, _)| entered.contains(&r.service))
-            .map(|(_, id)| *id)
-            .collect();
-        self.job = Some(Job {
-            staged: Some(staged),
-            rewrite: None,
-            newly_down,
-            respread,
-            entered,
-            again: false,
-            generation,
-            started,
-        });
+        self.cluster.fingerprint = fingerprint;
+        // After the records' write: a count begun before it may miss the
+        // clients a just-drained backend drew until then.
+        self.counts.note(self.count_basis(), Instant::now());
         Ok(())
-    }
-
-    /// [`Lb::work`], with the failure returned.
-    fn work_for(&mut self, budget: usize) -> Result<()> {
-        let Some(mut job) = self.job.take() else {
-            return self.sweep_for(budget);
-        };
-        match self.advance(&mut job, budget) {
-            Ok(false) => {
-                self.job = Some(job);
-                Ok(())
-            }
-            Ok(true) => {
-                self.done = job.generation;
-                if self.dirty.take().is_some() {
-                    tracing::info!("the kernel matches the desired state again");
-                }
-                if job.again {
-                    self.start_apply()?;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                let why = format!("{e:#}");
-                self.write_failures += 1;
-                self.dirty = Some(why.clone());
-                self.failed = Some((self.asked, why));
-                Err(e.context("writing the dataplane (reconcile will retry)"))
-            }
-        }
-    }
-
-    /// Takes `job` on by about `budget` sessions; true once it is complete.
-    fn advance(&mut self, job: &mut Job, budget: usize) -> Result<bool> {
-        if let Some(staged) = &mut job.staged {
-            if !staged.step(&mut self.maps, budget)? {
-                return Ok(false);
-            }
-            if let Some(staged) = job.staged.take() {
-                let report = staged.into_report();
-                self.note_protection(&report);
-                if report.backends_removed > 0 || report.services_removed > 0 {
-                    tracing::info!(
-                        backends_removed = report.backends_removed,
-                        services_removed = report.services_removed,
-                        sessions_removed = report.sessions_removed,
-                        "removed from the dataplane"
-                    );
-                }
-                let took = job.started.elapsed();
-                if took >= SLOW_APPLY {
-                    // What an operator with millions of sessions wants to see.
-                    tracing::info!(
-                        tables = ?report.tables_written,
-                        took_ms = took.as_millis() as u64,
-                        scanned = report.sessions_scanned,
-                        scan_ms = report.scan_took.as_millis() as u64,
-                        "new tables live after {took:?}: the divergent scan read {} sessions in {:?} \
-                         (other work served between its chunks)",
-                        report.sessions_scanned,
-                        report.scan_took
-                    );
-                } else {
-                    tracing::debug!(
-                        tables = ?report.tables_written,
-                        backends_written = report.backends_written,
-                        took = ?took,
-                        "applied"
-                    );
-                }
-            }
-            let ids: HashSet<u32> = job.newly_down.union(&job.respread).copied().collect();
-            if !ids.is_empty() {
-                job.rewrite = Some(dataplane::Rewrite::new(&self.maps, ids)?);
-            }
-        }
-        if let Some(rw) = &mut job.rewrite {
-            if !rw.step(&mut self.maps, budget)? {
-                return Ok(false);
-            }
-            let moved = rw.moved().clone();
-            job.rewrite = None;
-            if !job.entered.is_empty() {
-                let n: u64 = job.respread.iter().filter_map(|id| moved.get(id)).sum();
-                tracing::warn!(
-                    services = ?job.entered,
-                    sessions = n,
-                    "panic mode: sessions re-spread to their Maglev choice over all backends"
-                );
-            }
-            for id in &job.newly_down {
-                let name = self.backend_name(*id);
-                tracing::info!(
-                    backend = %name,
-                    moved = moved.get(id).copied().unwrap_or(0),
-                    took = ?job.started.elapsed(),
-                    "moved the clients of {name} to their Maglev choice"
-                );
-            }
-        }
-        Ok(true)
     }
 
     /// Compares the kernel with the desired state and repairs what differs:
@@ -900,250 +618,32 @@ impl Lb {
     /// write that failed earlier (retried), and records or tables someone
     /// else changed. Returns the number of repairs.
     pub fn reconcile(&mut self) -> Result<u64> {
-        let mut fixed = self.repair_pins()?;
-        if self.job.is_some() {
+        let mut fixed = self.writer.repair_pins()?;
+        if self.writer.applying() {
             // The apply under way writes the desired state; compared after it.
             return Ok(fixed);
         }
-        // What a sweep under way read may be stale after this apply.
-        self.sweep = None;
-        if let Some(why) = self.dirty.clone() {
+        if let Some(why) = self.writer.dirty().map(str::to_owned) {
             tracing::info!("retrying the write that failed: {why}");
             self.apply()?;
-            self.count_repair("retried_write", 1);
+            self.writer.count_repair("retried_write", 1);
             fixed += 1;
         } else {
-            // apply trusts its memory of what each table slot holds; now and then
-            // re-read the tables, so slots rewritten behind our back are found too.
-            self.reconciles += 1;
-            // One service's tables a reconcile (about 28 ms each), in turn: a
-            // table rewritten by someone else is found within one round of
-            // the services, and the owner never stops for all of them at once
-            // (seconds at 256 services).
-            let ids: Vec<u32> = self.service_ids.values().copied().collect();
-            if !ids.is_empty() {
-                let turn = usize::try_from(self.reconciles).unwrap_or(0) % ids.len();
-                self.maps.forget_table(ids[turn]);
-            }
-            let report = match dataplane::apply_with(&mut self.maps, &self.effective, &self.hops) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.write_failures += 1;
-                    self.dirty = Some(format!("{e:#}"));
-                    return Err(e.context("reconcile: writing the dataplane"));
-                }
-            };
-            self.note_protection(&report);
-            let found = [
-                ("backend", report.backends_written as u64),
-                ("table", report.tables_written.len() as u64),
-                ("service", report.services_written as u64),
-                (
-                    "stale",
-                    (report.backends_removed + report.services_removed) as u64,
-                ),
-            ];
-            for (what, n) in found {
-                if n > 0 {
-                    tracing::warn!(
-                        repaired = n,
-                        "reconcile: {n} {what} entries in the kernel differed from the desired state \
-                         (written by another program?) and were rewritten"
-                    );
-                    self.count_repair(what, n);
-                    fixed += n;
-                }
-            }
+            fixed += self.writer.compare(&self.hops)?;
         }
-        self.start_sweep()?;
+        self.writer.start_sweep()?;
         Ok(fixed)
-    }
-
-    /// Accounts for (and logs) what an apply did to protect sessions.
-    fn note_protection(&mut self, report: &dataplane::ApplyReport) {
-        let Some(p) = &report.protection else {
-            return;
-        };
-        let stats = &mut self.protection;
-        stats.kept += p.kept as u64;
-        stats.released += p.released as u64;
-        stats.overflow += p.overflow as u64;
-        stats.per_service = p.per_service.clone();
-        if p.kept > 0 || p.released > 0 {
-            tracing::info!(
-                services = ?report.tables_written,
-                protected = p.kept,
-                released = p.released,
-                total_protected = p.per_service.values().sum::<usize>(),
-                "new Maglev tables: protected the sessions they would move (their backend \
-                 differs from the new answer), released those they no longer move"
-            );
-        }
-    }
-
-    /// Starts a sweep of the protected sessions (expired, or backend gone;
-    /// services left without any lose their protected flag), which
-    /// [`Lb::work`] runs a chunk at a time; one under way is left to go on.
-    fn start_sweep(&mut self) -> Result<()> {
-        if self.sweep.is_some() || self.job.is_some() {
-            // Never beside an apply: the next reconcile sweeps.
-            return Ok(());
-        }
-        let mut records = Vec::new();
-        for entry in self.maps.services.iter() {
-            let (key, svc) = entry.context("reading the service map")?;
-            if key.port != 0 {
-                records.push((key, svc));
-            }
-        }
-        let backends = self.maps.backend_records()?;
-        self.sweep = Some(dataplane::Sweeping::new(records, backends, monotonic_ns()));
-        Ok(())
-    }
-
-    /// Takes the sweep under way on by about `budget` protected sessions.
-    fn sweep_for(&mut self, budget: usize) -> Result<()> {
-        let Some(mut run) = self.sweep.take() else {
-            return Ok(());
-        };
-        if !run
-            .step(&mut self.maps, budget)
-            .context("sweeping the protected session map")?
-        {
-            self.sweep = Some(run);
-            return Ok(());
-        }
-        let sweep = run
-            .finish(&mut self.maps)
-            .context("sweeping the protected session map")?;
-        if sweep.deleted > 0 || !sweep.cleared.is_empty() {
-            tracing::info!(
-                deleted = sweep.deleted,
-                services_without_protected = sweep.cleared.len(),
-                "swept protected sessions that expired or lost their backend"
-            );
-        }
-        self.protection.swept += sweep.deleted as u64;
-        self.protection.per_service = sweep.per_service;
-        Ok(())
-    }
-
-    fn count_repair(&mut self, what: &'static str, n: u64) {
-        *self.repairs.entry(what).or_default() += n;
-    }
-
-    /// Re-creates the pin directory, its lock, and the pins of the link and
-    /// maps from this daemon's own descriptors. Without the link pin the
-    /// program would be detached when the daemon exits.
-    fn repair_pins(&mut self) -> Result<u64> {
-        let dir = self.held.dir.clone();
-        let mut fixed = 0;
-        if !dir.exists() {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("re-creating pin directory {}", dir.display()))?;
-            tracing::warn!(dir = %dir.display(), "reconcile: the pin directory was removed; re-created it");
-            self.count_repair("pin_dir", 1);
-            fixed += 1;
-        }
-        if !self.held.lock.still_current() {
-            match PinLock::acquire(&dir) {
-                Ok(lock) => self.held.lock = lock,
-                Err(e) => tracing::error!("reconcile: re-locking {}: {e:#}", dir.display()),
-            }
-        }
-        let mut objects: Vec<(String, &OwnedFd)> =
-            vec![(pins::LINK_PIN.to_string(), &self.held.link)];
-        objects.extend(self.held.maps.iter().map(|(n, fd)| (n.to_string(), fd)));
-        let mut repinned = Vec::new();
-        for (name, fd) in objects {
-            let path = dir.join(&name);
-            match bpf_obj::check(fd.as_fd(), &path)
-                .with_context(|| format!("checking pin {}", path.display()))?
-            {
-                PinCheck::Ours => {}
-                PinCheck::Missing => {
-                    bpf_obj::pin(fd.as_fd(), &path)
-                        .with_context(|| format!("re-pinning {}", path.display()))?;
-                    tracing::warn!(pin = %path.display(), "reconcile: pin was removed; re-pinned it from the daemon's descriptor");
-                    repinned.push(name);
-                }
-                PinCheck::Other(id) => {
-                    tracing::error!(
-                        pin = %path.display(),
-                        "reconcile: {} holds another object (id {id}), not this daemon's; leaving it",
-                        path.display()
-                    );
-                }
-            }
-        }
-        for name in &repinned {
-            self.count_repair(
-                if name == pins::LINK_PIN {
-                    "link_pin"
-                } else {
-                    "map_pin"
-                },
-                1,
-            );
-        }
-        Ok(fixed + repinned.len() as u64)
     }
 
     /// Before exiting: make sure the link stays pinned, so the dataplane
     /// keeps forwarding without the daemon.
     pub fn shutdown(&mut self) {
-        match self.repair_pins() {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!("re-created {n} missing pins before exiting"),
-            Err(e) => tracing::error!(
-                "could not make sure the XDP link stays pinned ({e:#}); the program may be detached when this process exits"
-            ),
-        }
+        self.writer.shutdown();
     }
 
-    /// Whether the last write to the kernel failed (reconcile should come soon).
-    pub fn is_dirty(&self) -> bool {
-        self.dirty.is_some()
-    }
-
-    /// Repairs made by reconcile, by what.
-    pub fn repairs(&self) -> &BTreeMap<&'static str, u64> {
-        &self.repairs
-    }
-
-    /// Writes to the kernel that failed since start.
-    pub fn write_failures(&self) -> u64 {
-        self.write_failures
-    }
-
-    pub(super) fn backend_name(&self, id: u32) -> String {
-        self.backend_ids
-            .iter()
-            .find(|(_, v)| **v == id)
-            .map(|(r, _)| r.to_string())
-            .unwrap_or_else(|| format!("#{id}"))
-    }
-
-    /// Service records by service id (port-0 fragment entries of older builds left out).
-    pub(super) fn service_records(&self) -> Result<HashMap<u32, Service>> {
-        let mut out = HashMap::new();
-        for entry in self.maps.services.iter() {
-            let (key, svc) = entry.context("reading the service map")?;
-            if key.port != 0 {
-                out.insert(svc.id, svc);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The live Maglev table's answer for a masked client.
-    pub(super) fn maglev_choice(&self, record: &Service, masked: &[u32; 4]) -> Result<u32> {
-        let slot = maglev::slot(masked, record.table_size);
-        let base = record.maglev_base[(record.active_slot & 1) as usize];
-        self.maps
-            .maglev
-            .get(&(base + slot), 0)
-            .context("reading the Maglev table")
+    /// The one writer of the pinned maps (ids, repairs, protection totals).
+    pub fn writer(&self) -> &Writer {
+        &self.writer
     }
 
     /// The session counts, as the counter thread last sent them.
@@ -1178,7 +678,8 @@ impl Lb {
     /// What counts are judged against (see [`Basis`]).
     fn count_basis(&self) -> Basis {
         let mut ids: Vec<(BackendRef, u32)> = self
-            .backend_ids
+            .writer
+            .backend_ids()
             .iter()
             .map(|(r, id)| (r.clone(), *id))
             .collect();
@@ -1270,7 +771,7 @@ impl Lb {
             let counts = self.counts.valid();
             let mut finished = Vec::new();
             for (r, deadline) in draining {
-                let Some(id) = self.backend_ids.get(&r) else {
+                let Some(id) = self.writer.backend_ids().get(&r) else {
                     continue;
                 };
                 let left = counts.map(|c| c.of(*id));
@@ -1294,7 +795,7 @@ impl Lb {
                 self.state = new;
                 changed = true;
             }
-            let ids = &self.backend_ids;
+            let ids = self.writer.backend_ids();
             let counts = self.counts.valid();
             for (service, list) in &mut self.orphans {
                 list.retain(|b| {
@@ -1342,7 +843,8 @@ impl Lb {
 
     /// Backends of every service currently in effect.
     fn backend_count(&self) -> usize {
-        self.effective
+        self.writer
+            .effective()
             .services
             .iter()
             .map(|s| s.backends.len())
@@ -1364,7 +866,11 @@ impl Lb {
 
     /// Service `name` as currently in effect (config plus runtime changes).
     pub(super) fn effective_service(&self, name: &str) -> Option<&crate::config::ServiceConfig> {
-        self.effective.services.iter().find(|s| s.name == name)
+        self.writer
+            .effective()
+            .services
+            .iter()
+            .find(|s| s.name == name)
     }
 
     /// Like [`Self::effective_service`], failing with a message naming it.
@@ -1650,7 +1156,7 @@ impl Lb {
         Ok(format!(
             "reloaded {}: {} services, {} backends",
             self.config_path.display(),
-            self.effective.services.len(),
+            self.writer.effective().services.len(),
             self.backend_count()
         ))
     }
@@ -1660,24 +1166,7 @@ impl Lb {
         // An apply under way may be about to protect sessions flushed here.
         self.settle()?;
         let (sid, bids) = self.id_filters(service, backend)?;
-        let mut n = 0;
-        for protected in [false, true] {
-            let mut cursor = crate::bpf_batch::HashCursor::new();
-            while let Some(chunk) = cursor.next_chunk(self.maps.session_map(protected))? {
-                let doomed: Vec<AffinityKey> = chunk
-                    .into_iter()
-                    .filter(|(key, value)| {
-                        sid.is_none_or(|id| key.service_id == id)
-                            && bids
-                                .as_ref()
-                                .is_none_or(|ids| ids.contains(&value.backend_id))
-                    })
-                    .map(|(key, _)| key)
-                    .collect();
-                n += crate::bpf_batch::delete_keys(self.maps.session_map(protected), &doomed)
-                    .context("deleting sessions")?;
-            }
-        }
+        let n = self.writer.flush(sid, bids.as_ref())?;
         tracing::info!(sessions = n, "flushed sessions");
         Ok(format!("flushed {n} sessions"))
     }

@@ -105,7 +105,8 @@ impl Lb {
 
     /// Backend names by this node's ids.
     fn backend_names(&self) -> HashMap<u32, &str> {
-        self.backend_ids
+        self.writer
+            .backend_ids()
             .iter()
             .map(|(r, id)| (*id, r.backend.as_str()))
             .collect()
@@ -120,7 +121,8 @@ impl Lb {
             .collect();
         let mut draining = BTreeMap::new();
         let names: Vec<(BackendRef, u32)> = self
-            .backend_ids
+            .writer
+            .backend_ids()
             .iter()
             .filter(|(r, _)| {
                 self.state
@@ -207,7 +209,7 @@ impl Lb {
         let mut tables: HashMap<u32, (Vec<u32>, u64, String)> = HashMap::new();
         let mut usable: HashSet<u32> = HashSet::new();
         for svc in &cfg.services {
-            let Some(&sid) = self.service_ids.get(&svc.name) else {
+            let Some(&sid) = self.writer.service_ids().get(&svc.name) else {
                 continue;
             };
             let mut ids = Vec::with_capacity(svc.backends.len());
@@ -216,7 +218,7 @@ impl Lb {
                     service: svc.name.clone(),
                     backend: b.name.clone(),
                 };
-                match self.backend_ids.get(&r) {
+                match self.writer.backend_ids().get(&r) {
                     Some(id) => {
                         if matches!(b.state, BackendState::Active | BackendState::Draining) {
                             usable.insert(*id);
@@ -234,7 +236,7 @@ impl Lb {
         let now = monotonic_ns();
         let mut out = Vec::new();
         let mut sent = Vec::new();
-        self.maps.visit_sessions(|key, value, protected| {
+        self.writer.maps().visit_sessions(|key, value, protected| {
             // Protected sessions were replicated when they became divergent
             // (or in a full sync): only the LRU holds news.
             if protected {
@@ -301,7 +303,8 @@ impl Lb {
         let now = monotonic_ns();
         let mut t = ImportTotals::default();
         let usable: HashMap<(&str, &str), BackendState> = self
-            .effective
+            .writer
+            .effective()
             .services
             .iter()
             .flat_map(|s| {
@@ -311,7 +314,8 @@ impl Lb {
             })
             .collect();
         let timeouts: HashMap<&str, u64> = self
-            .effective
+            .writer
+            .effective()
             .services
             .iter()
             .map(|s| (s.name.as_str(), s.affinity_timeout_ns()))
@@ -320,7 +324,7 @@ impl Lb {
         let mut writes: Vec<(AffinityKey, Affinity, bool)> = Vec::new();
         for e in entries {
             let (Some(&sid), Some(state), Some(&timeout)) = (
-                self.service_ids.get(&e.service),
+                self.writer.service_ids().get(&e.service),
                 usable.get(&(e.service.as_str(), e.backend.as_str())),
                 timeouts.get(e.service.as_str()),
             ) else {
@@ -331,7 +335,7 @@ impl Lb {
                 service: e.service.clone(),
                 backend: e.backend.clone(),
             };
-            let Some(&bid) = self.backend_ids.get(&r) else {
+            let Some(&bid) = self.writer.backend_ids().get(&r) else {
                 t.unknown += 1;
                 continue;
             };
@@ -350,7 +354,7 @@ impl Lb {
                 _pad: 0,
                 last_seen_ns: now.saturating_sub(age_ns),
             };
-            match self.maps.session(&key) {
+            match self.writer.maps().session(&key) {
                 Some((mine, protected)) if mine.backend_id == bid => {
                     t.same += 1;
                     // Ages travel in whole milliseconds and take time to arrive, so a
@@ -379,7 +383,7 @@ impl Lb {
             flagged.insert(sid);
         }
         for (key, value, drop_lru) in writes {
-            match self.maps.protected.insert(key, value, 0) {
+            match self.writer.maps_mut().protected.insert(key, value, 0) {
                 Ok(()) => {
                     t.imported += 1;
                     // Written by a peer, not seen here: not this node's to refresh.
@@ -394,7 +398,7 @@ impl Lb {
                 Err(e) => return Err(e).context("writing a replicated session"),
             }
             if drop_lru {
-                match self.maps.affinity.remove(&key) {
+                match self.writer.maps_mut().affinity.remove(&key) {
                     Ok(()) => {}
                     Err(MapError::SyscallError(e))
                         if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
@@ -428,7 +432,7 @@ impl Lb {
             return Ok(());
         }
         let mut records = Vec::new();
-        for entry in self.maps.services.iter() {
+        for entry in self.writer.maps().services.iter() {
             let (key, mut svc) = entry.context("reading the service map")?;
             if ids.contains(&svc.id) && svc.flags & SERVICE_F_PROTECTED == 0 && key.port != 0 {
                 svc.flags |= SERVICE_F_PROTECTED;
@@ -436,7 +440,8 @@ impl Lb {
             }
         }
         for (key, svc) in records {
-            self.maps
+            self.writer
+                .maps_mut()
                 .services
                 .insert(key, svc, 0)
                 .context("flagging a service as having protected sessions")?;
@@ -448,13 +453,19 @@ impl Lb {
     /// those seen since the last refresh (`changed_only`), so peers' copies
     /// do not expire while the client still uses this node.
     pub fn replicable(&mut self, changed_only: bool) -> Result<Vec<WireSession>> {
-        let entries = crate::bpf_batch::read_hash(&self.maps.protected)
+        let entries = crate::bpf_batch::read_hash(&self.writer.maps().protected)
             .context("reading the protected session map")?;
         let services: HashMap<u32, (&str, u64)> = self
-            .service_ids
+            .writer
+            .service_ids()
             .iter()
             .filter_map(|(name, id)| {
-                let svc = self.effective.services.iter().find(|s| s.name == *name)?;
+                let svc = self
+                    .writer
+                    .effective()
+                    .services
+                    .iter()
+                    .find(|s| s.name == *name)?;
                 Some((*id, (name.as_str(), svc.affinity_timeout_ns())))
             })
             .collect();

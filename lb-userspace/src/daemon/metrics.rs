@@ -194,7 +194,7 @@ impl Metrics {
             "New clients forwarded by their Maglev answer without a session: the service's per-CPU admission budget (affinity_admit_rate) was spent",
             skipped,
         );
-        let p = &lb.protection;
+        let p = lb.writer().protection();
         let kept = Counter::<u64>::default();
         kept.inc_by(p.kept);
         reg.register(
@@ -346,7 +346,7 @@ impl Metrics {
         );
 
         let repairs = Family::<Labels, Counter>::default();
-        for (what, n) in lb.repairs() {
+        for (what, n) in lb.writer().repairs() {
             repairs
                 .get_or_create(&vec![("what".to_string(), (*what).to_string())])
                 .inc_by(*n);
@@ -357,14 +357,14 @@ impl Metrics {
             repairs,
         );
         let write_failures = Counter::<u64>::default();
-        write_failures.inc_by(lb.write_failures());
+        write_failures.inc_by(lb.writer().write_failures());
         reg.register(
             "dataplane_write_failures",
             "Writes to the kernel that failed (each is retried by reconcile)",
             write_failures,
         );
         let in_sync = Gauge::<i64>::default();
-        in_sync.set(i64::from(!lb.is_dirty()));
+        in_sync.set(i64::from(lb.writer().dirty().is_none()));
         reg.register(
             "dataplane_in_sync",
             "1 when the kernel holds the desired state, 0 while a failed write waits for its retry",

@@ -30,10 +30,12 @@ mod lb_cluster;
 pub mod metrics;
 pub mod nexthops;
 pub mod owner;
+mod pin_guard;
 pub mod source;
 pub mod state;
 mod tunnel_check;
 pub mod views;
+pub mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -364,11 +364,6 @@ fn run(
         };
         match next {
             Ok(Msg::Shutdown(done)) => {
-                if let Some(doing) = lb.doing() {
-                    tracing::warn!(
-                        "exiting with an apply under way ({doing}): the next start finishes it"
-                    );
-                }
                 lb.shutdown();
                 let _ = done.send(());
                 return;
@@ -475,7 +470,7 @@ fn run(
             }
             next_tick = now + TICK;
         }
-        if lb.is_dirty() {
+        if lb.writer().dirty().is_some() {
             next_reconcile = next_reconcile.min(now + retry);
         }
         if now >= next_reconcile {

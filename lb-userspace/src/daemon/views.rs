@@ -21,13 +21,15 @@ impl Lb {
     /// `xlb status`.
     pub fn status(&self) -> Result<StatusInfo> {
         let backends: usize = self
-            .effective
+            .writer
+            .effective()
             .services
             .iter()
             .map(|s| s.backends.len())
             .sum();
         let up = self
-            .effective
+            .writer
+            .effective()
             .services
             .iter()
             .flat_map(|s| &s.backends)
@@ -44,7 +46,7 @@ impl Lb {
             interface: self.base.interface.clone(),
             pins: self.base.pin_path().display().to_string(),
             adopted: self.adopted,
-            services: self.effective.services.len(),
+            services: self.writer.effective().services.len(),
             backends,
             backends_up: up,
             panic_services: self
@@ -56,21 +58,27 @@ impl Lb {
             sessions: counted.map_or(0, |c| c.sessions),
             protected_sessions: counted.map_or(0, |c| c.protected),
             sessions_counted_ms_ago: counted.map(|c| c.age_ms()),
-            in_sync: self.dirty.is_none(),
-            last_write_error: self.dirty.clone(),
-            reconcile_repairs: self.repairs.values().sum(),
+            in_sync: self.writer.dirty().is_none(),
+            last_write_error: self.writer.dirty().map(str::to_owned),
+            reconcile_repairs: self.writer.repairs().values().sum(),
             fingerprint: self.cluster.fingerprint.clone(),
         })
     }
 
     /// `xlb service list`.
     pub fn services(&self) -> Vec<ServiceInfo> {
-        self.effective
+        self.writer
+            .effective()
             .services
             .iter()
             .map(|s| ServiceInfo {
                 name: s.name.clone(),
-                id: self.service_ids.get(&s.name).copied().unwrap_or(u32::MAX),
+                id: self
+                    .writer
+                    .service_ids()
+                    .get(&s.name)
+                    .copied()
+                    .unwrap_or(u32::MAX),
                 vip: s.vip,
                 port: s.port,
                 protocol: s.protocol.to_string(),
@@ -103,7 +111,13 @@ impl Lb {
     /// `xlb backend list`.
     pub fn backends(&self, service: Option<&str>) -> Result<Vec<BackendInfo>> {
         if let Some(name) = service {
-            if !self.effective.services.iter().any(|s| s.name == name) {
+            if !self
+                .writer
+                .effective()
+                .services
+                .iter()
+                .any(|s| s.name == name)
+            {
                 bail!("no service named {name:?}");
             }
         }
@@ -112,7 +126,7 @@ impl Lb {
         // Admin comes from the configured state: `effective` already holds the derived kernel state.
         let configured = self.effective_config()?;
         let mut out = Vec::new();
-        for svc in &self.effective.services {
+        for svc in &self.writer.effective().services {
             if service.is_some_and(|n| n != svc.name) {
                 continue;
             }
@@ -127,7 +141,12 @@ impl Lb {
                     .find(|s| s.name == svc.name)
                     .and_then(|s| s.backends.iter().find(|b| b.name == be.name));
                 let d = self.derived(&svc.name, as_configured.unwrap_or(be));
-                let id = self.backend_ids.get(&r).copied().unwrap_or(u32::MAX);
+                let id = self
+                    .writer
+                    .backend_ids()
+                    .get(&r)
+                    .copied()
+                    .unwrap_or(u32::MAX);
                 let health = self.health.get(&r);
                 out.push(BackendInfo {
                     service: svc.name.clone(),
@@ -145,7 +164,8 @@ impl Lb {
                     .to_string(),
                     // What the kernel really holds, not what this daemon meant to write.
                     state: self
-                        .maps
+                        .writer
+                        .maps()
                         .backends
                         .get(&id, 0)
                         .map_or("unknown", |k| state_name(k.state))
@@ -172,7 +192,8 @@ impl Lb {
         let sid = match service {
             Some(name) => Some(
                 *self
-                    .service_ids
+                    .writer
+                    .service_ids()
                     .get(name)
                     .with_context(|| format!("no service named {name:?}"))?,
             ),
@@ -181,7 +202,8 @@ impl Lb {
         let bids = match backend {
             Some(name) => {
                 let ids: HashSet<u32> = self
-                    .backend_ids
+                    .writer
+                    .backend_ids()
                     .iter()
                     .filter(|(r, _)| r.backend == name && service.is_none_or(|s| r.service == s))
                     .map(|(_, id)| *id)
@@ -203,11 +225,19 @@ impl Lb {
         backend: Option<&str>,
     ) -> Result<Vec<SessionInfo>> {
         let (sid, bids) = self.id_filters(service, backend)?;
-        let names: HashMap<u32, &BackendRef> =
-            self.backend_ids.iter().map(|(r, id)| (*id, r)).collect();
-        let svc_names: HashMap<u32, &String> =
-            self.service_ids.iter().map(|(n, id)| (*id, n)).collect();
-        let list = crate::sessions::list(&self.maps)?;
+        let names: HashMap<u32, &BackendRef> = self
+            .writer
+            .backend_ids()
+            .iter()
+            .map(|(r, id)| (*id, r))
+            .collect();
+        let svc_names: HashMap<u32, &String> = self
+            .writer
+            .service_ids()
+            .iter()
+            .map(|(n, id)| (*id, n))
+            .collect();
+        let list = crate::sessions::list(self.writer.maps())?;
         Ok(list
             .into_iter()
             .filter(|s| sid.is_none_or(|id| s.service_id == id))
@@ -230,17 +260,22 @@ impl Lb {
 
     /// `xlb sessions where`.
     pub fn where_is(&self, client: IpAddr, service: Option<&str>) -> Result<Vec<WhereInfo>> {
-        let records = self.service_records()?;
-        let names: HashMap<u32, &BackendRef> =
-            self.backend_ids.iter().map(|(r, id)| (*id, r)).collect();
+        let records = self.writer.service_records()?;
+        let names: HashMap<u32, &BackendRef> = self
+            .writer
+            .backend_ids()
+            .iter()
+            .map(|(r, id)| (*id, r))
+            .collect();
         let mut out = Vec::new();
         let now = monotonic_ns();
-        for svc in &self.effective.services {
+        for svc in &self.writer.effective().services {
             if service.is_some_and(|n| n != svc.name) || svc.vip.is_ipv4() != client.is_ipv4() {
                 continue;
             }
             let Some(record) = self
-                .service_ids
+                .writer
+                .service_ids()
                 .get(&svc.name)
                 .and_then(|id| records.get(id))
             else {
@@ -256,8 +291,8 @@ impl Lb {
                 service_id: record.id,
                 addr: masked,
             };
-            let maglev = self.maglev_choice(record, &masked)?;
-            let (id, source, idle_ms, expired, protected) = match self.maps.session(&key) {
+            let maglev = self.writer.maglev_choice(record, &masked)?;
+            let (id, source, idle_ms, expired, protected) = match self.writer.maps().session(&key) {
                 Some((v, protected)) => {
                     let idle = now.saturating_sub(v.last_seen_ns);
                     (
@@ -278,7 +313,8 @@ impl Lb {
                 })
             };
             let address = |id: u32| {
-                self.maps
+                self.writer
+                    .maps()
                     .backends
                     .get(&id, 0)
                     .ok()
@@ -309,10 +345,14 @@ impl Lb {
 
     /// `xlb stats`.
     pub fn stats(&self) -> Result<stats::Snapshot> {
-        let mut snap = stats::snapshot(&self.maps)?;
+        let mut snap = stats::snapshot(self.writer.maps())?;
         snap.name(
-            self.service_ids.iter().map(|(n, id)| (*id, n.clone())),
-            self.backend_ids
+            self.writer
+                .service_ids()
+                .iter()
+                .map(|(n, id)| (*id, n.clone())),
+            self.writer
+                .backend_ids()
                 .iter()
                 .map(|(r, id)| (*id, r.service.clone(), r.backend.clone())),
         );
