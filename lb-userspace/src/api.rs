@@ -167,12 +167,88 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
     serde_json::from_value(value).map_err(|e| format!("bad request for op \"{op}\": {e}"))
 }
 
+/// Why a request failed: a stable kind for scripts, a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// What kind of failure (stable names, in `--json` output).
+    pub kind: FailureKind,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// The kinds of [`Failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The request itself is wrong (unknown op or field, a bad value): nothing changed.
+    Invalid,
+    /// It names a service or backend that does not exist: nothing changed.
+    NotFound,
+    /// The daemon cannot take it now (its connection cap): try again.
+    Busy,
+    /// It was refused or rolled back (the state file or the kernel refused it): nothing changed.
+    NotApplied,
+    /// It was recorded, but it did not reach the kernel or the cluster in time, or
+    /// only in part: the daemon retries; `xlb status` says where it stands.
+    UnknownOutcome,
+    /// The daemon is shutting down.
+    ShuttingDown,
+    /// No daemon answers on the socket (said by the CLI, not the daemon).
+    Unavailable,
+    /// A read failed (the kernel refused a map read, ...).
+    Failed,
+}
+
+impl FailureKind {
+    /// Its name, as in `--json` output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::NotFound => "not_found",
+            Self::Busy => "busy",
+            Self::NotApplied => "not_applied",
+            Self::UnknownOutcome => "unknown_outcome",
+            Self::ShuttingDown => "shutting_down",
+            Self::Unavailable => "unavailable",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+impl Failure {
+    /// A failure of `kind`.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The kind an error chain carries (a [`Failure`] in it), else `default`,
+    /// with the whole chain as the message.
+    pub fn of(e: &anyhow::Error, default: FailureKind) -> Self {
+        let kind = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<Failure>().map(|f| f.kind))
+            .unwrap_or(default);
+        Self::new(kind, format!("{e:#}"))
+    }
+}
+
 /// The daemon's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "data", rename_all = "snake_case")]
 pub enum Response {
-    /// The request failed; nothing was changed.
-    Error(String),
+    /// The request failed (see [`FailureKind`] for what changed).
+    Error(Failure),
     /// A change was made; what happened, for people.
     Done(String),
     /// Answer to `Status`.
@@ -189,6 +265,13 @@ pub enum Response {
     Stats(crate::stats::Snapshot),
     /// Answer to `ClusterStatus`.
     Cluster(ClusterInfo),
+}
+
+impl Response {
+    /// A failure of `kind`.
+    pub fn error(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self::Error(Failure::new(kind, message))
+    }
 }
 
 /// `xlb cluster status`: this node, its peers and the replication totals.
@@ -431,10 +514,14 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            bail!(
-                "no xlb daemon is running (nothing listens on {}; start one with `xlb daemon --config FILE`)",
-                socket.display()
+            return Err(Failure::new(
+                FailureKind::Unavailable,
+                format!(
+                    "no xlb daemon is running (nothing listens on {}; start one with `xlb daemon --config FILE`)",
+                    socket.display()
+                ),
             )
+            .into());
         }
         Err(e) => {
             return Err(e).with_context(|| format!("connecting to {}", socket.display()));
@@ -459,6 +546,51 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
         bail!("the daemon closed the connection without answering");
     }
     serde_json::from_str(&answer).context("decoding the daemon's answer")
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_keeps_its_kind_through_context_and_on_the_wire() {
+        let e = anyhow::Error::new(Failure::new(
+            FailureKind::NotFound,
+            "no service named \"x\"",
+        ))
+        .context("sessions list");
+        let f = Failure::of(&e, FailureKind::Failed);
+        assert_eq!(f.kind, FailureKind::NotFound);
+        assert_eq!(f.message, "sessions list: no service named \"x\"");
+        // Nothing typed in the chain: the caller's default.
+        let plain = anyhow::anyhow!("the state file could not be written");
+        assert_eq!(
+            Failure::of(&plain, FailureKind::NotApplied).kind,
+            FailureKind::NotApplied
+        );
+        let wire = serde_json::to_string(&Response::Error(f)).expect("encode");
+        assert_eq!(
+            wire,
+            r#"{"kind":"error","data":{"kind":"not_found","message":"sessions list: no service named \"x\""}}"#
+        );
+        for kind in [
+            FailureKind::Invalid,
+            FailureKind::NotFound,
+            FailureKind::Busy,
+            FailureKind::NotApplied,
+            FailureKind::UnknownOutcome,
+            FailureKind::ShuttingDown,
+            FailureKind::Unavailable,
+            FailureKind::Failed,
+        ] {
+            let on_wire = serde_json::to_value(kind).expect("encode");
+            assert_eq!(
+                on_wire,
+                kind.name(),
+                "the name scripts see is the one on the wire"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

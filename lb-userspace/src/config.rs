@@ -45,7 +45,7 @@
 //! protocol = "tcp"                # required, "tcp" | "udp"
 //! affinity_prefix_v4 = 32         # default 32, 0..=32
 //! affinity_prefix_v6 = 128        # default 128, 0..=128
-//! affinity_timeout = "300s"       # default "300s"; > 0 and <= 30 days
+//! affinity_timeout = "300s"       # default "300s"; 100ms..=30 days
 //! affinity_admit_rate = 16384     # default max(affinity_max_entries / 16, 10000); new sessions per second
 //!                                 # per CPU this service may add to the affinity map (above it,
 //!                                 # new clients get their Maglev answer without an entry);
@@ -73,7 +73,7 @@
 //!                                 # services, kinds "tcp"/"udp": the probe goes IP-in-IP to the backend,
 //!                                 # addressed to vip:port, proving the backend accepts VIP traffic)
 //! interval = "2s"                 # default "2s" (HAProxy `inter`); 100ms..=1h; checks are spread over it
-//! timeout = "1s"                  # default "1s" (capped at interval); > 0 and <= interval
+//! timeout = "1s"                  # default "1s" (capped at interval); 10ms..=interval
 //! rise = 2                        # default 2: consecutive successes that bring a down backend up; 1..=100
 //! fall = 3                        # default 3: consecutive failures that take an up backend down; 1..=100
 //! http_path = "/"                 # kind "http" only; default "/"; must start with '/'
@@ -103,6 +103,11 @@ pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MAX_AFFINITY_ENTRIES: u32 = 100_000_000;
 /// Longest `affinity_timeout`.
 pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Shortest `affinity_timeout`: below it sessions expire between a client's
+/// packets, which is a typo ("300ns" for "300s"), not a policy.
+pub const MIN_AFFINITY_TIMEOUT: Duration = Duration::from_millis(100);
+/// Shortest health-check `timeout`: below it every check fails.
+pub const MIN_HEALTH_TIMEOUT: Duration = Duration::from_millis(10);
 
 /// Default health-check interval (HAProxy's `inter`).
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -1224,11 +1229,12 @@ fn validate_health(
         raw.timeout.clone(),
         DEFAULT_HEALTH_TIMEOUT.min(interval),
     )?;
-    if timeout.is_zero() || timeout > interval {
+    if timeout < MIN_HEALTH_TIMEOUT || timeout > interval {
         bail!(
-            "{path}.timeout: {timeout:?} must be more than 0 and at most the interval ({interval:?})"
+            "{path}.timeout: {timeout:?} must be at least {MIN_HEALTH_TIMEOUT:?} and at most the interval ({interval:?})"
         );
     }
+
     let rise = int(
         &format!("{path}.rise"),
         raw.rise,
@@ -1298,6 +1304,12 @@ fn validate_timeout(path: &str, text: &str) -> Result<Duration> {
     }
     if timeout > MAX_AFFINITY_TIMEOUT {
         bail!("{path}: {text:?} is longer than 30 days");
+    }
+    if timeout < MIN_AFFINITY_TIMEOUT {
+        bail!(
+            "{path}: {text:?} is shorter than {}: sessions would expire between a client's packets",
+            humantime::format_duration(MIN_AFFINITY_TIMEOUT)
+        );
     }
     Ok(timeout)
 }
@@ -1640,6 +1652,10 @@ mac = "02:00:00:00:00:21"
         rejects(
             &extra("affinity_timeout = \"0s\""),
             &["service[0] (\"web\").affinity_timeout: \"0s\" is zero"],
+        );
+        rejects(
+            &extra("affinity_timeout = \"300ns\""),
+            &["service[0] (\"web\").affinity_timeout: \"300ns\" is shorter than 100ms"],
         );
         rejects(
             &extra("affinity_timeout = \"31days\""),
@@ -2084,6 +2100,7 @@ mod health_tests {
         assert!(e("rise = 0").contains("health.rise: 0 is out of range 1..=100"));
         assert!(e("interval = \"10ms\"").contains("health.interval"));
         assert!(e("timeout = \"3s\"").contains("health.timeout"));
+        assert!(e("timeout = \"1ns\"").contains("health.timeout: 1ns must be at least 10ms"));
         assert!(
             e("http_path = \"/x\"").contains("health.http_path: only valid with kind = \"http\"")
         );

@@ -24,10 +24,19 @@ fn main() {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
+    let json = cli.json;
     if let Err(e) = cli::dispatch(cli) {
         // `xlb ... | head`: the reader has all it wanted; that is no error.
         if cli::output::is_stdout_closed(&e) {
             return;
+        }
+        if json {
+            // Scripts read the kind; people read stderr as always.
+            let failure = xlb::api::Failure::of(&e, xlb::api::FailureKind::Failed);
+            let _ = cli::print_json(&serde_json::json!({
+                "ok": false,
+                "error": { "kind": failure.kind.name(), "message": failure.message },
+            }));
         }
         // eprintln! would panic if stderr is closed too.
         let _ = writeln!(std::io::stderr(), "xlb: error: {e:#}");

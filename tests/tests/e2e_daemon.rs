@@ -226,6 +226,21 @@ fn cli_against_live_daemon() {
     .expect("run xlb");
     assert!(!bad.status.success(), "wrong family accepted");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("family"));
+    // --json says what kind of failure it was, for scripts.
+    let kind = |out: &std::process::Output| {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        assert_eq!(v["ok"], false, "{v}");
+        v["error"]["kind"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(kind(&bad), "invalid");
+    let missing =
+        ctl_output(&lab, &d.socket, &["backend", "drain", "http-v4", "nosuch"]).expect("run xlb");
+    assert!(!missing.status.success());
+    assert_eq!(kind(&missing), "not_found");
+    let missing =
+        ctl_output(&lab, &d.socket, &["backend", "weight", "no-svc", "b1", "2"]).expect("run xlb");
+    assert_eq!(kind(&missing), "not_found");
     let count = |d: &Daemon| {
         d.ctl(&lab, &["backend", "list", "http-v4"])
             .expect("list")
@@ -307,6 +322,8 @@ fn cli_against_live_daemon() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("no xlb daemon is running"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+    assert_eq!(v["error"]["kind"], "unavailable", "{v}");
 
     // SIGTERM: the daemon exits cleanly, removes its socket, the dataplane keeps forwarding.
     let socket = d.socket.clone();

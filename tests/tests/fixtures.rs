@@ -2664,3 +2664,67 @@ fn ipip_to_another_interface_redirects() {
         "egress interface's MAC"
     );
 }
+
+/// The kernel counts traffic per id: a backend given an id that no one
+/// held in this apply starts at zero even if the slot's counters hold the
+/// counts of an earlier backend, and the counters of ids not handed out are
+/// left alone (so the check below can fail).
+#[test]
+fn counters_of_an_id_handed_out_again_start_at_zero() {
+    let mut fx = Fixture::new();
+    let text = fx.text.clone();
+    let before = fx.reapply_report(&text);
+    let used: std::collections::BTreeSet<u32> = before.backend_ids.values().copied().collect();
+    let cpus = aya::util::nr_cpus().expect("counting CPUs");
+    let stale = lb_common::TrafficStats {
+        packets: 7,
+        bytes: 700,
+        new_sessions: 1,
+    };
+    let free: Vec<u32> = (lb_common::FIRST_BACKEND_ID..lb_common::FIRST_BACKEND_ID + 32)
+        .filter(|id| !used.contains(id))
+        .collect();
+    for id in &free {
+        let values = aya::maps::PerCpuValues::try_from(vec![stale; cpus]).expect("per-CPU values");
+        fx.maps
+            .backend_stats
+            .set(*id, values, 0)
+            .expect("planting an earlier backend's counts");
+    }
+    let web_last = "address = \"10.0.0.23\"\nmac = \"02:00:00:00:00:13\"\n";
+    assert!(text.contains(web_last));
+    let grown = text.replacen(
+        web_last,
+        &format!(
+            "{web_last}[[service.backend]]\naddress = \"10.0.0.24\"\nmac = \"02:00:00:00:00:14\"\n"
+        ),
+        1,
+    );
+    let after = fx.reapply_report(&grown);
+    let new_id = after.backend_ids[&("web".to_string(), "10.0.0.24".to_string())];
+    assert!(free.contains(&new_id), "the new backend took a free id");
+    let packets = |fx: &Fixture, id: u32| -> u64 {
+        fx.maps
+            .backend_stats
+            .get(&id, 0)
+            .expect("reading backend counters")
+            .iter()
+            .map(|t| t.packets)
+            .sum()
+    };
+    assert_eq!(
+        packets(&fx, new_id),
+        0,
+        "the new backend starts with no traffic"
+    );
+    let untouched = free
+        .iter()
+        .copied()
+        .find(|id| *id != new_id)
+        .expect("another free id");
+    assert_eq!(
+        packets(&fx, untouched),
+        7 * cpus as u64,
+        "ids not handed out keep their counts"
+    );
+}

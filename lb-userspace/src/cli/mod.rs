@@ -173,7 +173,8 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
         .build()
         .context("starting the tokio runtime")?;
     match rt.block_on(api::call(socket, request))? {
-        Response::Error(msg) => bail!("{msg}"),
+        // Typed, so `--json` can say what kind of failure it was.
+        Response::Error(failure) => Err(failure.into()),
         other => Ok(other),
     }
 }

@@ -339,7 +339,7 @@ mod tests {
         let handler = |req: Request| async move {
             match req {
                 Request::Status => Response::Done("status".into()),
-                _ => Response::Error("unexpected".into()),
+                _ => Response::error(crate::api::FailureKind::Invalid, "unexpected"),
             }
         };
         let render = || async { Ok("xlb_up 1\n".to_string()) };

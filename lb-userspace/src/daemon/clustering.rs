@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::metrics::Metrics;
 use super::owner::{ClusterCall, Handle};
 use super::state::Admin;
-use crate::api::{ClusterInfo, PeerInfo, Request, Response};
+use crate::api::{ClusterInfo, Failure, FailureKind, PeerInfo, Request, Response};
 use crate::cluster::agree::{self, LIVE_FOR, Origin, Round, RoundEnd};
 use crate::cluster::mesh::{self, Event, MeshConfig, MeshHandle};
 use crate::cluster::msg::{Doc, Hello, Message, SESSIONS_PER_MESSAGE, Version, WireSession};
@@ -63,18 +63,25 @@ pub struct LocalRequest {
 pub async fn ask(tx: &mpsc::Sender<LocalRequest>, request: Request) -> Response {
     let (reply, rx) = oneshot::channel();
     if tx.send(LocalRequest { request, reply }).await.is_err() {
-        return Response::Error("the cluster task is not running (see the daemon's log)".into());
+        return Response::error(
+            FailureKind::NotApplied,
+            "the cluster task is not running (see the daemon's log)",
+        );
     }
     match tokio::time::timeout(CHANGE_WAIT, rx).await {
         Ok(Ok(r)) => r,
-        Ok(Err(_)) => {
-            Response::Error("the cluster task dropped the request (shutting down?)".into())
-        }
-        Err(_) => Response::Error(format!(
-            "the cluster did not make the change live within {}s (the coordinator may be \
+        Ok(Err(_)) => Response::error(
+            FailureKind::ShuttingDown,
+            "the cluster task dropped the request (shutting down?)",
+        ),
+        Err(_) => Response::error(
+            FailureKind::UnknownOutcome,
+            format!(
+                "the cluster did not make the change live within {}s (the coordinator may be \
              unreachable); it may still be applied: see `xlb cluster status`",
-            CHANGE_WAIT.as_secs()
-        )),
+                CHANGE_WAIT.as_secs()
+            ),
+        ),
     }
 }
 
@@ -413,7 +420,7 @@ impl Node {
                 if let Some(reply) = self.waiting.remove(&id) {
                     let _ = reply.send(match result {
                         Ok(text) => Response::Done(text),
-                        Err(e) => Response::Error(e),
+                        Err(e) => Response::error(FailureKind::NotApplied, e),
                     });
                 }
             }
@@ -453,7 +460,7 @@ impl Node {
                         self.broadcast(&Message::Flush { service, backend });
                         Response::Done(format!("{text} (and asked every peer to flush)"))
                     }
-                    Err(e) => Response::Error(format!("{e:#}")),
+                    Err(e) => Response::Error(Failure::of(&e, FailureKind::NotApplied)),
                 };
                 let _ = r.reply.send(response);
             }
@@ -463,8 +470,9 @@ impl Node {
                 let coordinator = self.coordinator();
                 if coordinator == self.me {
                     if self.queue.len() >= MAX_QUEUED {
-                        let _ = r.reply.send(Response::Error(
-                            "too many changes waiting; try again".into(),
+                        let _ = r.reply.send(Response::error(
+                            FailureKind::Busy,
+                            "too many changes waiting; try again",
                         ));
                         return Ok(());
                     }
@@ -666,7 +674,9 @@ impl Node {
                         if let Some(reply) = self.waiting.remove(&id) {
                             let _ = reply.send(match &result {
                                 Ok(v) => Response::Done(v.clone()),
-                                Err(e) => Response::Error(format!("{e:#}")),
+                                Err(e) => {
+                                    Response::error(FailureKind::NotApplied, format!("{e:#}"))
+                                }
                             });
                         }
                     }
@@ -710,7 +720,10 @@ impl Node {
                         match origin {
                             Origin::Local(id) => {
                                 if let Some(reply) = self.waiting.remove(&id) {
-                                    let _ = reply.send(Response::Error(format!("{e:#}")));
+                                    let _ = reply.send(Response::Error(Failure::of(
+                                        &e,
+                                        FailureKind::NotApplied,
+                                    )));
                                 }
                             }
                             Origin::Peer(node, id) => self.send(

@@ -21,7 +21,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use super::accept::{Backoff, ServerStats};
-use crate::api::{MAX_REQUEST_BYTES, Request, Response, decode_request};
+use crate::api::{FailureKind, MAX_REQUEST_BYTES, Request, Response, decode_request};
 
 /// Caps and timeouts of the control socket.
 #[derive(Debug, Clone)]
@@ -133,9 +133,10 @@ where
 /// Answers a connection over the cap without waiting: a fresh socket's send
 /// buffer is empty, so one non-blocking write of a short line goes through.
 fn refuse(stream: UnixStream, max: usize) {
-    let mut line = encode(&Response::Error(format!(
-        "busy: {max} control connections are open (the daemon's cap); try again"
-    )));
+    let mut line = encode(&Response::error(
+        FailureKind::Busy,
+        format!("busy: {max} control connections are open (the daemon's cap); try again"),
+    ));
     line.push(b'\n');
     match stream.into_std() {
         Ok(mut s) => {
@@ -151,7 +152,7 @@ fn encode(response: &Response) -> Vec<u8> {
     serde_json::to_vec(response).unwrap_or_else(|e| {
         // Cannot happen for these types; still answer with something parseable.
         tracing::error!("encoding a control answer: {e}");
-        br#"{"kind":"error","data":"the daemon could not encode its answer"}"#.to_vec()
+        br#"{"kind":"error","data":{"kind":"failed","message":"the daemon could not encode its answer"}}"#.to_vec()
     })
 }
 
@@ -167,21 +168,30 @@ where
     let mut line = Vec::new();
     let read = tokio::time::timeout(limits.read_timeout, reader.read_until(b'\n', &mut line)).await;
     let response = match read {
-        Err(_) => Response::Error(format!(
-            "no complete request line within {} ms",
-            limits.read_timeout.as_millis()
-        )),
+        Err(_) => Response::error(
+            FailureKind::Invalid,
+            format!(
+                "no complete request line within {} ms",
+                limits.read_timeout.as_millis()
+            ),
+        ),
         Ok(Err(e)) => return Err(e).context("reading the request"),
-        Ok(Ok(_)) if line.strip_suffix(b"\n").unwrap_or(&line).len() > max => {
-            Response::Error(format!("request line longer than {max} bytes"))
-        }
+        Ok(Ok(_)) if line.strip_suffix(b"\n").unwrap_or(&line).len() > max => Response::error(
+            FailureKind::Invalid,
+            format!("request line longer than {max} bytes"),
+        ),
         Ok(Ok(_)) => match decode_request(&line) {
             Ok(request) => handler(request).await,
-            Err(problem) => Response::Error(format!("bad request: {problem}")),
+            Err(problem) => {
+                Response::error(FailureKind::Invalid, format!("bad request: {problem}"))
+            }
         },
     };
-    if let Response::Error(msg) = &response {
-        tracing::debug!("control request refused: {msg}");
+    if let Response::Error(failure) = &response {
+        tracing::debug!(
+            kind = failure.kind.name(),
+            "control request refused: {failure}"
+        );
     }
     let mut out = encode(&response);
     out.push(b'\n');
@@ -304,7 +314,7 @@ mod tests {
 
     fn error(answer: &str) -> String {
         match decode(answer) {
-            Response::Error(e) => e,
+            Response::Error(e) => e.message,
             other => panic!("expected an error, got {other:?}"),
         }
     }

@@ -29,6 +29,7 @@ use super::source::SourceDefaults;
 use super::state::{AddedBackend, Admin, State};
 pub use super::writer::WORK_BUDGET;
 use super::writer::{Held, Progress, Writer};
+use crate::api::{Failure, FailureKind};
 use crate::bpf_obj;
 use crate::config::{
     BackendConfig, BackendState, Config, ForwardMode, HealthConfig, check_not_own_mac, format_mac,
@@ -40,6 +41,18 @@ use crate::hops::{self, Target};
 use crate::lock::PinLock;
 use crate::pins::PinnedMaps;
 use crate::sessions::ip_from_words;
+
+/// Marks an error as a failure of `kind` for the control protocol (same
+/// message), unless it already is one.
+pub(super) fn tag(kind: FailureKind) -> impl Fn(anyhow::Error) -> anyhow::Error {
+    move |e| {
+        if e.chain().any(|c| c.is::<Failure>()) {
+            e
+        } else {
+            Failure::new(kind, format!("{e:#}")).into()
+        }
+    }
+}
 
 /// A backend of a service, by names (stable across reloads and restarts).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -875,14 +888,19 @@ impl Lb {
 
     /// Like [`Self::effective_service`], failing with a message naming it.
     fn service(&self, name: &str) -> Result<&crate::config::ServiceConfig> {
-        self.effective_service(name)
-            .with_context(|| format!("no service named {name:?}"))
+        self.effective_service(name).ok_or_else(|| {
+            Failure::new(FailureKind::NotFound, format!("no service named {name:?}")).into()
+        })
     }
 
     fn find(&self, service: &str, backend: &str) -> Result<BackendRef> {
         let svc = self.service(service)?;
         if !svc.backends.iter().any(|b| b.name == backend) {
-            bail!("service {service:?} has no backend named {backend:?}");
+            return Err(Failure::new(
+                FailureKind::NotFound,
+                format!("service {service:?} has no backend named {backend:?}"),
+            )
+            .into());
         }
         Ok(BackendRef {
             service: service.to_string(),
@@ -961,6 +979,29 @@ impl Lb {
         mac: &str,
         weight: Option<u16>,
     ) -> Result<String> {
+        let added = self
+            .added_backend(service, name, address, mac, weight)
+            .map_err(tag(FailureKind::Invalid))?;
+        let name = added.name.clone();
+        self.change(|st| {
+            let s = st.service_mut(service);
+            s.removed.retain(|n| *n != name);
+            s.admin.remove(&name);
+            s.weights.remove(&name);
+            s.added.push(added);
+        })?;
+        Ok(format!("added backend {name} ({address}) to {service}"))
+    }
+
+    /// The backend `xlb backend add` asks for, validated against `service`.
+    fn added_backend(
+        &self,
+        service: &str,
+        name: Option<String>,
+        address: IpAddr,
+        mac: &str,
+        weight: Option<u16>,
+    ) -> Result<AddedBackend> {
         let svc = self.service(service)?;
         let name = name.unwrap_or_else(|| address.to_string());
         if !valid_backend_name(&name) {
@@ -997,20 +1038,12 @@ impl Lb {
         if self.backend_count() >= BACKEND_CAPACITY as usize {
             bail!("xlb supports at most {BACKEND_CAPACITY} backends in total");
         }
-        let added = AddedBackend {
-            name: name.clone(),
+        Ok(AddedBackend {
+            name,
             address,
             mac,
             weight,
-        };
-        self.change(|st| {
-            let s = st.service_mut(service);
-            s.removed.retain(|n| *n != name);
-            s.admin.remove(&name);
-            s.weights.remove(&name);
-            s.added.push(added);
-        })?;
-        Ok(format!("added backend {name} ({address}) to {service}"))
+        })
     }
 
     /// `xlb backend remove`.
@@ -1030,7 +1063,11 @@ impl Lb {
             .effective_service(service)
             .map_or(0, |s| s.backends.len());
         if svc_len <= 1 {
-            bail!("{r} is the last backend of {service}; a service needs at least one");
+            return Err(Failure::new(
+                FailureKind::Invalid,
+                format!("{r} is the last backend of {service}; a service needs at least one"),
+            )
+            .into());
         }
         let in_config = self
             .base
@@ -1061,7 +1098,7 @@ impl Lb {
     ) -> Result<String> {
         let r = self.find(service, backend)?;
         if let Some(d) = deadline {
-            validate_deadline(d)?;
+            validate_deadline(d).map_err(tag(FailureKind::Invalid))?;
         }
         let deadline_unix_ms = deadline.map(|d| unix_ms().saturating_add(d.as_millis() as u64));
         self.change(|st| {
@@ -1092,7 +1129,7 @@ impl Lb {
     /// `xlb backend weight`.
     pub fn backend_weight(&mut self, service: &str, backend: &str, weight: u16) -> Result<String> {
         let r = self.find(service, backend)?;
-        validate_weight("weight", weight)?;
+        validate_weight("weight", weight).map_err(tag(FailureKind::Invalid))?;
         self.change(|st| {
             st.service_mut(service)
                 .weights

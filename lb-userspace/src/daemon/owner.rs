@@ -18,7 +18,7 @@ use super::lb_cluster::{ImportTotals, Proposal};
 use super::metrics::Metrics;
 use super::state::State;
 use crate::announce::Readiness;
-use crate::api::{Request, Response, StatusInfo};
+use crate::api::{Failure, FailureKind, Request, Response, StatusInfo};
 use crate::cluster::msg::{Doc, Hello, WireSession};
 use crate::hops::Target;
 use crate::pins::PinnedMaps;
@@ -83,10 +83,11 @@ impl Handle {
         }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Request(req, tx)).is_err() {
-            return Response::Error("the daemon is shutting down".into());
+            return Response::error(FailureKind::ShuttingDown, "the daemon is shutting down");
         }
-        rx.await
-            .unwrap_or_else(|_| Response::Error("the daemon is shutting down".into()))
+        rx.await.unwrap_or_else(|_| {
+            Response::error(FailureKind::ShuttingDown, "the daemon is shutting down")
+        })
     }
 
     /// `xlb status` without the owner: what it published after the last
@@ -523,10 +524,13 @@ fn answer_settled(lb: &Lb, awaiting: &mut Vec<(u64, oneshot::Sender<Response>, R
         let (_, reply, answer) = awaiting.swap_remove(i);
         let _ = reply.send(match outcome {
             Ok(()) => answer,
-            Err(why) => Response::Error(format!(
-                "the change is recorded, but writing it to the kernel failed part-way: {why}; \
+            Err(why) => Response::error(
+                FailureKind::UnknownOutcome,
+                format!(
+                    "the change is recorded, but writing it to the kernel failed part-way: {why}; \
                  the daemon retries it (reconcile)"
-            )),
+                ),
+            ),
         });
     }
 }
@@ -565,6 +569,13 @@ fn changes_targets(req: &Request) -> bool {
 
 /// Answers one control request against the owner's state.
 pub fn handle(lb: &mut Lb, req: Request) -> Response {
+    // What a failure means when nothing says otherwise: a change that fails
+    // changed nothing (the state file and kernel are rolled back).
+    let default = if is_change(&req) {
+        FailureKind::NotApplied
+    } else {
+        FailureKind::Failed
+    };
     let result: Result<Response> = (|| {
         Ok(match req {
             Request::Status => Response::Status(lb.status()?),
@@ -589,7 +600,11 @@ pub fn handle(lb: &mut Lb, req: Request) -> Response {
             Request::Stats => Response::Stats(lb.stats()?),
             Request::Reload => Response::Done(lb.reload()?),
             Request::ClusterStatus => {
-                anyhow::bail!("this node has no [cluster] section: it is not part of a cluster")
+                return Err(Failure::new(
+                    FailureKind::Invalid,
+                    "this node has no [cluster] section: it is not part of a cluster",
+                )
+                .into());
             }
         })
     })();
@@ -601,10 +616,28 @@ pub fn handle(lb: &mut Lb, req: Request) -> Response {
             r
         }
         Err(e) => {
-            tracing::warn!("control request refused: {e:#}");
-            Response::Error(format!("{e:#}"))
+            let failure = Failure::of(&e, default);
+            tracing::warn!(
+                kind = failure.kind.name(),
+                "control request refused: {failure}"
+            );
+            Response::Error(failure)
         }
     }
+}
+
+/// Whether `req` asks for a change (else it only reads).
+fn is_change(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::BackendAdd { .. }
+            | Request::BackendRemove { .. }
+            | Request::BackendDrain { .. }
+            | Request::BackendUndrain { .. }
+            | Request::BackendWeight { .. }
+            | Request::SessionsFlush { .. }
+            | Request::Reload
+    )
 }
 
 #[cfg(test)]

@@ -6,12 +6,14 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use lb_common::{AffinityKey, BACKEND_EMPTY, FAMILY_V4, NO_BACKEND, mask_addr};
 
 use super::lb::{BackendRef, Lb, admin_name, state_name, unix_ms};
 use super::state::Admin;
-use crate::api::{BackendInfo, ServiceInfo, SessionInfo, StatusInfo, WhereInfo};
+use crate::api::{
+    BackendInfo, Failure, FailureKind, ServiceInfo, SessionInfo, StatusInfo, WhereInfo,
+};
 use crate::config::{BackendState, HealthVia, format_mac};
 use crate::dataplane::addr_words;
 use crate::sessions::{ip_from_words, monotonic_ns};
@@ -118,7 +120,11 @@ impl Lb {
                 .iter()
                 .any(|s| s.name == name)
             {
-                bail!("no service named {name:?}");
+                return Err(Failure::new(
+                    FailureKind::NotFound,
+                    format!("no service named {name:?}"),
+                )
+                .into());
             }
         }
         let counts = self.counts().latest();
@@ -190,13 +196,9 @@ impl Lb {
         backend: Option<&str>,
     ) -> Result<(Option<u32>, Option<HashSet<u32>>)> {
         let sid = match service {
-            Some(name) => Some(
-                *self
-                    .writer
-                    .service_ids()
-                    .get(name)
-                    .with_context(|| format!("no service named {name:?}"))?,
-            ),
+            Some(name) => Some(*self.writer.service_ids().get(name).ok_or_else(|| {
+                Failure::new(FailureKind::NotFound, format!("no service named {name:?}"))
+            })?),
             None => None,
         };
         let bids = match backend {
@@ -209,7 +211,11 @@ impl Lb {
                     .map(|(_, id)| *id)
                     .collect();
                 if ids.is_empty() {
-                    bail!("no backend named {name:?}");
+                    return Err(Failure::new(
+                        FailureKind::NotFound,
+                        format!("no backend named {name:?}"),
+                    )
+                    .into());
                 }
                 Some(ids)
             }

@@ -173,6 +173,7 @@ pub fn prepare(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result<St
         service_ids.push(id);
     }
     let mut reused: BTreeSet<u32> = BTreeSet::new();
+    let mut fresh_services = Vec::new();
     for id in service_ids.iter_mut() {
         if id.is_none() {
             let free = (0..config.max_services)
@@ -187,6 +188,7 @@ pub fn prepare(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result<St
                 reused.insert(free);
             }
             used_ids.insert(free);
+            fresh_services.push(free);
             *id = Some(free);
         }
     }
@@ -229,13 +231,19 @@ pub fn prepare(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result<St
         .filter(|i| !taken.contains(i) && !existing.contains(i))
         .collect::<Vec<_>>()
         .into_iter();
+    let mut fresh_backends = Vec::new();
     for (si, bi) in pending {
         let id = free
             .next()
             .ok_or_else(|| anyhow!("more than {BACKEND_CAPACITY} backends in total"))?;
         backend_ids[si][bi] = id;
         taken.insert(id);
+        fresh_backends.push(id);
     }
+    // The kernel counts traffic per id: an id handed out again starts at
+    // zero, not with the counts of whoever held it before.
+    zero_counters(&mut maps.service_stats, &fresh_services, "service");
+    zero_counters(&mut maps.backend_stats, &fresh_backends, "backend");
     let removed_backends: BTreeSet<u32> = existing.difference(&taken).copied().collect();
     // A backend at the reserved id that the config still has: (service id,
     // its new id). Its sessions follow it in step 4.
@@ -580,6 +588,39 @@ impl Staged {
                 Stage::Purge(Purge::new(removed_services, self.removed_backends.clone()))
             },
         )
+    }
+}
+
+/// Zeroes the per-CPU traffic counters of `ids` in `map`; a failure is
+/// only logged (the counts are wrong, the forwarding is not).
+fn zero_counters(
+    map: &mut aya::maps::PerCpuArray<aya::maps::MapData, lb_common::TrafficStats>,
+    ids: &[u32],
+    what: &str,
+) {
+    if ids.is_empty() {
+        return;
+    }
+    let cpus = match aya::util::nr_cpus() {
+        Ok(n) => n,
+        Err((_, e)) => {
+            tracing::warn!("not zeroing the counters of new {what} ids: counting CPUs: {e}");
+            return;
+        }
+    };
+    for id in ids {
+        let zeros =
+            match aya::maps::PerCpuValues::try_from(vec![lb_common::TrafficStats::default(); cpus])
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!("not zeroing the counters of {what} id {id}: {e}");
+                    continue;
+                }
+            };
+        if let Err(e) = map.set(*id, zeros, 0) {
+            tracing::warn!("zeroing the counters of {what} id {id} failed: {e}");
+        }
     }
 }
 
