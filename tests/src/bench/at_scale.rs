@@ -485,8 +485,9 @@ fn single_failure(cx: &Cx, servers: &mut Servers, drain: bool) -> Result<Failure
             if cli.is_some() {
                 thread::sleep(CHANGE_LEAD);
             }
-            let kill_at = Instant::now();
             let mut killed = Killed::kill(servers, lab, &dead)?;
+            // Timed from here: the stop returns once the servers' sockets are closed.
+            let kill_at = Instant::now();
             let down = watch_down(cx.watch, &[(dead.clone(), kill_at)]);
             let moved = wait_moved(cx, &dead, kill_at);
             killed.restore()?;
@@ -519,9 +520,8 @@ fn simultaneous_failures(cx: &Cx, servers: &mut Servers) -> Result<Failure> {
         let mut killed = KilledSet::new(servers, cx.lab);
         let mut kills = Vec::new();
         for name in &names {
-            let at = Instant::now();
             killed.kill(name)?;
-            kills.push((name.clone(), at));
+            kills.push((name.clone(), Instant::now()));
         }
         let spread = kills
             .last()
@@ -567,8 +567,9 @@ fn weight_change(cx: &Cx, servers: &mut Servers) -> Result<Failure> {
         thread::scope(|s| -> Result<Out> {
             let cli = s.spawn(move || timed(lab, d, &args));
             thread::sleep(CHANGE_LEAD);
-            let kill_at = Instant::now();
             let mut killed = Killed::kill(servers, lab, &dead)?;
+            // Timed from here: the stop returns once the servers' sockets are closed.
+            let kill_at = Instant::now();
             let down = watch_down(cx.watch, &[(dead.clone(), kill_at)]);
             killed.restore()?;
             Ok((down, finish(cli, &args)?))
@@ -1066,7 +1067,7 @@ fn table(runs: &[ScaleRun]) -> Table {
                 rows::simultaneous_down(n, first, last, f.down_ms.len()),
                 f,
                 format!(
-                    "servers stopped one after another within {:.0} ms; each timed from its own stop",
+                    "servers stopped one after another within {:.0} ms; each DOWN timed from that backend's own stop",
                     f.kill_spread_ms
                 ),
             );
@@ -1130,7 +1131,8 @@ fn table(runs: &[ScaleRun]) -> Table {
              after another, every call's wall time with the CLI process, against a {TARGET_MS:.0} \
              ms target. (b) `xlb backend drain {DRAINED_SERVICE} b{BACKENDS}` is started (its table \
              changes, so a divergent scan reads all N sessions) and {lead} ms later b1's servers \
-             are stopped: the time from the kill until b1 is DOWN in the kernel's backend map \
+             are stopped: the time from the kill (when the stop returned: the servers' sockets are \
+             closed, which takes up to 50 ms after it is asked) until b1 is DOWN in the kernel's backend map \
              (read from the pins every {poll} ms) in each service, against the bound; the \
              drain's CLI time (it answers once the change is live); the note says when b1's \
              sampled planted sessions no longer pointed at it. b1 is restarted and b{BACKENDS} \
