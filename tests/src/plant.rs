@@ -63,11 +63,7 @@ pub fn maglev_sessions(
     first: Ipv4Addr,
     n: u32,
 ) -> Result<(Vec<AffinityKey>, Vec<Affinity>)> {
-    let mut table = vec![0u32; record.table_size as usize];
-    let base = record.maglev_base[(record.active_slot & 1) as usize];
-    bpf_batch::lookup_array(maps.maglev.map().fd(), base, &mut table)
-        .map_err(|e| anyhow!("{e:?}"))
-        .context("reading the live Maglev table")?;
+    let table = live_table(maps, record)?;
     let now = monotonic_ns();
     let keys: Vec<AffinityKey> = (0..n)
         .map(|k| {
@@ -91,6 +87,16 @@ pub fn maglev_sessions(
         })
         .collect();
     Ok((keys, values))
+}
+
+/// The live Maglev table of `record`'s service (the slot the kernel reads).
+pub fn live_table(maps: &PinnedMaps, record: &Service) -> Result<Vec<u32>> {
+    let mut table = vec![0u32; record.table_size as usize];
+    let base = record.maglev_base[(record.active_slot & 1) as usize];
+    bpf_batch::lookup_array(maps.maglev.map().fd(), base, &mut table)
+        .map_err(|e| anyhow!("{e:?}"))
+        .with_context(|| format!("reading the live Maglev table of service id {}", record.id))?;
+    Ok(table)
 }
 
 /// A reproducible permutation-free sample: `n` indexes below `bound`, in a

@@ -373,6 +373,14 @@ impl KernelWatch {
         Ok(Self { maps, ids })
     }
 
+    /// The dataplane id of backend `name` in `service`.
+    pub(super) fn id(&self, service: &str, name: &str) -> Option<u32> {
+        self.ids
+            .iter()
+            .find(|(s, n, _)| s == service && n == name)
+            .map(|(_, _, id)| *id)
+    }
+
     /// Records in `seen` each service whose `dead` backend is DOWN now.
     pub(super) fn poll(
         &self,
@@ -391,6 +399,39 @@ impl KernelWatch {
                 .is_ok_and(|b| b.state == lb_common::BACKEND_DOWN);
             seen.insert(svc.clone(), down.then(|| ms(kill_at.elapsed())));
         }
+    }
+
+    /// The first backend that is not ACTIVE in the kernel's backend map or not
+    /// in its service's live Maglev table (`None`: every backend of every
+    /// service serves): the state to wait for after a failure, drain or weight
+    /// change is undone, before the next measurement starts.
+    pub(super) fn not_live(&self) -> Result<Option<String>> {
+        let mut tables: BTreeMap<u32, std::collections::BTreeSet<u32>> = BTreeMap::new();
+        for entry in self.maps.services.iter() {
+            let (key, record) = entry.context("reading the service map")?;
+            // Port 0 is never a service (see lb_common::ServiceKey).
+            if key.port != 0 {
+                let table = crate::plant::live_table(&self.maps, &record)?;
+                tables.insert(record.id, table.into_iter().collect());
+            }
+        }
+        for (svc, name, id) in &self.ids {
+            let b = self
+                .maps
+                .backends
+                .get(id, 0)
+                .with_context(|| format!("reading backend record {id}"))?;
+            let in_table = tables
+                .get(&u32::from(b.service_id))
+                .is_some_and(|t| t.contains(id));
+            if b.state != lb_common::BACKEND_ACTIVE || !in_table {
+                return Ok(Some(format!(
+                    "{svc}/{name} (id {id}): kernel state {}, in the live table: {in_table}",
+                    b.state
+                )));
+            }
+        }
+        Ok(None)
     }
 
     pub(super) fn all_seen(seen: &BTreeMap<String, Option<f64>>) -> bool {
@@ -649,7 +690,7 @@ fn row(c: Contender, runs: &[FailoverRun]) -> Option<FailoverRow> {
 
 /// fall × interval + 100 ms of the daemon's checks: how soon a dead backend must be
 /// DOWN in the kernel, in every service.
-pub(super) fn kernel_down_bound_ms() -> f64 {
+pub fn kernel_down_bound_ms() -> f64 {
     let h = HealthOptions::default();
     let interval = humantime_ms(h.interval);
     f64::from(h.fall) * interval + 100.0
