@@ -407,6 +407,7 @@ pub fn prepare(maps: &mut PinnedMaps, config: &Config, hops: &Hops) -> Result<St
         legacy,
         live_ids: service_ids.iter().copied().collect(),
         pending: None,
+        removed_services: BTreeSet::new(),
         prepared: std::time::Instant::now(),
     })
 }
@@ -428,6 +429,8 @@ pub struct Staged {
     legacy: Option<(u32, u32)>,
     live_ids: BTreeSet<u32>,
     pending: Option<protect::Pending>,
+    /// Services the flip removed (their sessions are purged).
+    removed_services: BTreeSet<u32>,
     /// When `prepare` finished: the divergent scan starts then.
     prepared: std::time::Instant,
 }
@@ -436,8 +439,12 @@ pub struct Staged {
 enum Stage {
     /// Finding the sessions the new tables make divergent (a walk).
     Scan(protect::Scan),
+    /// Writing the protected copies of those sessions (and releases).
+    Protect(protect::Writing),
     /// Step 3: the service records, which make the new tables live.
     Flip,
+    /// Deleting the LRU copies of the sessions just protected.
+    Unprotect(protect::Pending),
     /// Step 4: deleting the sessions of removed services and backends (a walk).
     Purge(Purge),
     /// Step 5: freeing the removed backends' slots.
@@ -463,7 +470,9 @@ impl Staged {
                 "finding the sessions the new tables make divergent ({} read)",
                 scan.seen()
             ),
+            Stage::Protect(_) => "protecting the divergent sessions".into(),
             Stage::Flip => "making the new tables live".into(),
+            Stage::Unprotect(_) => "deleting the LRU copies of protected sessions".into(),
             Stage::Purge(p) => format!(
                 "deleting the sessions of removed services and backends ({} read)",
                 p.cursor.seen()
@@ -483,17 +492,37 @@ impl Staged {
                         self.stage = Stage::Scan(scan);
                         return Ok(false);
                     }
-                    let seen = scan.seen();
-                    let (protection, pending) = scan
-                        .write(maps)
-                        .context("protecting the sessions the new Maglev tables make divergent")?;
-                    self.report.protection = Some(protection);
-                    self.report.sessions_scanned = seen;
+                    self.report.sessions_scanned = scan.seen();
                     self.report.scan_took = self.prepared.elapsed();
+                    Stage::Protect(scan.into_writing())
+                }
+                Stage::Protect(mut writing) => {
+                    if !writing
+                        .step(maps, budget)
+                        .context("protecting the sessions the new Maglev tables make divergent")?
+                    {
+                        self.stage = Stage::Protect(writing);
+                        return Ok(false);
+                    }
+                    let (protection, pending) = writing.finish();
+                    self.report.protection = Some(protection);
                     self.pending = Some(pending);
                     Stage::Flip
                 }
-                Stage::Flip => self.flip(maps)?,
+                Stage::Flip => {
+                    self.flip(maps)?;
+                    match self.pending.take() {
+                        Some(pending) => Stage::Unprotect(pending),
+                        None => self.after_unprotect(maps)?,
+                    }
+                }
+                Stage::Unprotect(mut pending) => {
+                    if !pending.step(maps, budget)? {
+                        self.stage = Stage::Unprotect(pending);
+                        return Ok(false);
+                    }
+                    self.after_unprotect(maps)?
+                }
                 Stage::Purge(mut purge) => {
                     if !purge.step(maps, budget)? {
                         self.stage = Stage::Purge(purge);
@@ -516,8 +545,8 @@ impl Staged {
         }
     }
 
-    /// Step 3 (the flip) and what follows it at once; returns what is next.
-    fn flip(&mut self, maps: &mut PinnedMaps) -> Result<Stage> {
+    /// Step 3: the service records, which make the new tables live.
+    fn flip(&mut self, maps: &mut PinnedMaps) -> Result<()> {
         // 3. Service records that differ: this flips the changed tables live.
         for (key, record, name) in &mut self.records {
             let protected = match &self.report.protection {
@@ -569,10 +598,12 @@ impl Staged {
         for id in &removed_services {
             maps.known_tables.forget(*id);
         }
-        if let Some(p) = self.pending.take() {
-            protect::after_flip(maps, p)?;
-        }
+        self.removed_services = removed_services;
+        Ok(())
+    }
 
+    /// Step 4, once the LRU copies of the protected sessions are gone.
+    fn after_unprotect(&mut self, maps: &mut PinnedMaps) -> Result<Stage> {
         // 4. Sessions of removed services/backends would otherwise point at ids
         //    that a later config may give to someone else. Those of a backend
         //    leaving id 0 follow it first; whatever else points at 0 goes.
@@ -582,10 +613,13 @@ impl Staged {
             self.report.backends_moved = 1;
         }
         Ok(
-            if removed_services.is_empty() && self.removed_backends.is_empty() {
+            if self.removed_services.is_empty() && self.removed_backends.is_empty() {
                 Stage::Free
             } else {
-                Stage::Purge(Purge::new(removed_services, self.removed_backends.clone()))
+                Stage::Purge(Purge::new(
+                    std::mem::take(&mut self.removed_services),
+                    self.removed_backends.clone(),
+                ))
             },
         )
     }

@@ -61,6 +61,8 @@ pub struct Protection {
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
     keys: Vec<AffinityKey>,
+    /// How many are deleted so far.
+    done: usize,
 }
 
 /// Whether a session may keep backend `id`: it exists, belongs to the
@@ -130,14 +132,27 @@ impl Decider {
                 d.already.insert(*key);
                 continue;
             };
-            let fresh =
-                Self::live(now, t, value) && keeps(&d.backends, value.backend_id, key.service_id);
-            if fresh && answer(&t.table, &key.addr) != value.backend_id {
+            let live = Self::live(now, t, value);
+            let kept = keeps(&d.backends, value.backend_id, key.service_id);
+            let new = answer(&t.table, &key.addr);
+            if live && kept && new != value.backend_id {
                 *d.decision.stay.entry(key.service_id).or_default() += 1;
                 d.already.insert(*key);
-            } else {
+            } else if live && kept {
                 // Equal now: an ordinary session again, safe in the LRU.
-                d.decision.release.push((*key, fresh.then_some(*value)));
+                d.decision.release.push((*key, Some(*value)));
+            } else if live && new != NO_BACKEND {
+                // Its backend can no longer keep it (down, removed): it moves to
+                // its answer, as the LRU's sessions of that backend do, and is
+                // ordinary there (equal to the answer).
+                let moved = lb_common::Affinity {
+                    backend_id: new,
+                    ..*value
+                };
+                d.decision.release.push((*key, Some(moved)));
+            } else {
+                // Expired, or nowhere to go.
+                d.decision.release.push((*key, None));
             }
         }
         d
@@ -233,84 +248,141 @@ impl Scan {
         self.cursor.seen()
     }
 
-    /// Writes the decision: protects the divergent sessions found, releases
-    /// the protected ones the new tables make ordinary.
-    pub(crate) fn write(self, maps: &mut PinnedMaps) -> Result<(Protection, Pending)> {
-        write_decision(maps, self.decider.finish())
+    /// What to write: protect the divergent sessions found, release the
+    /// protected ones the new tables make ordinary (or move away from a
+    /// backend that can no longer keep them).
+    pub(crate) fn into_writing(self) -> Writing {
+        Writing::new(self.decider.finish())
     }
 }
 
-fn write_decision(maps: &mut PinnedMaps, decision: Decision) -> Result<(Protection, Pending)> {
-    let mut report = Protection {
-        per_service: decision.stay,
-        ..Protection::default()
-    };
-    for (key, restore) in decision.release {
-        if let Some(value) = restore {
-            // NOEXIST: a fresher LRU entry (the kernel's) wins.
-            const BPF_NOEXIST: u64 = 1;
-            match maps.affinity.insert(key, value, BPF_NOEXIST) {
-                Ok(()) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(e).context("returning a session to the affinity map"),
-            }
+/// Writing a [`Decision`], a bounded piece at a time: releases first, then
+/// the protected copies (one batch a piece). Nothing is live before the
+/// flip, so pieces may be interleaved with other work.
+pub(crate) struct Writing {
+    decision: Decision,
+    released: usize,
+    protected: usize,
+    /// The protected map was full: the rest stay in the LRU.
+    full: bool,
+    report: Protection,
+}
+
+impl Writing {
+    fn new(decision: Decision) -> Self {
+        Self {
+            report: Protection {
+                per_service: decision.stay.clone(),
+                ..Protection::default()
+            },
+            decision,
+            released: 0,
+            protected: 0,
+            full: false,
         }
-        remove(&mut maps.protected, &key).context("releasing a protected session")?;
-        report.released += 1;
     }
-    let mut pending = Pending::default();
-    let keys: Vec<AffinityKey> = decision.protect.iter().map(|(k, _)| *k).collect();
-    let values: Vec<lb_common::Affinity> = decision.protect.iter().map(|(_, v)| *v).collect();
-    let written = match bpf_batch::update(maps.protected.map().fd(), &keys, &values) {
-        Ok(()) => keys.len(),
-        Err(bpf_batch::BatchError::Failed { done, error })
-            if matches!(error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) =>
-        {
-            done
-        }
-        Err(bpf_batch::BatchError::Unsupported(_)) => {
-            let mut n = 0;
-            for (k, v) in keys.iter().zip(&values) {
-                match maps.protected.insert(*k, *v, 0) {
-                    Ok(()) => n += 1,
+
+    /// Writes about `budget` more entries; true once all are written.
+    pub(crate) fn step(&mut self, maps: &mut PinnedMaps, budget: usize) -> Result<bool> {
+        let budget = budget.max(1);
+        let release = &self.decision.release;
+        let end = release.len().min(self.released.saturating_add(budget));
+        for (key, restore) in &release[self.released..end] {
+            if let Some(value) = restore {
+                // NOEXIST: a fresher LRU entry (the kernel's) wins.
+                const BPF_NOEXIST: u64 = 1;
+                match maps.affinity.insert(*key, *value, BPF_NOEXIST) {
+                    Ok(()) => {}
                     Err(MapError::SyscallError(e))
-                        if matches!(
-                            e.io_error.raw_os_error(),
-                            Some(libc::E2BIG | libc::ENOMEM)
-                        ) =>
-                    {
-                        break;
-                    }
-                    Err(e) => return Err(e).context("writing a protected session"),
+                        if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(e).context("returning a session to the affinity map"),
                 }
             }
-            n
+            remove(&mut maps.protected, key).context("releasing a protected session")?;
+            self.report.released += 1;
         }
-        Err(e) => return Err(anyhow::Error::new(e)).context("writing protected sessions"),
-    };
-    report.kept = written;
-    report.overflow = keys.len() - written;
-    for key in &keys[..written] {
-        *report.per_service.entry(key.service_id).or_default() += 1;
+        self.released = end;
+        if self.released < release.len() {
+            return Ok(false);
+        }
+        let protect = &self.decision.protect;
+        if self.full || self.protected == protect.len() {
+            return Ok(true);
+        }
+        let end = protect.len().min(self.protected.saturating_add(budget));
+        let keys: Vec<AffinityKey> = protect[self.protected..end]
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        let values: Vec<lb_common::Affinity> = protect[self.protected..end]
+            .iter()
+            .map(|(_, v)| *v)
+            .collect();
+        let written = match bpf_batch::update(maps.protected.map().fd(), &keys, &values) {
+            Ok(()) => keys.len(),
+            Err(bpf_batch::BatchError::Failed { done, error })
+                if matches!(error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) =>
+            {
+                self.full = true;
+                done
+            }
+            Err(bpf_batch::BatchError::Unsupported(_)) => {
+                let mut n = 0;
+                for (k, v) in keys.iter().zip(&values) {
+                    match maps.protected.insert(*k, *v, 0) {
+                        Ok(()) => n += 1,
+                        Err(MapError::SyscallError(e))
+                            if matches!(
+                                e.io_error.raw_os_error(),
+                                Some(libc::E2BIG | libc::ENOMEM)
+                            ) =>
+                        {
+                            self.full = true;
+                            break;
+                        }
+                        Err(e) => return Err(e).context("writing a protected session"),
+                    }
+                }
+                n
+            }
+            Err(e) => return Err(anyhow::Error::new(e)).context("writing protected sessions"),
+        };
+        for key in &keys[..written] {
+            *self.report.per_service.entry(key.service_id).or_default() += 1;
+        }
+        self.protected += written;
+        Ok(self.full || self.protected == protect.len())
     }
-    if report.overflow > 0 {
-        tracing::warn!(
-            left_in_lru = report.overflow,
-            "the protected session map is full: these divergent sessions stay in the LRU, \
-             where a flood can evict them (raise affinity_max_entries)"
-        );
+
+    /// What was done, and the LRU copies to delete after the flip.
+    pub(crate) fn finish(mut self) -> (Protection, Pending) {
+        let wanted = self.decision.protect.len();
+        self.report.kept = self.protected;
+        self.report.overflow = wanted - self.protected;
+        if self.report.overflow > 0 {
+            tracing::warn!(
+                left_in_lru = self.report.overflow,
+                "the protected session map is full: these divergent sessions stay in the LRU, \
+                 where a flood can evict them (raise affinity_max_entries)"
+            );
+        }
+        self.decision.protect.truncate(self.protected);
+        let keys = self.decision.protect.into_iter().map(|(k, _)| k).collect();
+        (self.report, Pending { keys, done: 0 })
     }
-    pending.keys = keys[..written].to_vec();
-    Ok((report, pending))
 }
 
-/// Step 3: deletes the LRU copies of the sessions step 1 protected (the
-/// new tables and flags are live now).
-pub(crate) fn after_flip(maps: &mut PinnedMaps, pending: Pending) -> Result<()> {
-    bpf_batch::delete_keys(&mut maps.affinity, &pending.keys)
-        .context("removing the LRU copies of protected sessions")?;
-    Ok(())
+impl Pending {
+    /// Step 3, about `budget` keys at a time: deletes the LRU copies of the
+    /// sessions step 1 protected (the new tables and flags are live now).
+    /// True once all are deleted.
+    pub(crate) fn step(&mut self, maps: &mut PinnedMaps, budget: usize) -> Result<bool> {
+        let end = self.keys.len().min(self.done.saturating_add(budget.max(1)));
+        bpf_batch::delete_keys(&mut maps.affinity, &self.keys[self.done..end])
+            .context("removing the LRU copies of protected sessions")?;
+        self.done = end;
+        Ok(self.done == self.keys.len())
+    }
 }
 
 /// Deletes `key`; already gone is fine.
@@ -582,5 +654,43 @@ mod tests {
         assert!(d.protect.is_empty());
         assert_eq!(d.stay.get(&1), Some(&1));
         assert_eq!(d.stay.get(&7), Some(&1));
+    }
+
+    /// A protected session whose backend went down moves to its client's
+    /// answer in the new table, as the LRU's sessions of that backend do:
+    /// deleting it would lose its stickiness (the client follows the table
+    /// back when the backend recovers).
+    #[test]
+    fn protected_sessions_of_a_backend_that_went_down_move_to_the_new_answer() {
+        // Backend 2 is down: the new table names only 1.
+        let t: Vec<u32> = vec![1; 7];
+        let tables = vec![NewTable {
+            service_id: 1,
+            table: t.clone().into(),
+            timeout_ns: 100,
+        }];
+        let backends = vec![
+            Backend::default(),
+            backend(1, BACKEND_ACTIVE),
+            backend(1, lb_common::BACKEND_DOWN),
+        ];
+        let now = 1000;
+        let on_down = (key(1, 5), session(2, now - 10));
+        let expired_on_down = (key(1, 6), session(2, 10));
+        let d = decide(tables, backends, &[], &[on_down, expired_on_down], now);
+        let moved = Affinity {
+            backend_id: 1,
+            ..on_down.1
+        };
+        assert!(
+            d.release.contains(&(on_down.0, Some(moved))),
+            "moved to the answer, idle as it was: {:?}",
+            d.release
+        );
+        assert!(
+            d.release.contains(&(expired_on_down.0, None)),
+            "expired: deleted"
+        );
+        assert!(d.protect.is_empty());
     }
 }
