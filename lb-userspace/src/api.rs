@@ -243,6 +243,10 @@ impl Failure {
     }
 }
 
+/// Most sessions one `xlb sessions list` returns: at millions of sessions
+/// the whole map is gigabytes of JSON. The CLI says when it was reached.
+pub const MAX_SESSIONS_LISTED: usize = 100_000;
+
 /// The daemon's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "data", rename_all = "snake_case")]

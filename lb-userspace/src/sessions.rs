@@ -1,7 +1,11 @@
 //! Decoding the affinity map for people and scripts (bpftool shows only hex:
 //! aya 0.14 maps carry no BTF).
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use lb_common::{BACKEND_EMPTY, FAMILY_V4, ServiceKey, bytes_from_words};
@@ -67,8 +71,45 @@ pub fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Which sessions [`list_where`] keeps, and how many at most.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    /// Only this service id.
+    pub service_id: Option<u32>,
+    /// Only sessions on these backend ids.
+    pub backends: Option<HashSet<u32>>,
+    /// At most this many (the first found in walk order, then sorted).
+    pub limit: usize,
+}
+
+impl Filter {
+    /// Every session.
+    pub fn all() -> Self {
+        Self {
+            service_id: None,
+            backends: None,
+            limit: usize::MAX,
+        }
+    }
+
+    fn keeps(&self, key: &lb_common::AffinityKey, backend_id: u32) -> bool {
+        self.service_id.is_none_or(|id| key.service_id == id)
+            && self
+                .backends
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&backend_id))
+    }
+}
+
 /// Every affinity entry, sorted by service then client.
 pub fn list(maps: &PinnedMaps) -> Result<Vec<Session>> {
+    Ok(list_where(maps, &Filter::all())?.0)
+}
+
+/// The sessions `filter` keeps (at most its limit), sorted by service then
+/// client, and how many it matched in all. One walk of both maps, a batch
+/// at a time; the backend records are read once.
+pub fn list_where(maps: &PinnedMaps, filter: &Filter) -> Result<(Vec<Session>, usize)> {
     let mut services: HashMap<u32, (ServiceKey, u8, u8)> = HashMap::new();
     for entry in maps.services.iter() {
         let (key, svc) = entry.context("reading the service map")?;
@@ -76,9 +117,18 @@ pub fn list(maps: &PinnedMaps) -> Result<Vec<Session>> {
             services.insert(svc.id, (key, svc.prefix_v4, svc.prefix_v6));
         }
     }
+    let backends = maps.backend_records()?;
     let now = monotonic_ns();
     let mut out = Vec::new();
-    for (key, value, protected) in maps.all_sessions()? {
+    let mut matched = 0usize;
+    maps.visit_sessions(|key, value, protected| {
+        if !filter.keeps(&key, value.backend_id) {
+            return Ok(());
+        }
+        matched += 1;
+        if out.len() >= filter.limit {
+            return Ok(());
+        }
         let (label, family, prefix) = match services.get(&key.service_id) {
             Some((skey, p4, p6)) => (
                 service_label(skey),
@@ -91,10 +141,8 @@ pub fn list(maps: &PinnedMaps) -> Result<Vec<Session>> {
                 0,
             ),
         };
-        let backend = maps
-            .backends
-            .get(&value.backend_id, 0)
-            .ok()
+        let backend = backends
+            .get(value.backend_id as usize)
             .filter(|b| b.state != BACKEND_EMPTY)
             .map(|b| ip_from_words(&b.addr, b.family));
         out.push(Session {
@@ -108,9 +156,10 @@ pub fn list(maps: &PinnedMaps) -> Result<Vec<Session>> {
                 as u64,
             protected,
         });
-    }
+        Ok(())
+    })?;
     out.sort_by_key(|s| (s.service_id, s.client));
-    Ok(out)
+    Ok((out, matched))
 }
 
 fn guess_family(words: &[u32; 4]) -> u8 {

@@ -65,6 +65,13 @@ pub fn run(args: SessionsArgs, ctx: &Ctx) -> Result<()> {
                 Response::Sessions(l) => l,
                 other => return unexpected(&other),
             };
+            if list.len() >= xlb::api::MAX_SESSIONS_LISTED {
+                eprintln!(
+                    "xlb: showing the first {} sessions (the daemon lists no more at once); \
+                     narrow it with a service and backend, or ask `xlb sessions where CLIENT`",
+                    list.len()
+                );
+            }
             if ctx.json {
                 return print_json(&list);
             }

@@ -17,6 +17,7 @@ use super::lb::{BackendRef, CheckTarget, Lb};
 use super::lb_cluster::{ImportTotals, Proposal};
 use super::metrics::Metrics;
 use super::state::State;
+use super::views::SessionLister;
 use crate::announce::Readiness;
 use crate::api::{Failure, FailureKind, Request, Response, StatusInfo};
 use crate::cluster::msg::{Doc, Hello, WireSession};
@@ -54,6 +55,12 @@ pub enum Msg {
     Cluster(ClusterCall),
     /// A session count from the counter thread (`counts.rs`).
     Counted(Arc<Counted>),
+    /// What `xlb sessions list` needs to walk the maps beside the owner.
+    Lister {
+        service: Option<String>,
+        backend: Option<String>,
+        reply: oneshot::Sender<Result<SessionLister>>,
+    },
 }
 
 /// A cheap, cloneable way to reach the owner thread.
@@ -75,6 +82,9 @@ impl Handle {
                 return Response::Status(info);
             }
         }
+        if let Request::SessionsList { service, backend } = req {
+            return self.list_sessions(service, backend).await;
+        }
         if matches!(req, Request::BackendList { .. }) {
             // Their session counts: a walk begun after the request where walks
             // are cheap, else the latest with its age. The owner has the count
@@ -88,6 +98,33 @@ impl Handle {
         rx.await.unwrap_or_else(|_| {
             Response::error(FailureKind::ShuttingDown, "the daemon is shutting down")
         })
+    }
+
+    /// `xlb sessions list`: the owner names the ids and checks the filter;
+    /// the walk (seconds at millions of sessions) runs on a blocking thread
+    /// with descriptors of its own.
+    async fn list_sessions(&self, service: Option<String>, backend: Option<String>) -> Response {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::Lister {
+            service,
+            backend,
+            reply,
+        };
+        if self.tx.send(msg).is_err() {
+            return Response::error(FailureKind::ShuttingDown, "the daemon is shutting down");
+        }
+        let lister = match rx.await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return Response::Error(Failure::of(&e, FailureKind::Failed)),
+            Err(_) => {
+                return Response::error(FailureKind::ShuttingDown, "the daemon is shutting down");
+            }
+        };
+        match tokio::task::spawn_blocking(move || lister.list()).await {
+            Ok(Ok(list)) => Response::Sessions(list),
+            Ok(Err(e)) => Response::Error(Failure::of(&e, FailureKind::Failed)),
+            Err(e) => Response::error(FailureKind::Failed, format!("listing sessions: {e}")),
+        }
     }
 
     /// `xlb status` without the owner: what it published after the last
@@ -439,6 +476,13 @@ fn run(
                     }
                 }
             }
+            Ok(Msg::Lister {
+                service,
+                backend,
+                reply,
+            }) => {
+                let _ = reply.send(lb.session_lister(service.as_deref(), backend.as_deref()));
+            }
             Ok(Msg::Hops(hops)) => {
                 if let Err(e) = lb.set_hops(hops) {
                     tracing::error!("writing new next hops failed (reconcile retries): {e:#}");
@@ -588,9 +632,10 @@ pub fn handle(lb: &mut Lb, req: Request) -> Response {
             | Request::BackendDrain { .. }
             | Request::BackendUndrain { .. }
             | Request::BackendWeight { .. }) => Response::Done(lb.runtime_change(req)?),
-            Request::SessionsList { service, backend } => {
-                Response::Sessions(lb.sessions(service.as_deref(), backend.as_deref())?)
-            }
+            Request::SessionsList { service, backend } => Response::Sessions(
+                lb.session_lister(service.as_deref(), backend.as_deref())?
+                    .list()?,
+            ),
             Request::SessionsWhere { client, service } => {
                 Response::Where(lb.where_is(client, service.as_deref())?)
             }

@@ -224,44 +224,34 @@ impl Lb {
         Ok((sid, bids))
     }
 
-    /// `xlb sessions list`.
-    pub fn sessions(
+    /// What `xlb sessions list` needs to walk the maps without the owner:
+    /// the pin directory, the filter, and the names of the ids.
+    pub fn session_lister(
         &self,
         service: Option<&str>,
         backend: Option<&str>,
-    ) -> Result<Vec<SessionInfo>> {
+    ) -> Result<SessionLister> {
         let (sid, bids) = self.id_filters(service, backend)?;
-        let names: HashMap<u32, &BackendRef> = self
-            .writer
-            .backend_ids()
-            .iter()
-            .map(|(r, id)| (*id, r))
-            .collect();
-        let svc_names: HashMap<u32, &String> = self
-            .writer
-            .service_ids()
-            .iter()
-            .map(|(n, id)| (*id, n))
-            .collect();
-        let list = crate::sessions::list(self.writer.maps())?;
-        Ok(list
-            .into_iter()
-            .filter(|s| sid.is_none_or(|id| s.service_id == id))
-            .filter(|s| bids.as_ref().is_none_or(|ids| ids.contains(&s.backend_id)))
-            .map(|s| SessionInfo {
-                service: svc_names
-                    .get(&s.service_id)
-                    .map_or_else(|| format!("#{}", s.service_id), |n| (*n).clone()),
-                client: s.client,
-                prefix: s.prefix,
-                backend: names
-                    .get(&s.backend_id)
-                    .map_or_else(|| format!("#{}", s.backend_id), |r| r.backend.clone()),
-                backend_address: s.backend,
-                idle_ms: s.idle_ms,
-                protected: s.protected,
-            })
-            .collect())
+        Ok(SessionLister {
+            dir: self.writer.maps().dir.clone(),
+            filter: crate::sessions::Filter {
+                service_id: sid,
+                backends: bids,
+                limit: crate::api::MAX_SESSIONS_LISTED,
+            },
+            backends: self
+                .writer
+                .backend_ids()
+                .iter()
+                .map(|(r, id)| (*id, r.backend.clone()))
+                .collect(),
+            services: self
+                .writer
+                .service_ids()
+                .iter()
+                .map(|(n, id)| (*id, n.clone()))
+                .collect(),
+        })
     }
 
     /// `xlb sessions where`.
@@ -363,5 +353,50 @@ impl Lb {
                 .map(|(r, id)| (*id, r.service.clone(), r.backend.clone())),
         );
         Ok(snap)
+    }
+}
+
+/// `xlb sessions list`, walked with descriptors of its own (a walk of
+/// millions of sessions takes seconds: never on the owner).
+pub struct SessionLister {
+    dir: std::path::PathBuf,
+    filter: crate::sessions::Filter,
+    backends: HashMap<u32, String>,
+    services: HashMap<u32, String>,
+}
+
+impl SessionLister {
+    /// The sessions, at most [`crate::api::MAX_SESSIONS_LISTED`].
+    pub fn list(self) -> Result<Vec<SessionInfo>> {
+        let maps = crate::pins::PinnedMaps::open(&self.dir)?;
+        let (list, matched) = crate::sessions::list_where(&maps, &self.filter)?;
+        if matched > list.len() {
+            tracing::info!(
+                listed = list.len(),
+                matched,
+                "sessions list: {matched} sessions match; listed the first {}",
+                list.len()
+            );
+        }
+        Ok(list
+            .into_iter()
+            .map(|s| SessionInfo {
+                service: self
+                    .services
+                    .get(&s.service_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{}", s.service_id)),
+                client: s.client,
+                prefix: s.prefix,
+                backend: self
+                    .backends
+                    .get(&s.backend_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{}", s.backend_id)),
+                backend_address: s.backend,
+                idle_ms: s.idle_ms,
+                protected: s.protected,
+            })
+            .collect())
     }
 }
