@@ -108,6 +108,21 @@ pub enum Request {
     ClusterStatus,
 }
 
+impl Request {
+    /// Whether it is one of the runtime changes of a backend (`xlb backend
+    /// add|remove|drain|undrain|weight`).
+    pub fn is_backend_change(&self) -> bool {
+        matches!(
+            self,
+            Self::BackendAdd { .. }
+                | Self::BackendRemove { .. }
+                | Self::BackendDrain { .. }
+                | Self::BackendUndrain { .. }
+                | Self::BackendWeight { .. }
+        )
+    }
+}
+
 /// Fields each op takes besides `op`, so unknown fields are refused for every
 /// op (serde's `deny_unknown_fields` lets them through on ops without fields).
 const OP_FIELDS: &[(&str, &[&str])] = &[

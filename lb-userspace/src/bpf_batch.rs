@@ -372,7 +372,7 @@ pub fn visit_hash<K: Pod + Eq + std::hash::Hash, V: Pod>(
 /// on later: what lets the owner serve its mailbox in the middle of a walk
 /// of millions of sessions. Between chunks the map may change; as with
 /// [`visit_hash`], no element present throughout the walk is missed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HashCursor<K, V> {
     /// The kernel's batch token (a bucket index) where the next chunk starts.
     token: Option<u32>,
@@ -381,6 +381,12 @@ pub struct HashCursor<K, V> {
     done: bool,
     /// Where the kernel has no batch ops: the whole map, read at once.
     fallback: Option<std::vec::IntoIter<(K, V)>>,
+}
+
+impl<K: Pod + Eq + std::hash::Hash, V: Pod> Default for HashCursor<K, V> {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl<K: Pod + Eq + std::hash::Hash, V: Pod> HashCursor<K, V> {
@@ -444,7 +450,7 @@ impl<K: Pod + Eq + std::hash::Hash, V: Pod> HashCursor<K, V> {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.done = true,
                 // One bucket holds more elements than the chunk: retry bigger.
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < (1 << 20) => {
-                    self.chunk *= 2;
+                    self.chunk = (chunk * 2).max(HASH_CHUNK);
                     continue;
                 }
                 Err(e) if self.seen == 0 && self.token.is_none() && unsupported(&e) => {
@@ -520,6 +526,64 @@ mod tests {
         }
         // SAFETY: the kernel returned a new descriptor that we now own.
         Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// A fresh hash map of u32 to u32 through aya, or None (not root).
+    fn hash(max_entries: u32) -> Option<aya::maps::HashMap<MapData, u32, u32>> {
+        let mut attr = CreateAttr {
+            map_type: 1, // BPF_MAP_TYPE_HASH
+            key_size: 4,
+            value_size: 4,
+            max_entries,
+            map_flags: 0,
+        };
+        // SAFETY: attr is a live BPF_MAP_CREATE attr of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_CREATE,
+                std::ptr::from_mut(&mut attr).cast::<libc::c_void>(),
+                size_of::<CreateAttr>(),
+            )
+        };
+        if fd < 0 {
+            eprintln!("skipping: cannot create a BPF map");
+            return None;
+        }
+        // SAFETY: the kernel returned a new descriptor that we now own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let data = MapData::from_fd(fd).expect("map data");
+        Some(aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("a hash map"))
+    }
+
+    /// A cursor made any way (new or default) walks the whole map in
+    /// bounded chunks and ends; deletes between chunks lose nothing else.
+    #[test]
+    fn a_cursor_walks_a_hash_map_in_chunks_and_ends() {
+        let Some(mut map) = hash(20_000) else { return };
+        let keys: Vec<u32> = (0..10_000).collect();
+        let values: Vec<u32> = keys.iter().map(|k| k ^ 0x5a5a).collect();
+        update(map.map().fd(), &keys, &values).expect("batch update");
+        for mut cursor in [HashCursor::default(), HashCursor::new()] {
+            let mut seen = std::collections::HashMap::new();
+            let mut chunks = 0;
+            while let Some(chunk) = cursor.next_chunk(&map).expect("a chunk") {
+                assert!(!chunk.is_empty() && chunk.len() <= HASH_CHUNK * 2);
+                chunks += 1;
+                assert!(chunks < 100, "the walk does not end");
+                seen.extend(chunk);
+            }
+            assert_eq!(seen.len(), 10_000);
+            assert!(seen.iter().all(|(k, v)| *v == k ^ 0x5a5a));
+            assert!(cursor.next_chunk(&map).expect("after the end").is_none());
+        }
+        let odd: Vec<u32> = (0..10_000).filter(|k| k % 2 == 1).collect();
+        assert_eq!(delete_keys(&mut map, &odd).expect("delete"), 5_000);
+        // Already gone: skipped, not an error.
+        assert_eq!(delete_keys(&mut map, &odd[..10]).expect("delete again"), 0);
+        let left = read_hash(&map).expect("read");
+        assert_eq!(left.len(), 5_000);
+        assert!(left.iter().all(|(k, _)| k % 2 == 0));
     }
 
     #[test]

@@ -322,6 +322,11 @@ impl PinnedMaps {
             .context("reading the protected session map")
     }
 
+    /// A walk of both session maps a chunk at a time ([`SessionCursor`]).
+    pub fn session_cursor(&self) -> SessionCursor {
+        SessionCursor::default()
+    }
+
     /// One client's session, as the kernel finds it: the LRU first, then
     /// the protected map. The flag says which.
     pub fn session(&self, key: &AffinityKey) -> Option<(Affinity, bool)> {
@@ -495,5 +500,52 @@ mod tests {
         assert!(remove_all(&iface).expect("nothing").is_empty());
         assert!(pin_dir.exists(), "untouched when nothing was pinned");
         let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+/// One chunk of a [`SessionCursor`]: whether it is of the protected map, and its sessions.
+pub type SessionChunk = (bool, Vec<(AffinityKey, Affinity)>);
+
+/// A walk of both session maps, the LRU and then the protected map, a
+/// chunk at a time, that may stop between chunks (see
+/// [`bpf_batch::HashCursor`]).
+#[derive(Debug, Default)]
+pub struct SessionCursor {
+    in_protected: bool,
+    cursor: bpf_batch::HashCursor<AffinityKey, Affinity>,
+    done: usize,
+}
+
+impl SessionCursor {
+    /// The next chunk and whether it is of the protected map; `None` once
+    /// both maps are done.
+    pub fn next_chunk(&mut self, maps: &PinnedMaps) -> Result<Option<SessionChunk>> {
+        loop {
+            let map = if self.in_protected {
+                &maps.protected
+            } else {
+                &maps.affinity
+            };
+            match self
+                .cursor
+                .next_chunk(map)
+                .context("reading the sessions")?
+            {
+                Some(chunk) => {
+                    self.done += chunk.len();
+                    return Ok(Some((self.in_protected, chunk)));
+                }
+                None if self.in_protected => return Ok(None),
+                None => {
+                    self.in_protected = true;
+                    self.cursor = bpf_batch::HashCursor::new();
+                }
+            }
+        }
+    }
+
+    /// Sessions read so far, both maps.
+    pub fn seen(&self) -> usize {
+        self.done
     }
 }

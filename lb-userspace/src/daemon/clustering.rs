@@ -87,16 +87,7 @@ pub async fn ask(tx: &mpsc::Sender<LocalRequest>, request: Request) -> Response 
 
 /// Whether the cluster task, not the owner alone, answers `req`.
 pub fn is_cluster_request(req: &Request) -> bool {
-    matches!(
-        req,
-        Request::BackendAdd { .. }
-            | Request::BackendRemove { .. }
-            | Request::BackendDrain { .. }
-            | Request::BackendUndrain { .. }
-            | Request::BackendWeight { .. }
-            | Request::SessionsFlush { .. }
-            | Request::ClusterStatus
-    )
+    req.is_backend_change() || matches!(req, Request::SessionsFlush { .. } | Request::ClusterStatus)
 }
 
 #[derive(Default)]

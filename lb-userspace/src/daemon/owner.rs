@@ -673,16 +673,7 @@ pub fn handle(lb: &mut Lb, req: Request) -> Response {
 
 /// Whether `req` asks for a change (else it only reads).
 fn is_change(req: &Request) -> bool {
-    matches!(
-        req,
-        Request::BackendAdd { .. }
-            | Request::BackendRemove { .. }
-            | Request::BackendDrain { .. }
-            | Request::BackendUndrain { .. }
-            | Request::BackendWeight { .. }
-            | Request::SessionsFlush { .. }
-            | Request::Reload
-    )
+    req.is_backend_change() || matches!(req, Request::SessionsFlush { .. } | Request::Reload)
 }
 
 #[cfg(test)]

@@ -609,20 +609,18 @@ impl Writer {
     /// may be under way (it could protect sessions deleted here).
     pub fn flush(&mut self, sid: Option<u32>, bids: Option<&HashSet<u32>>) -> Result<usize> {
         let mut n = 0;
-        for protected in [false, true] {
-            let mut cursor = crate::bpf_batch::HashCursor::new();
-            while let Some(chunk) = cursor.next_chunk(self.maps.session_map(protected))? {
-                let doomed: Vec<AffinityKey> = chunk
-                    .into_iter()
-                    .filter(|(key, value)| {
-                        sid.is_none_or(|id| key.service_id == id)
-                            && bids.is_none_or(|ids| ids.contains(&value.backend_id))
-                    })
-                    .map(|(key, _)| key)
-                    .collect();
-                n += crate::bpf_batch::delete_keys(self.maps.session_map(protected), &doomed)
-                    .context("deleting sessions")?;
-            }
+        let mut cursor = self.maps.session_cursor();
+        while let Some((protected, chunk)) = cursor.next_chunk(&self.maps)? {
+            let doomed: Vec<AffinityKey> = chunk
+                .into_iter()
+                .filter(|(key, value)| {
+                    sid.is_none_or(|id| key.service_id == id)
+                        && bids.is_none_or(|ids| ids.contains(&value.backend_id))
+                })
+                .map(|(key, _)| key)
+                .collect();
+            n += crate::bpf_batch::delete_keys(self.maps.session_map(protected), &doomed)
+                .context("deleting sessions")?;
         }
         Ok(n)
     }

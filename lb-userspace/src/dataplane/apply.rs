@@ -745,9 +745,7 @@ fn move_sessions(maps: &mut PinnedMaps, service_id: u32, from: u32, to: u32) -> 
 struct Purge {
     services: BTreeSet<u32>,
     backends: BTreeSet<u32>,
-    /// Walking the protected map (the LRU is done).
-    in_protected: bool,
-    cursor: bpf_batch::HashCursor<AffinityKey, Affinity>,
+    cursor: crate::pins::SessionCursor,
     /// Sessions deleted so far.
     removed: usize,
 }
@@ -757,8 +755,7 @@ impl Purge {
         Self {
             services,
             backends,
-            in_protected: false,
-            cursor: bpf_batch::HashCursor::new(),
+            cursor: crate::pins::SessionCursor::default(),
             removed: 0,
         }
     }
@@ -769,24 +766,7 @@ impl Purge {
             return Ok(true);
         }
         let mut left = budget.max(1);
-        loop {
-            let map = if self.in_protected {
-                &mut maps.protected
-            } else {
-                &mut maps.affinity
-            };
-            let Some(chunk) = self
-                .cursor
-                .next_chunk(map)
-                .context("reading the sessions")?
-            else {
-                if self.in_protected {
-                    return Ok(true);
-                }
-                self.in_protected = true;
-                self.cursor = bpf_batch::HashCursor::new();
-                continue;
-            };
+        while let Some((protected, chunk)) = self.cursor.next_chunk(maps)? {
             left = left.saturating_sub(chunk.len());
             let doomed: Vec<AffinityKey> = chunk
                 .into_iter()
@@ -797,12 +777,13 @@ impl Purge {
                 .map(|(key, _)| key)
                 .collect();
             // Already gone (LRU eviction) is fine.
-            self.removed +=
-                bpf_batch::delete_keys(map, &doomed).context("deleting removed sessions")?;
+            self.removed += bpf_batch::delete_keys(maps.session_map(protected), &doomed)
+                .context("deleting removed sessions")?;
             if left == 0 {
                 return Ok(false);
             }
         }
+        Ok(true)
     }
 }
 

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use lb_common::{Affinity, AffinityKey, NO_BACKEND};
+use lb_common::NO_BACKEND;
 
 use super::protect::answer;
 use crate::{bpf_batch, pins::PinnedMaps};
@@ -23,9 +23,7 @@ pub struct Rewrite {
     ids: HashSet<u32>,
     /// The live table of every service one of `ids` belongs to.
     tables: HashMap<u32, Arc<[u32]>>,
-    /// Walking the protected map (the LRU is done).
-    in_protected: bool,
-    cursor: bpf_batch::HashCursor<AffinityKey, Affinity>,
+    cursor: crate::pins::SessionCursor,
     moved: HashMap<u32, u64>,
 }
 
@@ -54,8 +52,7 @@ impl Rewrite {
         Ok(Self {
             ids,
             tables,
-            in_protected: false,
-            cursor: bpf_batch::HashCursor::new(),
+            cursor: crate::pins::SessionCursor::default(),
             moved: HashMap::new(),
         })
     }
@@ -65,7 +62,7 @@ impl Rewrite {
         &self.moved
     }
 
-    /// Sessions read so far in the map being walked.
+    /// Sessions read so far.
     pub fn seen(&self) -> usize {
         self.cursor.seen()
     }
@@ -76,20 +73,7 @@ impl Rewrite {
             return Ok(true);
         }
         let mut left = budget.max(1);
-        loop {
-            let map = maps.session_map(self.in_protected);
-            let Some(chunk) = self
-                .cursor
-                .next_chunk(map)
-                .context("reading the sessions")?
-            else {
-                if self.in_protected {
-                    return Ok(true);
-                }
-                self.in_protected = true;
-                self.cursor = bpf_batch::HashCursor::new();
-                continue;
-            };
+        while let Some((protected, chunk)) = self.cursor.next_chunk(maps)? {
             left = left.saturating_sub(chunk.len());
             let (mut keys, mut values, mut gone) = (Vec::new(), Vec::new(), Vec::new());
             for (key, mut value) in chunk {
@@ -117,6 +101,7 @@ impl Rewrite {
                     values.push(value);
                 }
             }
+            let map = maps.session_map(protected);
             let (_, skipped) = bpf_batch::update_keys(map, &keys, &values)
                 .context("rewriting the sessions of unusable backends")?;
             if skipped > 0 {
@@ -131,5 +116,6 @@ impl Rewrite {
                 return Ok(false);
             }
         }
+        Ok(true)
     }
 }
