@@ -441,3 +441,62 @@ fn at_scale_part_smallest_configuration() {
 fn names(t: &Table) -> Vec<&str> {
     t.rows.iter().map(|r| r.name.as_str()).collect()
 }
+
+/// Part 7 at its smallest: both runs make the added backend live on every node, and
+/// what issue 16 accepts holds (sessions here are few, so nothing is slow): no round
+/// given up, no node losing sight of a peer, no sampled client moved; the acceptance
+/// paragraph reaches the report.
+#[test]
+fn cluster_part_smallest_configuration() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the bench loads XDP: run as root"
+    );
+    let c = xlb_tests::bench::cluster::part_cluster(Budget::SMOKE).expect("part 7 (cluster)");
+    assert_eq!(c.runs.len(), 2, "{c:#?}");
+    for run in &c.runs {
+        let a = &run.acceptance;
+        assert_eq!(
+            run.sessions_per_node,
+            u64::from(Budget::SMOKE.cluster_sessions)
+        );
+        assert!(run.rounds >= 1, "no round made the backend live: {run:#?}");
+        assert!(a.sampled > 1_000, "{a:#?}");
+        assert_eq!(a.differ_before, 0, "the planted sessions were off: {a:#?}");
+        // A quarter (be4) or a fifth (be5) get a new Maglev answer: the check has teeth.
+        assert!(
+            a.at_stake * 8 > a.sampled,
+            "too few clients at stake: {a:#?}"
+        );
+        assert_eq!(a.moved, 0, "clients moved: {a:#?}");
+        assert_eq!(a.moved_after_refresh, 0, "clients moved: {a:#?}");
+        assert_eq!(a.rounds_given_up, 0, "{a:#?}");
+        assert!(a.gave_up_lines.is_empty(), "{a:#?}");
+        assert_eq!(a.peers_seen_dead, 0, "{a:#?}");
+        assert!(a.not_live_seen.is_empty(), "{a:#?}");
+        assert_eq!(a.max_hello_age_ms.len(), 3, "{a:#?}");
+        assert!(
+            a.max_hello_age_ms.iter().all(Option::is_some),
+            "no Hello age polled: {a:#?}"
+        );
+    }
+    let r = xlb_tests::bench::Report {
+        command: "bench_smoke".into(),
+        quick: true,
+        cluster: Some(c),
+        ..Default::default()
+    };
+    let md = report::markdown(&r);
+    assert!(
+        md.contains("### Cluster: replication of a backend add"),
+        "{md}"
+    );
+    assert!(md.contains("Acceptance (issue 16"), "{md}");
+    assert!(md.contains("0 round(s) given up"), "{md}");
+    assert!(
+        ip_netns_empty_of("bcl"),
+        "the cluster part left namespaces behind"
+    );
+}

@@ -56,6 +56,7 @@ fn run() -> Result<()> {
     let mut only: Vec<String> = Vec::new();
     let mut pick_generator = None;
     let mut at_scale: Option<&'static [u32]> = None;
+    let mut cluster_sessions: Option<u32> = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -89,6 +90,18 @@ fn run() -> Result<()> {
                 // The budget holds static slices; this one lives as long as the run.
                 at_scale = Some(Box::leak(counts.into_boxed_slice()));
             }
+            "--cluster-sessions" => {
+                let n = it
+                    .next()
+                    .context("--cluster-sessions needs a count per node, e.g. 1000000")?;
+                let n = n
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .with_context(|| format!("--cluster-sessions: {n:?} is not a count"))?;
+                cluster_sessions = Some(n);
+            }
             "--only" => {
                 let part = it.next().context("--only needs a part name")?;
                 if !PARTS.contains(&part.as_str()) {
@@ -99,7 +112,8 @@ fn run() -> Result<()> {
             other => {
                 bail!(
                     "unknown argument {other:?} (use --quick, --smoke, --out DIR, --only PART, \
-                     --generator auto|live-frames|af-packet, --sessions N[,N])"
+                     --generator auto|live-frames|af-packet, --sessions N[,N], \
+                     --cluster-sessions N)"
                 )
             }
         }
@@ -110,6 +124,9 @@ fn run() -> Result<()> {
     }
     if let Some(counts) = at_scale {
         budget.at_scale_sessions = counts;
+    }
+    if let Some(n) = cluster_sessions {
+        budget.cluster_sessions = n;
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
