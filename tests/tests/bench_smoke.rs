@@ -481,6 +481,11 @@ fn cluster_part_smallest_configuration() {
             a.max_hello_age_ms.iter().all(Option::is_some),
             "no Hello age polled: {a:#?}"
         );
+        assert_eq!(
+            a.coordinators_seen,
+            vec![vec![1]; 3],
+            "a node took over coordination: {a:#?}"
+        );
     }
     let r = xlb_tests::bench::Report {
         command: "bench_smoke".into(),

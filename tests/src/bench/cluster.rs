@@ -166,10 +166,21 @@ pub struct Acceptance {
     pub max_status_ms: Vec<f64>,
     /// Status calls that failed while polled (each with its error).
     pub status_errors: Vec<String>,
+    /// Per node: every coordinator its polled statuses named (one, node 1, unless a
+    /// node lost sight of it and took over).
+    pub coordinators_seen: Vec<Vec<u64>>,
+    /// Per node: the slowest `xlb backend list` while waiting for the backend to be
+    /// active, ms (its owner thread was busy that long).
+    pub max_backend_list_ms: Vec<f64>,
     /// Per node: when a polled status last showed its `sessions_received` grow, ms after
     /// the CLI call (replication to it was still arriving then; compare `live_at_ms` of
     /// the up-round and `live_everywhere_ms`).
     pub received_last_ms: Vec<Option<f64>>,
+    /// Every status poll of the run after the CLI call: (ms after it, `sessions_received`
+    /// per node), the replication's progress.
+    pub received_timeline: Vec<(f64, Vec<Option<u64>>)>,
+    /// When the moved check (right after agreement) had read every node, ms after the
+    /// CLI call.
     /// Planted sessions compared (a sample of each loaded node's).
     pub sampled: u64,
     /// Sampled sessions some node would have sent elsewhere than their own node before
@@ -178,6 +189,7 @@ pub struct Acceptance {
     /// Sampled sessions whose Maglev answer the add changed on some node: those that
     /// move unless their session (replicated if a peer's) holds them.
     pub at_stake: u64,
+    pub moved_checked_ms: f64,
     /// Sampled sessions some node sends to another backend after the add than before.
     pub moved: u64,
     /// Per node: the sampled sessions it sends to another backend after the add.
@@ -328,6 +340,12 @@ struct Watch {
     received: Vec<Option<u64>>,
     /// Per node: when a poll last saw `sessions_received` grow, ms after `t0`.
     received_grew_ms: Vec<Option<f64>>,
+    /// Every poll after `t0`: (ms after it, `sessions_received` per node).
+    timeline: Vec<(f64, Vec<Option<u64>>)>,
+    /// Per node: the coordinators its statuses named.
+    coordinators: Vec<BTreeSet<u64>>,
+    /// Per node: the slowest `xlb backend list` (answered by its owner thread), ms.
+    slowest_list: Vec<f64>,
 }
 
 impl Watch {
@@ -344,6 +362,9 @@ impl Watch {
             t0: None,
             received: vec![None; NODES],
             received_grew_ms: vec![None; NODES],
+            timeline: Vec::new(),
+            coordinators: vec![BTreeSet::new(); NODES],
+            slowest_list: vec![0.0; NODES],
         }
     }
 
@@ -383,6 +404,10 @@ impl Watch {
                 }
             }
         }
+        if let Some(t0) = self.t0 {
+            self.timeline
+                .push((ms(t0.elapsed()), self.received.clone()));
+        }
         out
     }
 
@@ -397,6 +422,9 @@ impl Watch {
             if state != "live" {
                 self.not_live.insert(format!("lb{i}: node {id} {state}"));
             }
+        }
+        if let Some(c) = s["coordinator"].as_u64() {
+            self.coordinators[i - 1].insert(c);
         }
         let g = s["rounds_gave_up"].as_u64().unwrap_or(0);
         self.gave_up_now[i - 1] = g;
@@ -454,7 +482,10 @@ fn wait_agreed(
         let mut ok = true;
         if let Some(name) = active {
             for i in 1..=NODES {
-                if backend_state(lab, i, name)? != "active" {
+                let t = Instant::now();
+                let state = backend_state(lab, i, name)?;
+                watch.slowest_list[i - 1] = watch.slowest_list[i - 1].max(ms(t.elapsed()));
+                if state != "active" {
                     ok = false;
                     break;
                 }
@@ -723,6 +754,7 @@ fn measure_add(
     let after = wait_agreed(lab, Some(added), timeout, watch)?;
     let live_everywhere_ms = ms(t.elapsed());
     let (now, maglev) = where_now(lab, &clients)?;
+    let moved_checked_ms = ms(t.elapsed());
     let (moved, moved_on) = differing(&reference, &now);
     // The clients only their sessions keep: the new tables answer another backend.
     let (at_stake, _) = differing(&reference, &maglev);
@@ -778,6 +810,14 @@ fn measure_add(
     acceptance.max_status_ms = watch.slowest.clone();
     acceptance.status_errors = watch.errors.clone();
     acceptance.received_last_ms = watch.received_grew_ms.clone();
+    acceptance.received_timeline = watch.timeline.clone();
+    acceptance.coordinators_seen = watch
+        .coordinators
+        .iter()
+        .map(|c| c.iter().copied().collect())
+        .collect();
+    acceptance.max_backend_list_ms = watch.slowest_list.clone();
+    acceptance.moved_checked_ms = moved_checked_ms;
     acceptance.sampled = clients.len() as u64;
     acceptance.differ_before = differ_before;
     acceptance.at_stake = at_stake;
@@ -872,7 +912,9 @@ fn acceptance_md(runs: &[ClusterRun]) -> String {
             format_args!(
                 "\n- **{}**: {} round(s) given up; {} time(s) a node lost sight of a peer \
                  (log), peers not live in a polled status: {}; oldest Hello a node's status \
-                 showed (ms): {}; slowest `cluster status` (ms): {}; clients moved: {} of {} \
+                 showed (ms): {}; slowest `cluster status` (ms): {}; slowest `backend list` \
+                 (ms): {}; coordinators named: {}; clients moved (read {:.0} ms after the CLI call, at \
+                 agreement): {} of {} \
                  sampled planted sessions on some node, {} of them with a new Maglev answer \
                  ({} per node; {} after the refresh; {} differed before the add).",
                 run.name,
@@ -890,6 +932,23 @@ fn acceptance_md(runs: &[ClusterRun]) -> String {
                     .map(|(k, x)| format!("lb{} {x:.0}", k + 1))
                     .collect::<Vec<_>>()
                     .join(", "),
+                a.max_backend_list_ms
+                    .iter()
+                    .enumerate()
+                    .map(|(k, x)| format!("lb{} {x:.0}", k + 1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                a.coordinators_seen
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| format!(
+                        "lb{} {}",
+                        k + 1,
+                        c.iter().map(u64::to_string).collect::<Vec<_>>().join("+")
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                a.moved_checked_ms,
                 a.moved,
                 a.sampled,
                 a.at_stake,
@@ -1044,7 +1103,12 @@ fn round_line(line: &str) -> Option<(String, Line)> {
             .or_else(|| rest.split_once(" is live on this node").map(|(v, _)| v))?;
         return Some((version.to_string(), Line::Live));
     }
-    let rest = line.split(" — preparing version ").nth(1)?;
+    // A CLI change: "… — preparing version V"; the health verdict or a first version:
+    // "…; preparing version V".
+    let rest = line
+        .split(" — preparing version ")
+        .nth(1)
+        .or_else(|| line.split("; preparing version ").nth(1))?;
     let version = rest.split_whitespace().next()?;
     Some((version.to_string(), Line::Preparing))
 }
@@ -1213,7 +1277,9 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("clients moved: 0 of 4096 sampled planted sessions"),
+            md.contains(
+                "clients moved (read 0 ms after the CLI call, at agreement): 0 of 4096 sampled"
+            ),
             "{md}"
         );
         assert!(md.contains("affinity_max_entries = 262144"), "{md}");
@@ -1285,7 +1351,7 @@ mod tests {
 2026-11-30T10:00:00.000000Z  INFO xlb::daemon::clustering: cluster: backend add — preparing version 3.1 version=3.1
 2026-11-30T10:00:00.010000Z  INFO xlb::daemon::clustering: cluster: prepared version 3.1: sent the 0 sessions it makes divergent to every peer version=3.1 divergent=0
 2026-11-30T10:00:00.020000Z  INFO xlb::daemon::clustering: cluster: version 3.1 is live on this node version=3.1
-2026-11-30T10:00:01.000000Z  INFO xlb::daemon::clustering: cluster: be4 up — preparing version 4.1 version=4.1
+2026-11-30T10:00:01.000000Z  INFO xlb::daemon::clustering: cluster: the nodes' health checks (or drains) changed the cluster's verdict; preparing version 4.1 version=4.1 down=[] up=[\"http-v4/be4\"] drains_finished=[]
 2026-11-30T10:00:01.200000Z  INFO xlb::daemon::clustering: cluster: prepared version 4.1: sent the 25000 sessions it makes divergent to every peer version=4.1 divergent=25000
 2026-11-30T10:00:01.900000Z  INFO xlb::daemon::clustering: cluster: version 4.1 is live on this node version=4.1
 "
@@ -1303,6 +1369,10 @@ mod tests {
         assert_eq!(up.divergent, vec![Some(25000), Some(3)]);
         let d = up.end.expect("end") - up.start.expect("start");
         assert!((d - 1.0).abs() < 1e-6, "{d}");
+        // The coordinator's prepare: its "preparing" to its "prepared" line.
+        let p = up.prepare_ms.expect("prepare");
+        assert!((p - 200.0).abs() < 1e-3, "{p}");
+        assert_eq!(rounds[0].preparing.map(|(k, _)| k), Some(0));
         // Nothing outside (from, to].
         assert!(rounds_in_logs(&[String::new()], "4.1", "4.1").is_empty());
     }
