@@ -474,6 +474,7 @@ fn cluster_part_smallest_configuration() {
         assert_eq!(a.moved_after_refresh, 0, "clients moved: {a:#?}");
         assert_eq!(a.rounds_given_up, 0, "{a:#?}");
         assert!(a.gave_up_lines.is_empty(), "{a:#?}");
+        assert!(a.takeover_lines.is_empty(), "{a:#?}");
         assert_eq!(a.peers_seen_dead, 0, "{a:#?}");
         assert!(a.not_live_seen.is_empty(), "{a:#?}");
         assert_eq!(a.max_hello_age_ms.len(), 3, "{a:#?}");

@@ -150,6 +150,10 @@ pub struct Acceptance {
     pub rounds_given_up: u64,
     /// The daemons' "swapping to version … without Done from nodes …" lines of the run.
     pub gave_up_lines: Vec<String>,
+    /// Versions prepared by a node other than lb1 (its "preparing version" lines): it saw
+    /// no lower node live, coordinated, and its round waited only for the peers it saw
+    /// live, possibly none (a round given up without the warning).
+    pub takeover_lines: Vec<String>,
     /// Times a node lost sight of a peer during the run: a peer's "is live" line logged
     /// again (its Hellos had been older than `LIVE_FOR`, 3 s, when this node looked), or
     /// a link down.
@@ -845,6 +849,9 @@ fn read_logs(logs: &[String]) -> Acceptance {
             let shown = || format!("lb{}: {}", k + 1, line.trim());
             if line.contains("cluster: swapping to version ") && line.contains("without Done") {
                 a.gave_up_lines.push(shown());
+            } else if k > 0 && matches!(round_line(line), Some((_, Line::Preparing))) {
+                // Only the coordinator prepares; lb1 is it while it is live to everyone.
+                a.takeover_lines.push(shown());
             } else if peer_lost_line(line) {
                 a.peers_seen_dead += 1;
                 a.peer_lines.push(shown());
@@ -873,10 +880,11 @@ fn peer_lost_line(line: &str) -> bool {
 fn acceptance_line(run: &ClusterRun) -> String {
     let a = &run.acceptance;
     format!(
-        "{}: rounds given up {}, peers seen dead {}, clients moved {} of {} sampled ({} with a new \
+        "{}: rounds given up {}, versions by another node {}, peers seen dead {}, clients moved {} of {} sampled ({} with a new \
          Maglev answer; {} moved after the refresh), oldest Hello seen {} ms, slowest status {:.0} ms",
         run.name,
         a.rounds_given_up.max(a.gave_up_lines.len() as u64),
+        a.takeover_lines.len(),
         a.peers_seen_dead + a.not_live_seen.len() as u64,
         a.moved,
         a.sampled,
@@ -910,7 +918,8 @@ fn acceptance_md(runs: &[ClusterRun]) -> String {
         let _ = std::fmt::Write::write_fmt(
             &mut s,
             format_args!(
-                "\n- **{}**: {} round(s) given up; {} time(s) a node lost sight of a peer \
+                "\n- **{}**: {} round(s) given up; {} version(s) prepared by a node other than \
+                 lb1; {} time(s) a node lost sight of a peer \
                  (log), peers not live in a polled status: {}; oldest Hello a node's status \
                  showed (ms): {}; slowest `cluster status` (ms): {}; slowest `backend list` \
                  (ms): {}; coordinators named: {}; clients moved (read {:.0} ms after the CLI call, at \
@@ -919,6 +928,7 @@ fn acceptance_md(runs: &[ClusterRun]) -> String {
                  ({} per node; {} after the refresh; {} differed before the add).",
                 run.name,
                 a.rounds_given_up.max(a.gave_up_lines.len() as u64),
+                a.takeover_lines.len(),
                 a.peers_seen_dead,
                 if a.not_live_seen.is_empty() {
                     "none".to_string()
@@ -998,7 +1008,8 @@ fn acceptance_md(runs: &[ClusterRun]) -> String {
                 ),
             );
         }
-        for line in a.gave_up_lines.iter().chain(&a.peer_lines).take(12) {
+        let lines = a.gave_up_lines.iter().chain(&a.takeover_lines);
+        for line in lines.chain(&a.peer_lines).take(16) {
             let _ = std::fmt::Write::write_fmt(&mut s, format_args!("\n  - `{line}`"));
         }
     }
@@ -1272,7 +1283,7 @@ mod tests {
         );
         assert!(
             md.contains(
-                "- **be4 added**: 0 round(s) given up; 0 time(s) a node lost sight of a peer"
+                "- **be4 added**: 0 round(s) given up; 0 version(s) prepared by a node other than lb1; 0 time(s) a node lost sight of a peer"
             ),
             "{md}"
         );
@@ -1320,7 +1331,14 @@ mod tests {
 2026-11-30T10:00:02.500000Z  INFO xlb::daemon::clustering: cluster: full sync from node 1 complete peer=1
 "
         .to_string();
-        let a = read_logs(&[lb1, lb2, String::new()]);
+        let lb3 = "\
+2026-11-30T10:00:03.000000Z  INFO xlb::daemon::clustering: cluster: the nodes' health checks (or drains) changed the cluster's verdict; preparing version 5.3 version=5.3 down=[] up=[\"http-v4/be5\"] drains_finished=[]
+2026-11-30T10:00:03.100000Z  INFO xlb::daemon::clustering: cluster: prepared version 5.3: sent the 7 sessions it makes divergent to every peer version=5.3 divergent=7
+"
+        .to_string();
+        let a = read_logs(&[lb1, lb2, lb3]);
+        assert_eq!(a.takeover_lines.len(), 1, "{a:?}");
+        assert!(a.takeover_lines[0].starts_with("lb3: "), "{a:?}");
         assert_eq!(a.gave_up_lines.len(), 1, "{a:?}");
         assert!(a.gave_up_lines[0].starts_with("lb1: "), "{a:?}");
         assert_eq!(a.peers_seen_dead, 3, "{a:?}");
