@@ -487,6 +487,7 @@ mod tests {
     use super::*;
 
     const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
     /// `union bpf_attr` for BPF_MAP_CREATE, up to `map_flags`.
@@ -499,11 +500,11 @@ mod tests {
         map_flags: u32,
     }
 
-    /// A fresh array map, or None without the rights to create one (not root).
-    fn array(value_size: u32, max_entries: u32) -> Option<OwnedFd> {
+    /// A fresh map, or None without the rights to create one (not root).
+    fn create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> Option<OwnedFd> {
         let mut attr = CreateAttr {
-            map_type: BPF_MAP_TYPE_ARRAY,
-            key_size: 4,
+            map_type,
+            key_size,
             value_size,
             max_entries,
             map_flags: 0,
@@ -528,30 +529,14 @@ mod tests {
         Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
+    /// A fresh array map of `value_size` values, or None (not root).
+    fn array(value_size: u32, max_entries: u32) -> Option<OwnedFd> {
+        create(BPF_MAP_TYPE_ARRAY, 4, value_size, max_entries)
+    }
+
     /// A fresh hash map of u32 to u32 through aya, or None (not root).
     fn hash(max_entries: u32) -> Option<aya::maps::HashMap<MapData, u32, u32>> {
-        let mut attr = CreateAttr {
-            map_type: 1, // BPF_MAP_TYPE_HASH
-            key_size: 4,
-            value_size: 4,
-            max_entries,
-            map_flags: 0,
-        };
-        // SAFETY: attr is a live BPF_MAP_CREATE attr of the size passed.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_CREATE,
-                std::ptr::from_mut(&mut attr).cast::<libc::c_void>(),
-                size_of::<CreateAttr>(),
-            )
-        };
-        if fd < 0 {
-            eprintln!("skipping: cannot create a BPF map");
-            return None;
-        }
-        // SAFETY: the kernel returned a new descriptor that we now own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = create(BPF_MAP_TYPE_HASH, 4, 4, max_entries)?;
         let data = MapData::from_fd(fd).expect("map data");
         Some(aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("a hash map"))
     }

@@ -298,28 +298,19 @@ impl PinnedMaps {
         })
     }
 
-    /// Every session, from both maps (batched reads): (key, value, whether
-    /// it is in the protected map). A client has one entry, in one map.
-    /// Holds them all in memory: for lists; walks use [`Self::visit_sessions`].
-    pub fn all_sessions(&self) -> Result<Vec<(AffinityKey, Affinity, bool)>> {
-        let mut out = Vec::new();
-        self.visit_sessions(|k, v, p| {
-            out.push((k, v, p));
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
     /// Calls `f` on every session of both maps (key, value, whether it is in
     /// the protected map), a batch at a time.
     pub fn visit_sessions(
         &self,
         mut f: impl FnMut(AffinityKey, Affinity, bool) -> Result<()>,
     ) -> Result<()> {
-        bpf_batch::visit_hash(&self.affinity, |k, v| f(k, v, false))
-            .context("reading the affinity map")?;
-        bpf_batch::visit_hash(&self.protected, |k, v| f(k, v, true))
-            .context("reading the protected session map")
+        let mut cursor = self.session_cursor();
+        while let Some((protected, chunk)) = cursor.next_chunk(self)? {
+            for (k, v) in chunk {
+                f(k, v, protected)?;
+            }
+        }
+        Ok(())
     }
 
     /// A walk of both session maps a chunk at a time ([`SessionCursor`]).
@@ -366,8 +357,8 @@ impl PinnedMaps {
 
     /// Makes the next `dataplane::apply` compare every Maglev table with
     /// the kernel (one batched read per service) instead of trusting what
-    /// this process remembers writing: for a periodic check against writers
-    /// that bypass xlb.
+    /// this process remembers writing: for a check against writers that
+    /// bypass xlb.
     pub fn forget_tables(&mut self) {
         self.known_tables.clear();
     }

@@ -114,21 +114,6 @@ pub struct Lb {
     counts: Book,
 }
 
-/// Totals of the protected-session bookkeeping, for metrics and status.
-#[derive(Debug, Default, Clone)]
-pub struct ProtectionStats {
-    /// Sessions moved into the protected map because a new table would move them.
-    pub kept: u64,
-    /// Protected sessions released by a later table (equal again, or backend gone).
-    pub released: u64,
-    /// Divergent sessions left in the LRU because the protected map was full.
-    pub overflow: u64,
-    /// Protected sessions deleted by sweeps (expired, backend gone).
-    pub swept: u64,
-    /// Protected sessions per service id, as last counted.
-    pub per_service: BTreeMap<u32, usize>,
-}
-
 /// Milliseconds since the Unix epoch (drain deadlines survive restarts, so wall clock).
 pub fn unix_ms() -> u64 {
     SystemTime::now()

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use lb_common::{AffinityKey, Service};
 
-use super::lb::{BackendRef, ProtectionStats};
+use super::lb::BackendRef;
 pub use super::pin_guard::Held;
 use crate::config::{BackendState, Config};
 use crate::dataplane::{self, Hops};
@@ -56,6 +56,21 @@ pub enum Progress {
     Working,
     /// The apply ended and another was asked for meanwhile: start it.
     Again,
+}
+
+/// Totals of the protected-session bookkeeping, for metrics and status.
+#[derive(Debug, Default, Clone)]
+pub struct ProtectionStats {
+    /// Sessions moved into the protected map because a new table would move them.
+    pub kept: u64,
+    /// Protected sessions released by a later table (equal again, or backend gone).
+    pub released: u64,
+    /// Divergent sessions left in the LRU because the protected map was full.
+    pub overflow: u64,
+    /// Protected sessions deleted by sweeps (expired, backend gone).
+    pub swept: u64,
+    /// Protected sessions per service id, as last counted.
+    pub per_service: BTreeMap<u32, usize>,
 }
 
 /// The one writer of the pinned maps.
